@@ -1,0 +1,1 @@
+"""Platform edges. Each translates its platform to `Incoming` and renders engine events."""

@@ -1,0 +1,113 @@
+"""The terminal chat: `python -m bot chat`.
+
+The reply goes to stdout as it streams; everything else (which model answered, notices,
+errors) goes to stderr, so `chat -m TEXT` can be scripted. Lines starting with "/" are commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from bot.commands import CommandContext, Commands, parse
+from bot.engine import Delta, Done, Engine, Failed, Incoming, Notice
+from bot.errors import BotError, user_message
+
+PLATFORM = "console"
+
+
+class ConsoleChat:
+    def __init__(
+        self,
+        engine: Engine,
+        commands: Commands,
+        *,
+        user: str,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+    ) -> None:
+        self.engine = engine
+        self.commands = commands
+        self.user = user
+        self.conversation = user
+        self.out = out
+        self.err = err
+        self._last_answered_by: str | None = None
+
+    async def choose_persona(self, name: str) -> bool:
+        """--persona: switch this conversation before chatting (the operator is admin here)."""
+        return await self.command(f"/persona {name}", quiet=True)
+
+    async def send(self, text: str, *, interactive: bool = False) -> bool:
+        """One message → its reply on stdout. Returns False when no reply could be given."""
+        incoming = Incoming(PLATFORM, self.conversation, self.user, self.user, text)
+        ok = False
+        async with contextlib.aclosing(self.engine.handle(incoming)) as events:
+            async for event in events:
+                if isinstance(event, Notice):
+                    self._diag(event.text)
+                elif isinstance(event, Delta):
+                    if not ok and interactive:
+                        persona = await self.engine.persona_for(PLATFORM, self.conversation)
+                        self.out.write(f"{persona.display_name}: ")
+                    ok = True
+                    self.out.write(event.text)
+                    self.out.flush()
+                elif isinstance(event, Done):
+                    self.out.write("\n")
+                    self.out.flush()
+                    self._answered(event.answered_by, always=not interactive)
+                elif isinstance(event, Failed):
+                    if ok:
+                        self.out.write("\n")
+                    self._diag(event.text)
+                    ok = False
+        return ok
+
+    async def command(self, line: str, *, quiet: bool = False) -> bool:
+        parsed = parse(line)
+        if parsed is None:
+            return False
+        name, args = parsed
+        context = CommandContext(PLATFORM, self.conversation, self.user, self.user, is_admin=True)
+        try:
+            result = await self.commands.run(context, name, args)
+        except BotError as exc:
+            self._diag(user_message(exc))
+            return False
+        if not quiet:
+            self.out.write(result.text + "\n")
+            self.out.flush()
+        return True
+
+    async def interactive(self, read_line: Callable[[], str] = input) -> int:
+        persona = await self.engine.persona_for(PLATFORM, self.conversation)
+        self._diag(
+            f"Chatting as {self.user} with {persona.display_name}. "
+            "/help lists commands; Ctrl-D quits."
+        )
+        self.out.write(f"{persona.display_name}: {persona.greeting}\n")
+        while True:
+            try:
+                line = (await asyncio.to_thread(read_line)).strip()
+            except (EOFError, KeyboardInterrupt):
+                self.out.write("\n")
+                return 0
+            if not line:
+                continue
+            if line.startswith("/"):
+                await self.command(line)
+            else:
+                await self.send(line, interactive=True)
+
+    def _answered(self, answered_by: str, *, always: bool) -> None:
+        if always or answered_by != self._last_answered_by:
+            self._diag(f"answered by {answered_by}")
+        self._last_answered_by = answered_by
+
+    def _diag(self, text: str) -> None:
+        self.err.write(f"[{text}]\n")
+        self.err.flush()

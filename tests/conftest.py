@@ -1,0 +1,74 @@
+"""Shared fixtures: one real embedded PostgreSQL per session, a fresh database per test,
+the fake Ollama on loopback, and the app wired exactly as production wires it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bot.app import App, running_app
+from bot.config import REPO_ROOT, Settings
+from tests.fakes.ollama import FakeOllama
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+async def database_url(pg_server: object) -> AsyncIterator[str]:
+    """A database of its own for each test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server.get_uri())  # type: ignore[attr-defined]
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield pg_server.get_uri(database=name)  # type: ignore[attr-defined]
+    admin = await asyncpg.connect(pg_server.get_uri())  # type: ignore[attr-defined]
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def fake_ollama() -> AsyncIterator[FakeOllama]:
+    async with FakeOllama() as fake:
+        yield fake
+
+
+def make_settings(
+    tmp_path: Path, database_url: str, ollama_url: str, **overrides: object
+) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "data_dir": tmp_path / "data",
+        "ollama_host": ollama_url,
+        "local_model_enabled": False,
+        "log_file": False,
+        "personas_dir": REPO_ROOT / "personas",
+        "personas_reload_interval": 0.05,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, fake_ollama: FakeOllama) -> Settings:
+    return make_settings(tmp_path, database_url, fake_ollama.url)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[App]:
+    async with running_app(settings) as running:
+        yield running
