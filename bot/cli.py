@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    setup_logging(settings)
+    # The terminal chat reports on stderr itself; log lines there would say it all twice.
+    setup_logging(settings, stderr_level="ERROR" if args.command == "chat" else "WARNING")
     try:
         if args.command == "chat":
             return asyncio.run(_chat(settings, args))

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     log_prompts: bool = False
 
     # Logging
-    log_level: str = "WARNING"
+    log_level: str | None = Field(
+        default=None, description="stderr log level; unset: ERROR for chat, WARNING otherwise"
+    )
     log_file: bool = True
 
     # Platform credentials (adapters arrive in later issues)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ _MIGRATION_LOCK = 7_311_001  # advisory lock key: one migrator at a time across 
 
 def embedded_url(data_dir: Path) -> str:
     """Start (or join) the embedded server in `data_dir/pgdata` and return its URL."""
-    import pgserver  # imported lazily: it locks files under the runtime dir at import
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import pgserver  # imported lazily: it locks files under the runtime dir at import
 
     pgdata = data_dir / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def setup_logging(settings: Settings, *, stderr_level: str | None = None) -> Non
         handler.close()
     redactor = RedactingFilter(settings.secret_values())
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel((stderr_level or settings.log_level).upper())
+    console.setLevel((settings.log_level or stderr_level or "WARNING").upper())
     console.setFormatter(logging.Formatter(_FORMAT))
     console.addFilter(redactor)
     root.addHandler(console)

@@ -45,16 +45,24 @@ class ConsoleChat:
         """One message → its reply on stdout. Returns False when no reply could be given."""
         incoming = Incoming(PLATFORM, self.conversation, self.user, self.user, text)
         ok = False
+        pending = ""  # whitespace held back so the reply is printed stripped
         async with contextlib.aclosing(self.engine.handle(incoming)) as events:
             async for event in events:
                 if isinstance(event, Notice):
                     self._diag(event.text)
                 elif isinstance(event, Delta):
+                    text = pending + event.text
+                    if not ok:
+                        text = text.lstrip()
+                    body = text.rstrip()
+                    pending = text[len(body) :]
+                    if not body:
+                        continue
                     if not ok and interactive:
                         persona = await self.engine.persona_for(PLATFORM, self.conversation)
                         self.out.write(f"{persona.display_name}: ")
                     ok = True
-                    self.out.write(event.text)
+                    self.out.write(body)
                     self.out.flush()
                 elif isinstance(event, Done):
                     self.out.write("\n")

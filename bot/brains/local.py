@@ -100,6 +100,7 @@ class LocalBrain:
     ) -> None:
         started = time.perf_counter()
         count = 0
+        finish: str | None = None
         try:
             llm = self._load()
             loaded = time.perf_counter()
@@ -114,7 +115,9 @@ class LocalBrain:
             for part in stream:
                 if stop.is_set():
                     break
-                text = part["choices"][0]["delta"].get("content") or ""
+                choice = part["choices"][0]
+                finish = choice.get("finish_reason") or finish
+                text = choice["delta"].get("content") or ""
                 if text:
                     count += 1
                     loop.call_soon_threadsafe(out.put_nowait, text)
@@ -125,7 +128,7 @@ class LocalBrain:
                 total_ms=(time.perf_counter() - started) * 1000,
                 load_ms=(loaded - started) * 1000,
                 eval_ms=(time.perf_counter() - loaded) * 1000,
-                done_reason="stop",
+                done_reason=finish or ("stop" if not stop.is_set() else "cancelled"),
             )
             loop.call_soon_threadsafe(out.put_nowait, stats)
         except BaseException as exc:  # handed to the event loop, re-raised there
