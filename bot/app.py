@@ -19,8 +19,10 @@ from bot.config import Settings
 from bot.engine import Engine
 from bot.errors import PersonaError
 from bot.history import History
+from bot.notify import AdminNotifier
 from bot.personas import PersonaRegistry
 from bot.prompts import PromptBuilder
+from bot.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class App:
     pool: Any
     engine: Engine
     commands: Commands
+    scheduler: Scheduler
+    notifier: AdminNotifier
 
 
 def build_brains(settings: Settings) -> list[Brain]:
@@ -80,10 +84,14 @@ async def running_app(
         calls=CallLog(pool, keep_prompts=settings.log_prompts),
         default_persona=settings.default_persona,
     )
+    scheduler = Scheduler()
+    notifier = AdminNotifier()
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
+    scheduler.start()
     try:
-        yield App(settings, pool, engine, Commands(engine))
+        yield App(settings, pool, engine, Commands(engine), scheduler, notifier)
     finally:
+        scheduler.shutdown()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

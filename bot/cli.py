@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--persona", help="persona to talk to (switches this conversation)")
     chat.add_argument("--user", default=None, help="who you are (default: your login name)")
     chat.add_argument("-m", "--message", help="send one message, print the reply, exit")
+    sub.add_parser("run", help="run the configured chat platforms (Discord, Matrix)")
     sub.add_parser("migrate", help="apply pending database migrations")
     personas = sub.add_parser("personas", help="persona files")
     personas_sub = personas.add_subparsers(dest="personas_command", required=True)
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "chat":
             return asyncio.run(_chat(settings, args))
+        if args.command == "run":
+            from bot.runner import run
+
+            return asyncio.run(run(settings))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         return _personas_check(args.directory or settings.personas_dir)

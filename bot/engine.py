@@ -34,6 +34,8 @@ class Incoming:
     author_name: str
     text: str
     addressed: bool = True
+    guild: str | None = None  # Discord guild or Matrix server, for per-guild policy and budgets
+    nsfw: bool = False  # the channel is marked NSFW (the guard may relax S12 for some personas)
 
     @property
     def user_key(self) -> str:

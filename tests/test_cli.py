@@ -124,3 +124,11 @@ async def test_personas_check(tmp_path: Path) -> None:
     code, out, _ = await run_bot("personas", "check", str(bad), env=env)
     assert code == 1
     assert "oops.yaml:3: temperature" in out
+
+
+async def test_run_without_a_platform_says_what_to_set(tmp_path: Path, database_url: str) -> None:
+    env = base_env(tmp_path, database_url, "http://127.0.0.1:9")
+    code, _, err = await run_bot("run", env=env)
+    assert code == 2
+    assert "DISCORD_TOKEN" in err and "MATRIX_HOMESERVER" in err
+    assert "Traceback" not in err

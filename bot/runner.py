@@ -1,0 +1,80 @@
+"""`python -m bot run`: start every configured adapter, stop them all cleanly on SIGTERM/SIGINT.
+
+Each platform module offers a factory `(App) -> Adapter | None` that returns None when its
+platform is not configured; `ADAPTER_FACTORIES` lists them. Stopping gives each adapter
+`SHUTDOWN_GRACE` seconds to finish replies in flight (or tell their users they were cut off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Protocol
+
+from bot.app import App, running_app
+from bot.config import Settings
+from bot.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 20.0
+
+
+class Adapter(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Connect and begin handling events; return once running."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop taking new messages; finish or cut off replies in flight; disconnect."""
+        ...
+
+
+AdapterFactory = Callable[[App], "Adapter | None"]
+
+
+def adapter_factories() -> list[AdapterFactory]:
+    """Platform factories, imported lazily so an unused platform's library is never loaded."""
+    return []
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with running_app(settings) as app:
+        adapters = [a for f in adapter_factories() if (a := f(app)) is not None]
+        if not adapters:
+            raise ConfigError(
+                "no chat platform is configured: set DISCORD_TOKEN, or MATRIX_HOMESERVER with "
+                "MATRIX_USER_ID and a password or access token. For the terminal, use "
+                "`python -m bot chat`."
+            )
+        started: list[Adapter] = []
+        try:
+            for adapter in adapters:
+                await adapter.start()
+                started.append(adapter)
+                log.warning("%s adapter running", adapter.name)
+            await stop.wait()
+            log.warning("stopping: finishing replies in flight")
+        finally:
+            await _stop_all(started)
+    return 0
+
+
+async def _stop_all(adapters: list[Adapter]) -> None:
+    async def stop_one(adapter: Adapter) -> None:
+        try:
+            await asyncio.wait_for(adapter.stop(), SHUTDOWN_GRACE)
+        except Exception:
+            log.exception("%s adapter did not stop cleanly", adapter.name)
+
+    await asyncio.gather(*(stop_one(a) for a in adapters))
