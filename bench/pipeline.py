@@ -116,6 +116,7 @@ async def main() -> None:
                 local_model_enabled=False,
                 log_file=False,
                 personas_dir=REPO_ROOT / "personas",
+                guard_enabled=False,  # bench/guard.py measures what the guard adds
             )
             await overhead(settings, fake, args.replies)
             await throughput(settings, fake, [int(x) for x in args.levels.split(",")])

@@ -11,16 +11,28 @@ from typing import Any
 
 from bot import db
 from bot.brains import Brain, BrainRouter
+from bot.brains.build import build_pool
 from bot.brains.local import LocalBrain
 from bot.brains.ollama_brain import OllamaBrain
+from bot.brains.pool import BackendPool
+from bot.brains.sessions import SessionBook
 from bot.calls import CallLog
 from bot.commands import Commands
 from bot.config import Settings
 from bot.engine import Engine
 from bot.errors import PersonaError
+from bot.guard import Guard
 from bot.history import History
+from bot.image_commands import register_imagine_command
+from bot.images import ImageService, build_images
+from bot.ledger import Budgets, Ledger
+from bot.ledger_report import register_spend_command, schedule_month_summary
+from bot.memory import Memory, build_memory
+from bot.metrics import Metrics
+from bot.moderation import build_moderation
 from bot.notify import AdminNotifier
 from bot.personas import PersonaRegistry
+from bot.prices import Prices
 from bot.prompts import PromptBuilder
 from bot.scheduler import Scheduler
 
@@ -35,17 +47,34 @@ class App:
     commands: Commands
     scheduler: Scheduler
     notifier: AdminNotifier
+    memory: Memory | None = None  # long-term memory (issue 5)
+    ledger: Ledger | None = None  # spend ledger (issue 7); always set by running_app
+    backends: BackendPool | None = None  # backend pool (issue 6); `prewake(model)` on typing
+    images: ImageService | None = None  # /imagine with Fal Flux (issue 8)
+
+    @property
+    def guard(self) -> Guard | None:
+        """Llama Guard (issue 4): `check(...)`, `check_image_prompt(...)`; None: not built."""
+        return self.engine.moderation.guard
+
+    @property
+    def metrics(self) -> Metrics:
+        """Counters and histograms for /metrics (bot/web.py), shared by the engine and scheduler."""
+        return self.engine.metrics
 
 
-def build_brains(settings: Settings) -> list[Brain]:
-    brains: list[Brain] = [
-        OllamaBrain(
-            settings.ollama_host,
-            connect_timeout=settings.ollama_connect_timeout,
-            read_timeout=settings.ollama_read_timeout,
-            keep_alive=settings.ollama_keep_alive,
+def build_brains(settings: Settings, *, with_ollama: bool = True) -> list[Brain]:
+    """Plain brains tried in order: Ollama at OLLAMA_HOST (unless the pool has it), then local."""
+    brains: list[Brain] = []
+    if with_ollama:
+        brains.append(
+            OllamaBrain(
+                settings.ollama_host,
+                connect_timeout=settings.ollama_connect_timeout,
+                read_timeout=settings.ollama_read_timeout,
+                keep_alive=settings.ollama_keep_alive,
+            )
         )
-    ]
     if settings.local_model_enabled:
         brains.append(
             LocalBrain(
@@ -67,6 +96,10 @@ def load_personas(settings: Settings) -> PersonaRegistry:
     return registry
 
 
+async def _resume_memory(memory: Memory) -> None:
+    await memory.resume()
+
+
 @contextlib.asynccontextmanager
 async def running_app(
     settings: Settings, *, brains: list[Brain] | None = None
@@ -75,26 +108,72 @@ async def running_app(
     personas = load_personas(settings)
     url = await asyncio.to_thread(db.database_url, settings)
     pool = await db.connect(url, settings.migrations_dir)
-    router = BrainRouter(brains if brains is not None else build_brains(settings))
+    notifier = AdminNotifier()
+    budgets = Budgets.from_settings(settings)
+    ledger = Ledger(pool, Prices(pool), budgets=budgets, notifier=notifier)
+    # Tests may pass their own brains; otherwise the backend pool (issue 6), then the local model.
+    sessions = SessionBook(pool, ledger)
+    backends = build_pool(settings, sessions=sessions) if brains is None else None
+    router = BrainRouter(
+        brains if brains is not None else build_brains(settings, with_ollama=False),
+        backends,
+        degrade=ledger.degrade_level,
+        queue_wait=settings.backend_queue_wait,
+    )
+    calls = CallLog(pool, keep_prompts=settings.log_prompts, ledger=ledger)
+    memory = build_memory(settings, pool, calls)  # long-term memory (issue 5)
+    moderation = build_moderation(settings, pool, calls, notifier)  # Llama Guard (issue 4)
     engine = Engine(
         personas=personas,
         prompts=PromptBuilder(settings.prompts_dir),
         history=History(pool),
         router=router,
-        calls=CallLog(pool, keep_prompts=settings.log_prompts),
+        calls=calls,
         default_persona=settings.default_persona,
+        metrics=Metrics(),
+        memory=memory,
+        moderation=moderation,
     )
-    scheduler = Scheduler()
-    notifier = AdminNotifier()
+    scheduler = Scheduler(pool, metrics=engine.metrics)  # pool: jobs run once across replicas
+    schedule_month_summary(scheduler, ledger, notifier)
+    commands = Commands(engine)
+    register_spend_command(commands, ledger, settings.data_dir / "reports")
+    images = build_images(settings, pool, ledger, guard=moderation.guard)
+    register_imagine_command(commands, images)
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
+    if memory.enabled:  # exchanges a stopped process left unprocessed, then every 10 min
+        engine.spawn(_resume_memory(memory))
+        scheduler.every(600, memory.resume, name="memory-jobs")
+    if backends is not None and not all(b.driver.always_on for b in backends.backends):
+        engine.spawn(sessions.push_pending())  # GPU time a failed ledger write left unbooked
+        scheduler.every(  # local: each process stops the backends it woke (its own timers)
+            settings.backend_idle_check_interval,
+            backends.idle_check,
+            name="backends-idle-stop",
+            local=True,
+        )
     scheduler.start()
     try:
-        yield App(settings, pool, engine, Commands(engine), scheduler, notifier)
+        yield App(
+            settings,
+            pool,
+            engine,
+            commands,
+            scheduler,
+            notifier,
+            memory=memory,
+            ledger=ledger,
+            backends=backends,
+            images=images,
+        )
     finally:
         scheduler.shutdown()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await engine.drain()
+        await moderation.aclose()
+        await memory.aclose()
+        await images.close()
         await router.aclose()
         await pool.close()

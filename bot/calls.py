@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from bot.brains.base import CallStats, ChatRequest
+
+if TYPE_CHECKING:
+    from bot.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +25,12 @@ class CallContext:
 
 
 class CallLog:
-    def __init__(self, pool: Any, *, keep_prompts: bool = False) -> None:
+    def __init__(
+        self, pool: Any, *, keep_prompts: bool = False, ledger: Ledger | None = None
+    ) -> None:
         self._pool = pool
         self._keep_prompts = keep_prompts
+        self._ledger = ledger  # every call's tokens become a ledger row (issue 7)
 
     async def record(
         self,
@@ -38,11 +45,12 @@ class CallLog:
         prompt = json.dumps(request.messages) if self._keep_prompts else None
         if self._keep_prompts:
             log.debug("prompt for %s/%s: %s", context.persona, context.user_key, prompt)
-        await self._pool.execute(
+        call_id = await self._pool.fetchval(
             "INSERT INTO model_calls (purpose, backend, model, platform, conversation_id,"
             " user_key, persona, options, prompt_tokens, completion_tokens, total_ms, load_ms,"
             " prompt_eval_ms, eval_ms, ok, error, prompt)"
-            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)",
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)"
+            " RETURNING id",
             purpose,
             backend,
             stats.model if stats else request.model,
@@ -60,4 +68,28 @@ class CallLog:
             error is None,
             error,
             prompt,
+        )
+        if self._ledger is not None and stats is not None:
+            await self._charge(self._ledger, context, stats, purpose, call_id)
+
+    @staticmethod
+    async def _charge(
+        ledger: Ledger, context: CallContext, stats: CallStats, purpose: str, call_id: int
+    ) -> None:
+        """The call's tokens in the ledger (unit price from the price table; 0 for our own)."""
+        tokens = (stats.prompt_tokens or 0) + (stats.completion_tokens or 0)
+        kind = "chat_tokens"
+        if "embed" in purpose:
+            kind = "embed_tokens"
+        elif "guard" in purpose or "moderat" in purpose:
+            kind = "moderation_tokens"
+        await ledger.record(
+            kind=kind,
+            provider=stats.backend,
+            model=stats.model,
+            units=Decimal(tokens),
+            request_id=f"model_call:{call_id}",
+            user_key=context.user_key,
+            platform=context.platform,
+            persona=context.persona,
         )

@@ -12,7 +12,9 @@ from pathlib import Path
 from bot import db
 from bot.config import Settings
 from bot.errors import BotError
+from bot.ledger_report import add_spend_parser, spend_cli
 from bot.logs import setup_logging
+from bot.simtrace import add_simulate_parser
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("-m", "--message", help="send one message, print the reply, exit")
     sub.add_parser("run", help="run the configured chat platforms (Discord, Matrix)")
     sub.add_parser("migrate", help="apply pending database migrations")
+    doctor = sub.add_parser("doctor", help="check the configuration, database, models, credentials")
+    doctor.add_argument("--online", action="store_true", help="also ask Discord and Matrix")
+    sub.add_parser("healthcheck", help="ask the running bot's /healthz; exit 0 when healthy")
+    add_spend_parser(sub)  # spend ledger (issue 7)
+    add_simulate_parser(sub)  # backend cost simulator (issue 6)
+    memories = sub.add_parser("memories", help="long-term memory administration")
+    memories_sub = memories.add_subparsers(dest="memories_command", required=True)
+    memories_sub.add_parser("reembed", help="move every memory to the current embedding model")
+    export = memories_sub.add_parser("export", help="print one user's memories as JSON")
+    export.add_argument("--user", required=True, help="user key, e.g. discord:1234")
     personas = sub.add_parser("personas", help="persona files")
     personas_sub = personas.add_subparsers(dest="personas_command", required=True)
     check = personas_sub.add_parser("check", help="validate every persona file")
@@ -33,9 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per command)
     args = _parser().parse_args(argv)
+    if args.command == "doctor":  # before Settings(): broken settings are rows of its table
+        from bot.doctor import run_doctor
+
+        return run_doctor(online=args.online)
+    if args.command == "simulate-cost":  # no settings, database or network: a virtual clock
+        from bot.simulate import simulate_cli
+
+        return simulate_cli(args)
     settings = Settings()
+    if args.command == "healthcheck":  # the container's HEALTHCHECK; no logging set-up
+        from bot.probe import probe
+
+        return probe(settings)
     # The terminal chat reports on stderr itself; log lines there would say it all twice.
     setup_logging(settings, stderr_level="ERROR" if args.command == "chat" else "WARNING")
     try:
@@ -45,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             from bot.runner import run
 
             return asyncio.run(run(settings))
+        if args.command == "memories":
+            from bot.memory_admin import run_memories
+
+            user = getattr(args, "user", None)
+            return asyncio.run(run_memories(settings, args.memories_command, user))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
+        if args.command == "spend":
+            return asyncio.run(spend_cli(settings, args, sys.stdout))
         return _personas_check(args.directory or settings.personas_dir)
     except BotError as exc:
         log.error("%s", exc)
@@ -63,6 +94,8 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
         chat = ConsoleChat(app.engine, app.commands, user=user)
         if args.persona and not await chat.choose_persona(args.persona):
             return 2
+        if args.message is not None and args.message.startswith("/"):  # e.g. -m "/imagine a fox"
+            return 0 if await chat.command(args.message) else 1
         if args.message is not None:
             return 0 if await chat.send(args.message) else 1
         return await chat.interactive()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from bot.engine import Engine
 from bot.errors import CommandError
@@ -22,12 +23,18 @@ class CommandContext:
     author_id: str
     author_name: str
     is_admin: bool = False
+    # Images (issue 8): adapters edit one message with `progress`; `nsfw` marks NSFW channels
+    progress: Callable[[str], Awaitable[None]] | None = None
+    nsfw: bool = False
+    guild: str | None = None  # Discord guild or Matrix server, for per-guild budgets
 
 
 @dataclass(frozen=True)
 class CommandResult:
     text: str
     private: bool = False  # an ephemeral reply where the platform has them
+    attachment: Path | None = None  # a file to send with the text (the /spend chart)
+    spoiler: bool = False  # show the attachment behind a spoiler (a flagged /imagine picture)
 
 
 Handler = Callable[[CommandContext, list[str]], Awaitable[CommandResult]]
@@ -66,6 +73,10 @@ class Commands:
             self._persona,
         )
         self.register("reset", "reset", "forget this conversation's history", self._reset)
+        if engine.memory is not None:  # long-term memory (issue 5): memories, forget
+            from bot.memory_commands import register as register_memory_commands
+
+            register_memory_commands(self, engine.memory)
 
     def register(self, name: str, usage: str, summary: str, handler: Handler) -> None:
         self._commands[name] = Command(name, usage, summary, handler)

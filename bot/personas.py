@@ -10,13 +10,15 @@ import asyncio
 import logging
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from bot.errors import PersonaError
+from bot.guard_categories import CATEGORIES as GUARD_CATEGORIES
+from bot.guard_categories import normalize_code
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,19 @@ class Persona(BaseModel):
     include_time: bool = False
     rules: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)
+    memory: bool = True  # long-term memory (issue 5): recall and learn facts about users
+    # Attention (issue 3): after being addressed, keep following the conversation with a
+    # probability starting at attention_start and falling to 0 over attention_window seconds.
+    attention_window: float = Field(default=300.0, gt=0)
+    attention_start: float = Field(default=0.6, ge=0.0, le=1.0)
+    # Backends (issue 6): when every backend for `model` is down, answer with the local CPU
+    # model (with a notice), apologise, or queue: wait for one to come back (BACKEND_QUEUE_WAIT).
+    fallback: Literal["local", "apologise", "queue"] = "local"
+    # Llama Guard (issue 4): the categories (S1 to S14) that block for this persona (S4 always
+    # does); whether an NSFW channel relaxes S12; an in-character line for refused messages.
+    guard_block: list[str] = Field(default_factory=lambda: list(GUARD_CATEGORIES))
+    allow_nsfw: bool = False
+    refusal: str = ""
 
     def __hash__(self) -> int:
         # The default frozen hash fails on the list fields; equal personas share a name.
@@ -72,6 +87,19 @@ class Persona(BaseModel):
         if any(not item.strip() for item in value):
             raise PydanticCustomError("blank_item", "entries must not be empty")
         return value
+
+    @field_validator("guard_block")
+    @classmethod
+    def _check_guard_block(cls, value: list[str]) -> list[str]:
+        codes = [normalize_code(item) for item in value]
+        wrong = [item for item, code in zip(value, codes, strict=True) if code is None]
+        if wrong:
+            raise PydanticCustomError(
+                "guard_category",
+                "unknown Llama Guard categories {wrong}; use codes S1 to S14",
+                {"wrong": ", ".join(map(repr, wrong))},
+            )
+        return list(dict.fromkeys(code for code in codes if code is not None))
 
     @field_validator("prompt_template")
     @classmethod

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from bot.app import App, running_app
 from bot.config import Settings
 from bot.errors import ConfigError
+from bot.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +41,42 @@ AdapterFactory = Callable[[App], "Adapter | None"]
 
 def adapter_factories() -> list[AdapterFactory]:
     """Platform factories, imported lazily so an unused platform's library is never loaded."""
-    return []
+    return [_discord, _matrix]
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> int:
+def _discord(app: App) -> Adapter | None:
+    from bot.adapters.discord import create
+
+    return create(app)
+
+
+def _matrix(app: App) -> Adapter | None:
+    from bot.adapters.matrix import create
+
+    return create(app)
+
+
+async def run(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    factories: Sequence[AdapterFactory] | None = None,
+) -> int:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with running_app(settings) as app:
-        adapters = [a for f in adapter_factories() if (a := f(app)) is not None]
+        chosen = adapter_factories() if factories is None else factories
+        adapters = [a for f in chosen if (a := f(app)) is not None]
         if not adapters:
             raise ConfigError(
                 "no chat platform is configured: set DISCORD_TOKEN, or MATRIX_HOMESERVER with "
                 "MATRIX_USER_ID and a password or access token. For the terminal, use "
                 "`python -m bot chat`."
             )
+        web = await _start_web(app, adapters)
         started: list[Adapter] = []
         try:
             for adapter in adapters:
@@ -67,7 +87,26 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> int:
             log.warning("stopping: finishing replies in flight")
         finally:
             await _stop_all(started)
+            if web is not None:
+                await web.stop()
     return 0
+
+
+async def _start_web(app: App, adapters: list[Adapter]) -> WebServer | None:
+    """/healthz and /metrics (bot/web.py); it reports the adapters' `connected` flags."""
+    if not app.settings.web_enabled:
+        return None
+    host, port = app.settings.web_host, app.settings.web_port
+    web = WebServer(app, host=host, port=port, adapters=adapters)
+    try:
+        await web.start()
+    except OSError as exc:
+        await web.stop()
+        raise ConfigError(
+            f"cannot serve /healthz and /metrics on {host}:{port} ({exc.strerror or exc}): "
+            "set WEB_PORT to a free port, or WEB_ENABLED=false"
+        ) from exc
+    return web
 
 
 async def _stop_all(adapters: list[Adapter]) -> None:

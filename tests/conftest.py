@@ -58,6 +58,11 @@ def make_settings(
         "log_file": False,
         "personas_dir": REPO_ROOT / "personas",
         "personas_reload_interval": 0.05,
+        # Memory extraction adds model calls after every reply; tests of it turn it on.
+        "memory_enabled": False,
+        # The guard adds model calls around every reply and holds the reply back until it is
+        # checked; tests/test_guard.py turns it on, against a fake guard of its own.
+        "guard_enabled": False,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]

@@ -80,7 +80,14 @@ class ConsoleChat:
         if parsed is None:
             return False
         name, args = parsed
-        context = CommandContext(PLATFORM, self.conversation, self.user, self.user, is_admin=True)
+        context = CommandContext(
+            PLATFORM,
+            self.conversation,
+            self.user,
+            self.user,
+            is_admin=True,
+            progress=self._progress,  # /imagine's queue position and progress, on stderr
+        )
         try:
             result = await self.commands.run(context, name, args)
         except BotError as exc:
@@ -88,8 +95,13 @@ class ConsoleChat:
             return False
         if not quiet:
             self.out.write(result.text + "\n")
+            if result.attachment is not None:  # an /imagine picture, saved in DATA_DIR/images
+                self.out.write(f"{result.attachment}\n")
             self.out.flush()
         return True
+
+    async def _progress(self, text: str) -> None:
+        self._diag(text)
 
     async def interactive(self, read_line: Callable[[], str] = input) -> int:
         persona = await self.engine.persona_for(PLATFORM, self.conversation)

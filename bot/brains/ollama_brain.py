@@ -65,7 +65,7 @@ class OllamaBrain:
         *,
         connect_timeout: float = 3.0,
         read_timeout: float = 120.0,
-        keep_alive: str | None = "10m",
+        keep_alive: str | float | None = "10m",
     ) -> None:
         self.host = host
         self.name = f"ollama:{redact_host(host)}"
@@ -108,6 +108,15 @@ class OllamaBrain:
             raise ModelUnavailable(f"{self.name}: {reason}") from exc
         error = ModelInterrupted if started else ModelUnavailable
         raise error(f"{self.name}: the stream ended without a final chunk")
+
+    async def ready(self, model: str) -> bool:
+        """True once Ollama answers with `model` loaded: an empty chat loads it."""
+        try:
+            await self._client.chat(model=model, messages=[], keep_alive=self._keep_alive)
+        except (ollama.ResponseError, httpx.HTTPError, OSError, json.JSONDecodeError) as exc:
+            log.info("%s is not ready for %s: %s", self.name, model, _why(exc))
+            return False
+        return True
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -1,18 +1,25 @@
-"""Pick the model that answers: Ollama first, the local CPU model when Ollama cannot.
+"""Pick the model that answers: the backend pool first, the local CPU model when none can.
 
 `open()` returns only once a backend has produced its first chunk, so the caller knows who is
-answering (and can tell the user) before any text is shown. Issue #6 grows this into a pool of
-backends with wake drivers and a circuit breaker; the interface stays the same.
+answering (and can tell the user) before any text is shown. With a pool (pool.py) it tries, in
+order, the backends that serve the persona's model: one that fails before its first token rests
+(circuit breaker) and the next is tried; a sleeping one is woken, and the caller hears about it
+through `notify` ("waking up…") before the first token. Then the plain `brains` (the local
+model), unless the persona's `fallback` is `apologise`. `opening()` is the same as an async
+generator that yields those notices as they happen and the `Answer` last.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from bot.brains.base import Brain, CallStats, ChatRequest, Chunk
 from bot.brains.local import LOCAL_MODEL_NAME, LocalBrain
+from bot.brains.pool import Backend, BackendPool
 from bot.errors import ModelError, ModelInterrupted, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -37,10 +44,11 @@ class Answer:
     _rest: AsyncIterator[Chunk]
     stats: CallStats | None = None
     text_parts: list[str] = field(default_factory=list)
+    queued: bool = False  # it waited for a backend to come back (the user was told then)
 
     @property
     def notice(self) -> str | None:
-        if not self.failures:
+        if not self.failures or self.queued:
             return None
         why = "; ".join(f"{f.backend} ({f.reason})" for f in self.failures)
         return f"Answering with {self.label}, because {why} could not answer."
@@ -58,31 +66,102 @@ class Answer:
                 chunk = await anext(self._rest, None)
         except ModelError as exc:
             raise ModelInterrupted(str(exc)) from exc
+        finally:
+            # A reader that stops early ends the stream now (and frees its pooled backend).
+            closer = getattr(self._rest, "aclose", None)
+            if closer is not None:
+                await closer()
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
 
+    async def aclose(self) -> None:
+        """Stop the reply early (e.g. the guard blocked it): the backend is released."""
+        closer = getattr(self._rest, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+Notify = Callable[[str], None]
+QUEUED_NOTICE = (
+    "My model isn't answering right now; I'll reply as soon as it is back (within {minutes} min)."
+)
+_RESTING = "it is resting after failures"
+_QUEUE_POLL = 0.5  # seconds: the shortest wait between retries of a queued reply
+
 
 class BrainRouter:
-    def __init__(self, brains: Sequence[Brain]) -> None:
+    def __init__(
+        self,
+        brains: Sequence[Brain],
+        pool: BackendPool | None = None,
+        *,
+        degrade: Callable[[], Awaitable[int]] | None = None,
+        queue_wait: float = 600.0,
+    ) -> None:
         self.brains = list(brains)
+        self.pool = pool
+        self.queue_wait = queue_wait  # persona fallback "queue": how long a reply may wait
+        # The ledger's degrade ladder: 1 free backends only, 2 and up the local model only.
+        self.degrade = degrade
+
+    async def prewake(self, model: str) -> bool:
+        """Someone started typing: wake a backend for `model` now (see BackendPool.prewake)."""
+        return await self.pool.prewake(model) if self.pool is not None else False
+
+    async def opening(
+        self, request: ChatRequest, *, fallback: str = "local"
+    ) -> AsyncIterator[str | Answer]:
+        """`open()` as a stream: notices (e.g. "waking up…") as they happen, the Answer last."""
+        notices: asyncio.Queue[str] = asyncio.Queue()
+        task = asyncio.create_task(self.open(request, fallback=fallback, notify=notices.put_nowait))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(notices.get())
+                try:
+                    await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when this generator is cancelled (e.g. the guard refused)
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not notices.empty():
+                yield notices.get_nowait()
+            yield task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _request_for(self, brain: Brain, request: ChatRequest) -> ChatRequest:
         if isinstance(brain, LocalBrain):
             return replace(request, model=LOCAL_MODEL_NAME)
         return request
 
-    async def open(self, request: ChatRequest) -> Answer:
+    async def open(
+        self, request: ChatRequest, *, fallback: str = "local", notify: Notify | None = None
+    ) -> Answer:
         failures: list[Failure] = []
+        level = await self.degrade() if self.degrade is not None else 0
+        if self.pool is not None and level < 2:
+            answer = await self._open_pool(self.pool, request, failures, notify, level == 1)
+            if answer is None and fallback == "queue":
+                answer = await self._queued(self.pool, request, failures, notify, level == 1)
+            if answer is not None:
+                return answer
         for brain in self.brains:
+            if fallback in ("apologise", "queue") and isinstance(brain, LocalBrain):
+                continue
             attempt = self._request_for(brain, request)
             stream = brain.stream(attempt)
             try:
                 first = await anext(stream)
             except (ModelUnavailable, StopAsyncIteration) as exc:
-                reason = str(exc).split(": ", 1)[-1] if str(exc) else "no reply"
-                failures.append(Failure(brain.name, attempt.model, reason))
+                failures.append(Failure(brain.name, attempt.model, _reason(exc)))
                 closer = getattr(stream, "aclose", None)
                 if closer is not None:
                     await closer()
@@ -92,9 +171,108 @@ class BrainRouter:
             return Answer(brain, attempt, label, failures, first, stream)
         raise NoBackend(failures)
 
+    async def _queued(
+        self,
+        pool: BackendPool,
+        request: ChatRequest,
+        failures: list[Failure],
+        notify: Notify | None,
+        free_only: bool,
+    ) -> Answer | None:
+        """Fallback "queue": wait (up to `queue_wait`) for a backend to come back, retrying
+        whenever one's rest is over; None if none did, or none serves the model at all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_wait
+        if notify is not None:
+            notify(QUEUED_NOTICE.format(minutes=max(1, round(self.queue_wait / 60))))
+        while (left := deadline - loop.time()) > 0:
+            usable, resting = pool.route(request.model, free_only=free_only)
+            if not usable and not resting:
+                return None
+            soonest = min((b.breaker.remaining() for b in resting), default=0.0)
+            await asyncio.sleep(min(left, max(_QUEUE_POLL, soonest if not usable else 0.0)))
+            tried: list[Failure] = []
+            answer = await self._open_pool(pool, request, tried, None, free_only)
+            failures.extend(f for f in tried if f.reason != _RESTING)
+            if answer is not None:
+                answer.failures = list(failures)
+                answer.queued = True
+                return answer
+        return None
+
+    async def _open_pool(
+        self,
+        pool: BackendPool,
+        request: ChatRequest,
+        failures: list[Failure],
+        notify: Notify | None,
+        free_only: bool,
+    ) -> Answer | None:
+        usable, resting = pool.route(request.model, free_only=free_only)
+        for backend in resting:
+            failures.append(Failure(backend.name, request.model, _RESTING))
+        for backend in usable:
+            try:
+                await pool.acquire(backend, request.model, notify)
+            except ModelUnavailable as exc:
+                failures.append(Failure(backend.name, request.model, _reason(exc)))
+                continue
+            stream = backend.brain.stream(request)
+            try:
+                first = await anext(stream)
+            except (ModelUnavailable, StopAsyncIteration) as exc:
+                pool.release(backend)
+                await pool.failed(backend)
+                failures.append(Failure(backend.name, request.model, _reason(exc)))
+                await stream.aclose()  # type: ignore[attr-defined]
+                continue
+            backend.breaker.success()
+            label = backend.brain.label(request.model)
+            log.info("answering with %s", label)
+            rest = _Leased(stream, pool, backend)
+            return Answer(backend.brain, request, label, failures, first, rest)
+        return None
+
     async def aclose(self) -> None:
         for brain in self.brains:
             await brain.aclose()
+        if self.pool is not None:
+            await self.pool.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).split(": ", 1)[-1] if str(exc) else "no reply"
+
+
+class _Leased:
+    """The rest of a pooled reply. The backend counts as in flight (so it is never stopped)
+    until the stream ends, fails or is closed, even if it was never read (a class, not an
+    async generator, because closing a generator that never started skips its `finally`)."""
+
+    def __init__(self, stream: AsyncIterator[Chunk], pool: BackendPool, backend: Backend) -> None:
+        self._stream = stream
+        self._pool = pool
+        self._backend = backend
+        self._released = False
+
+    def __aiter__(self) -> _Leased:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        try:
+            return await anext(self._stream)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._pool.release(self._backend)
+        closer = getattr(self._stream, "aclose", None)
+        if closer is not None:
+            await closer()
 
 
 class NoBackend(ModelUnavailable):

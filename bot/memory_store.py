@@ -1,0 +1,330 @@
+"""The SQL of long-term memory: rows in `memories`, pending extractions in `memory_jobs`.
+
+Every query that reads or changes memories names the user key: one user's rows are never
+reachable through another user's key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pgvector import HalfVector
+
+_SPACES = re.compile(r"\s+")
+_EDGE_PUNCTUATION = ".,;:!?\"'`()[]{} "
+
+
+def normalise(text: str) -> str:
+    """The form dedupe compares: NFKC, case-folded, single spaces, no edge punctuation."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return _SPACES.sub(" ", folded).strip(_EDGE_PUNCTUATION)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(normalise(text).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Recalled:
+    id: int
+    text: str
+    similarity: float
+    score: float
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    id: int
+    text: str
+    embed_model: str
+    persona: str | None
+    created_at: datetime
+    last_recalled_at: datetime | None
+    superseded_by: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "text": self.text,
+            "embed_model": self.embed_model,
+            "persona": self.persona,
+            "created_at": self.created_at.isoformat(),
+            "last_recalled_at": self.last_recalled_at.isoformat()
+            if self.last_recalled_at
+            else None,
+            "superseded_by": self.superseded_by,
+        }
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One answered message, as the engine hands it to memory."""
+
+    user_key: str
+    author_name: str
+    persona: str
+    model: str
+    platform: str
+    conversation_id: int | None
+    message: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    exchange: Exchange
+    attempts: int
+
+
+@dataclass(frozen=True)
+class NewFact:
+    text: str
+    vector: list[float]
+    replaces: tuple[int, ...] = ()
+
+
+_RECALL = """
+WITH scored AS (
+    SELECT id, text, created_at, 1 - (embedding <=> $2::halfvec) AS similarity
+    FROM memories
+    WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL
+)
+SELECT id, text, similarity,
+       similarity - $5 * (1 - power(0.5,
+           extract(epoch FROM now() - created_at) / 86400.0 / $6)) AS score
+FROM scored
+WHERE similarity >= $4
+ORDER BY score DESC, id DESC
+LIMIT $7
+"""
+
+_COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by"
+
+
+def _row(record: Any) -> MemoryRow:
+    return MemoryRow(**{key: record[key] for key in _COLUMNS.split(", ")})
+
+
+class MemoryStore:
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    async def models_of(self, user_key: str) -> list[str]:
+        """Embedding models of the user's current memories (empty: nothing to recall)."""
+        rows = await self._pool.fetch(
+            "SELECT DISTINCT embed_model FROM memories"
+            " WHERE user_key = $1 AND superseded_by IS NULL",
+            user_key,
+        )
+        return [r["embed_model"] for r in rows]
+
+    async def recall(
+        self,
+        user_key: str,
+        vector: list[float],
+        model: str,
+        *,
+        top_k: int,
+        floor: float,
+        recency_weight: float,
+        half_life_days: float,
+    ) -> list[Recalled]:
+        rows = await self._pool.fetch(
+            _RECALL,
+            user_key,
+            HalfVector(vector),
+            model,
+            floor,
+            recency_weight,
+            half_life_days,
+            top_k,
+        )
+        return [Recalled(r["id"], r["text"], r["similarity"], r["score"]) for r in rows]
+
+    async def touch(self, user_key: str, ids: list[int]) -> None:
+        """Mark memories as recalled now (off the reply's path: it waits for a commit)."""
+        await self._pool.execute(
+            "UPDATE memories SET last_recalled_at = now() WHERE user_key = $1 AND id = ANY($2)",
+            user_key,
+            ids,
+        )
+
+    async def current(self, user_key: str, limit: int = 1000) -> list[MemoryRow]:
+        """The user's memories that are recalled (not superseded), oldest first."""
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND superseded_by IS NULL"
+            " ORDER BY id LIMIT $2",
+            user_key,
+            limit,
+        )
+        return [_row(r) for r in rows]
+
+    async def recent(self, user_key: str, limit: int) -> list[MemoryRow]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND superseded_by IS NULL"
+            " ORDER BY id DESC LIMIT $2",
+            user_key,
+            limit,
+        )
+        return [_row(r) for r in reversed(rows)]
+
+    async def all_rows(self, user_key: str) -> list[MemoryRow]:
+        """Everything kept about the user, superseded rows too (for export)."""
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 ORDER BY id", user_key
+        )
+        return [_row(r) for r in rows]
+
+    async def add(
+        self,
+        user_key: str,
+        facts: list[NewFact],
+        *,
+        model: str,
+        persona: str | None,
+        job_id: int | None = None,
+    ) -> list[int]:
+        """Insert new facts (duplicates of current ones are skipped) and supersede what they
+        contradict; returns the ids of the rows inserted. With `job_id`, nothing is stored if
+        the job is gone: the user said "forget all" while it was being extracted."""
+        inserted: list[int] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            if job_id is not None and not await conn.fetchval(
+                "SELECT id FROM memory_jobs WHERE id = $1 FOR UPDATE", job_id
+            ):
+                return []
+            for fact in facts:
+                new_id = await conn.fetchval(
+                    "INSERT INTO memories (user_key, text, text_hash, embed_model, embedding,"
+                    " persona) VALUES ($1, $2, $3, $4, $5::halfvec, $6)"
+                    " ON CONFLICT (user_key, text_hash) WHERE superseded_by IS NULL DO NOTHING"
+                    " RETURNING id",
+                    user_key,
+                    fact.text,
+                    text_hash(fact.text),
+                    model,
+                    HalfVector(fact.vector),
+                    persona,
+                )
+                if new_id is None:
+                    continue
+                inserted.append(new_id)
+                if fact.replaces:
+                    await conn.execute(
+                        "UPDATE memories SET superseded_by = $2 WHERE user_key = $1"
+                        " AND id = ANY($3) AND id <> $2 AND superseded_by IS NULL",
+                        user_key,
+                        new_id,
+                        list(fact.replaces),
+                    )
+        return inserted
+
+    async def forget(self, user_key: str, memory_id: int | None = None) -> int:
+        """Delete one memory (and the older versions it superseded) or all of the user's;
+        returns how many current memories were deleted."""
+        if memory_id is None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("DELETE FROM memory_jobs WHERE user_key = $1", user_key)
+                current = await conn.fetchval(
+                    "SELECT count(*) FROM memories WHERE user_key = $1 AND superseded_by IS NULL",
+                    user_key,
+                )
+                await conn.execute("DELETE FROM memories WHERE user_key = $1", user_key)
+                return int(current)
+        result = await self._pool.execute(
+            "DELETE FROM memories WHERE user_key = $1 AND id = $2 AND superseded_by IS NULL",
+            user_key,
+            memory_id,
+        )
+        return int(result.split()[-1])
+
+    async def stale(self, model: str, limit: int) -> list[tuple[int, str]]:
+        """Rows embedded by another model than `model` (for reembed)."""
+        rows = await self._pool.fetch(
+            "SELECT id, text FROM memories WHERE embed_model <> $1 ORDER BY id LIMIT $2",
+            model,
+            limit,
+        )
+        return [(r["id"], r["text"]) for r in rows]
+
+    async def set_embedding(self, rows: list[tuple[int, list[float]]], model: str) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "UPDATE memories SET embedding = $2::halfvec, embed_model = $3 WHERE id = $1",
+                [(memory_id, HalfVector(vector), model) for memory_id, vector in rows],
+            )
+
+    # ------------------------------------------------------------------ extraction jobs
+
+    async def enqueue(self, exchange: Exchange) -> int:
+        return int(
+            await self._pool.fetchval(
+                "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
+                " conversation_id, message, reply) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING id",
+                exchange.user_key,
+                exchange.author_name,
+                exchange.persona,
+                exchange.model,
+                exchange.platform,
+                exchange.conversation_id,
+                exchange.message,
+                exchange.reply,
+            )
+        )
+
+    async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
+        """Take a job for `lease_seconds` unless another worker holds it."""
+        row = await self._pool.fetchrow(
+            "UPDATE memory_jobs SET locked_until = now() + make_interval(secs => $2)"
+            " WHERE id = $1 AND (locked_until IS NULL OR locked_until < now()) RETURNING *",
+            job_id,
+            lease_seconds,
+        )
+        if row is None:
+            return None
+        exchange = Exchange(
+            row["user_key"],
+            row["author_name"],
+            row["persona"],
+            row["model"],
+            row["platform"],
+            row["conversation_id"],
+            row["message"],
+            row["reply"],
+        )
+        return Job(row["id"], exchange, row["attempts"])
+
+    async def expire(self, days: float) -> int:
+        """Drop jobs that could not be extracted for `days` (a model that never came back)."""
+        result = await self._pool.execute(
+            "DELETE FROM memory_jobs WHERE created_at < now() - make_interval(days => $1)",
+            int(days),
+        )
+        return int(result.split()[-1])
+
+    async def pending(self, limit: int = 100) -> list[int]:
+        rows = await self._pool.fetch(
+            "SELECT id FROM memory_jobs WHERE locked_until IS NULL OR locked_until < now()"
+            " ORDER BY id LIMIT $1",
+            limit,
+        )
+        return [r["id"] for r in rows]
+
+    async def finish(self, job_id: int) -> None:
+        await self._pool.execute("DELETE FROM memory_jobs WHERE id = $1", job_id)
+
+    async def release(self, job_id: int) -> None:
+        """Give a job back for later (its model did not answer)."""
+        await self._pool.execute("UPDATE memory_jobs SET locked_until = NULL WHERE id = $1", job_id)
+
+    async def count_attempt(self, job_id: int) -> None:
+        """One more invalid answer for this job (the lease is kept)."""
+        await self._pool.execute(
+            "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = $1", job_id
+        )

@@ -1,0 +1,308 @@
+"""A loopback fake of Fal's queue API, served over TLS, for the real `fal-client`.
+
+`fal_client` always speaks https to `FAL_QUEUE_RUN_HOST` (read when it is imported), so the fake
+serves TLS on 127.0.0.1 with a self-signed certificate made for the test session
+(`make_certificate`); the client trusts it through `SSL_CERT_FILE`, which httpx honours.
+
+The wire protocol, as the client sends and parses it:
+
+* ``POST /{owner}/{alias}[/{path}]`` with the JSON arguments and ``Authorization: Key …`` →
+  ``{request_id, response_url, status_url, cancel_url, queue_position, status: IN_QUEUE}``;
+  the URLs name the app without its path (``/fal-ai/flux/requests/{id}``), as Fal's do;
+* ``GET …/requests/{id}/status?logs=true`` → ``IN_QUEUE`` with ``queue_position``, then
+  ``IN_PROGRESS`` with ``logs``, then ``COMPLETED`` (one step per poll);
+* ``GET …/requests/{id}`` → the result: ``{images: [{url, width, height, content_type}], seed,
+  has_nsfw_concepts, timings, prompt}``; ``PUT …/requests/{id}/cancel`` cancels;
+* ``GET /files/{name}`` → the image bytes (a real PNG), as Fal's CDN serves them, without auth.
+
+Errors: a wrong key answers 401 ``{"detail": …}``; `fail_submit`/`fail_result` make a 500 with
+``x-fal-request-id`` (so the client does not retry it); `hang` keeps a request queued forever.
+It remembers what it was asked: `submissions`, `polls`, `cancels`, `downloads`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import ssl
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+_SIZES = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+
+def make_png(width: int = 8, height: int = 8) -> bytes:
+    """A real PNG (an RGB gradient), built by hand so no imaging library is needed."""
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((x * 32 % 256, y * 32 % 256, 128)) for x in range(width))
+        for y in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-fal test CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "fake-fal.pem", directory / "fake-fal.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@dataclass
+class _Request:
+    id: str
+    app: str  # owner/alias
+    endpoint: str  # owner/alias[/path], as submitted
+    arguments: dict[str, Any]
+    steps: list[dict[str, Any]]
+    polls: int = 0
+    cancelled: bool = False
+
+
+@dataclass
+class FakeFal:
+    cert: Path
+    key_file: Path
+    key: str = "test-key"
+    # behaviour, reset between tests by `reset()`
+    queue_positions: list[int] = field(default_factory=lambda: [2, 1])
+    progress_logs: list[str] = field(default_factory=lambda: ["step 1/4", "step 4/4"])
+    nsfw: bool = False
+    hang: bool = False
+    fail_submit: int | None = None
+    fail_result: int | None = None
+    fail_download: int | None = None
+    png: bytes = field(default_factory=make_png)
+    # memory
+    submissions: list[dict[str, Any]] = field(default_factory=list)
+    polls: list[str] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    downloads: list[str] = field(default_factory=list)
+    _requests: dict[str, _Request] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    def reset(self) -> None:
+        fresh = FakeFal(self.cert, self.key_file)
+        for name in (
+            "key", "queue_positions", "progress_logs", "nsfw", "hang", "fail_submit",
+            "fail_result", "fail_download", "submissions", "polls", "cancels", "downloads",
+            "_requests",
+        ):  # fmt: skip
+            setattr(self, name, getattr(fresh, name))
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/files/{name}", self._file)
+        app.router.add_get("/{owner}/{alias}/requests/{rid}/status", self._status)
+        app.router.add_put("/{owner}/{alias}/requests/{rid}/cancel", self._cancel)
+        app.router.add_get("/{owner}/{alias}/requests/{rid}", self._result)
+        app.router.add_post("/{endpoint:.+}", self._submit)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key_file)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Key {self.key}"
+
+    @staticmethod
+    def _unauthorized() -> web.Response:
+        return web.json_response({"detail": "No user found for Key ID and Secret"}, status=401)
+
+    def _urls(self, rid: str, app: str) -> dict[str, str]:
+        base = f"https://{self.host}/{app}/requests/{rid}"
+        return {
+            "request_id": rid,
+            "response_url": base,
+            "status_url": f"{base}/status",
+            "cancel_url": f"{base}/cancel",
+        }
+
+    async def _submit(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        endpoint = request.match_info["endpoint"]
+        arguments = await request.json()
+        self.submissions.append({"endpoint": endpoint, "arguments": arguments})
+        if self.fail_submit is not None:
+            return _server_error(self.fail_submit)
+        rid = str(uuid.uuid4())
+        app = "/".join(endpoint.split("/")[:2])
+        steps: list[dict[str, Any]] = [
+            {"status": "IN_QUEUE", "queue_position": p} for p in self.queue_positions
+        ]
+        for i in range(len(self.progress_logs)):
+            steps.append({"status": "IN_PROGRESS", "log_count": i + 1})
+        steps.append({"status": "COMPLETED"})
+        self._requests[rid] = _Request(rid, app, endpoint, arguments, steps)
+        first = self.queue_positions[0] if self.queue_positions else 0
+        body = {"status": "IN_QUEUE", "queue_position": first, **self._urls(rid, app)}
+        return web.json_response(body, headers={"x-fal-request-id": rid})
+
+    def _logs(self, count: int) -> list[dict[str, Any]]:
+        now = dt.datetime.now(dt.UTC).isoformat()
+        return [
+            {"message": m, "level": "INFO", "source": "user", "timestamp": now}
+            for m in self.progress_logs[:count]
+        ]
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        found = self._requests.get(request.match_info["rid"])
+        if found is None:
+            return web.json_response({"detail": "Request not found"}, status=404)
+        self.polls.append(found.id)
+        with_logs = request.query.get("logs", "").lower() in ("true", "1")
+        if self.hang:
+            step: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 5}
+        else:
+            step = found.steps[min(found.polls, len(found.steps) - 1)]
+            found.polls += 1
+        body: dict[str, Any] = {**self._urls(found.id, found.app), "status": step["status"]}
+        if step["status"] == "IN_QUEUE":
+            body["queue_position"] = step["queue_position"]
+        elif step["status"] == "IN_PROGRESS":
+            body["logs"] = self._logs(step["log_count"]) if with_logs else None
+        else:
+            body["logs"] = self._logs(len(self.progress_logs)) if with_logs else None
+            body["metrics"] = {"inference_time": 0.42}
+        return web.json_response(body)
+
+    async def _result(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        found = self._requests.get(request.match_info["rid"])
+        if found is None:
+            return web.json_response({"detail": "Request not found"}, status=404)
+        if self.fail_result is not None:
+            return _server_error(self.fail_result, found.id)
+        if self.hang or found.polls < len(found.steps):  # COMPLETED not yet reported
+            return web.json_response({"detail": "Request is still in progress"}, status=400)
+        width, height = _SIZES[found.arguments.get("image_size", "landscape_4_3")]
+        seed = found.arguments.get("seed", 1234)
+        return web.json_response(
+            {
+                "images": [
+                    {
+                        "url": f"https://{self.host}/files/{found.id}.png",
+                        "width": width,
+                        "height": height,
+                        "content_type": "image/png",
+                    }
+                ],
+                "timings": {"inference": 0.42},
+                "seed": seed,
+                "has_nsfw_concepts": [self.nsfw],
+                "prompt": found.arguments.get("prompt", ""),
+            },
+            headers={"x-fal-request-id": found.id},
+        )
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        found = self._requests.get(request.match_info["rid"])
+        if found is None:
+            return web.json_response({"detail": "Request not found"}, status=404)
+        found.cancelled = True
+        self.cancels.append(found.id)
+        return web.json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
+
+    async def _file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.downloads.append(name)
+        if self.fail_download is not None:
+            return web.Response(status=self.fail_download, text="gone")
+        if name.removesuffix(".png") not in self._requests:
+            return web.Response(status=404, text="not found")
+        return web.Response(body=self.png, content_type="image/png")
+
+
+def _server_error(status: int, rid: str | None = None) -> web.Response:
+    # x-fal-request-id marks it as Fal's own answer, which the client does not retry
+    headers = {"x-fal-request-id": rid or str(uuid.uuid4())}
+    return web.json_response({"detail": "Internal Server Error"}, status=status, headers=headers)
