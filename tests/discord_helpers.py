@@ -130,6 +130,11 @@ class FakeInteraction:
     async def delete_original_response(self) -> None:
         self.log.append(("delete",))
 
+    async def edit_original_response(self, **kwargs: Any) -> None:
+        assert self.response.is_done(), "only a deferred or sent answer can be edited"
+        assert kwargs["allowed_mentions"].to_dict() == {"parse": []}
+        self.log.append(("edit", kwargs))
+
     def answers(self) -> list[tuple[str, bool]]:
         """(text, ephemeral) of everything shown to the user."""
         out: list[tuple[str, bool]] = []

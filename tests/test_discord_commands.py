@@ -12,7 +12,7 @@ import pytest
 
 from bot.adapters.discord import DiscordAdapter
 from bot.app import App, running_app
-from bot.commands import Commands
+from bot.commands import CommandContext, CommandResult, Commands
 from tests.conftest import make_settings
 from tests.discord_helpers import FakeInteraction, FakeRole, FakeUser
 from tests.fakes.ollama import FakeOllama
@@ -168,3 +168,45 @@ async def test_runner_starts_discord_only_when_a_token_is_set(app: App) -> None:
         app, settings=app.settings.model_copy(update={"discord_sharded": True})
     )
     assert isinstance(build_client(sharded), discord.AutoShardedClient)
+
+
+@dataclasses.dataclass
+class NsfwChannel:
+    id: int
+
+    def is_nsfw(self) -> bool:
+        return True
+
+
+async def test_long_commands_edit_one_message_then_attach_with_spoiler(
+    adapter: DiscordAdapter, tmp_path: Path
+) -> None:
+    """/imagine-style commands: progress edits the deferred answer, the file lands in it."""
+    picture = tmp_path / "fox.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n")
+    seen: list[CommandContext] = []
+
+    async def draw(ctx: CommandContext, args: list[str]) -> CommandResult:
+        seen.append(ctx)
+        assert ctx.progress is not None
+        for step in ("1 ahead of you…", "1 ahead of you…", "Drawing…"):
+            await ctx.progress(step)
+        return CommandResult("Here is your fox.", attachment=picture, spoiler=True)
+
+    adapter.app.commands.register("drawtest", "drawtest", "test drawing", draw)
+    it = FakeInteraction(FakeUser(5, "user5"), NsfwChannel(CHANNEL), guild_id=77)
+    await adapter.slash.run(it, "drawtest", [])
+    assert it.log[0] == ("defer", False)
+    edits = [entry[1] for entry in it.log if entry[0] == "edit"]
+    assert [e["content"] for e in edits] == ["1 ahead of you…", "Drawing…", "Here is your fox."]
+    [file] = edits[-1]["attachments"]
+    assert file.spoiler and file.filename == "SPOILER_fox.png"
+    assert not [entry for entry in it.log if entry[0] in ("send", "followup")]
+    assert seen[0].nsfw is True and seen[0].guild == "77"
+
+
+async def test_health_reports_a_client_that_never_connected(adapter: DiscordAdapter) -> None:
+    from bot.web import adapter_state  # what /healthz reports for each adapter
+
+    assert adapter.connected is False
+    assert adapter_state(adapter) == "disconnected"

@@ -110,6 +110,11 @@ class DiscordAdapter:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        """The gateway session is up (reported by /healthz)."""
+        return self.client.is_ready() and not self.client.is_closed()
+
     async def start(self) -> None:
         token = self.settings.discord_token
         if token is None:

@@ -64,16 +64,23 @@ class SlashCommands:
             await self.run(interaction, "forget", [what], private=True)
 
         @app_commands.command(name="imagine", description="Draw a picture")
-        @app_commands.describe(prompt="what to draw", size="the picture's shape", seed="repeatable")
+        @app_commands.describe(
+            prompt="what to draw",
+            size="the picture's shape",
+            seed="repeatable",
+            model="schnell (fast, cheap) or dev (finer, dearer)",
+        )
         async def imagine(
             interaction: discord.Interaction,
             prompt: str,
             size: Literal["square", "portrait", "landscape"] | None = None,
             seed: int | None = None,
+            model: Literal["schnell", "dev"] | None = None,
         ) -> None:
             args = [f"prompt:{prompt}"]
             args += [f"size:{size}"] if size else []
             args += [f"seed:{seed}"] if seed is not None else []
+            args += [f"model:{model}"] if model else []
             await self.run(interaction, "imagine", args)
 
         @app_commands.command(name="spend", description="This month's spend (admins)")
@@ -104,7 +111,9 @@ class SlashCommands:
         is_dm = interaction.guild_id is None
         return self.adapter.policy.permits(interaction.user.id, roles, ids, is_dm=is_dm)
 
-    async def context(self, interaction: discord.Interaction) -> CommandContext:
+    async def context(
+        self, interaction: discord.Interaction, progress: _Progress | None = None
+    ) -> CommandContext:
         key = await self.adapter.conversation_for_channel(interaction.channel)
         return CommandContext(
             platform="discord",
@@ -112,6 +121,9 @@ class SlashCommands:
             author_id=str(interaction.user.id),
             author_name=interaction.user.display_name,
             is_admin=self.is_admin(interaction),
+            progress=progress,
+            nsfw=_is_nsfw(interaction.channel),
+            guild=str(interaction.guild_id) if interaction.guild_id else None,
         )
 
     async def run(
@@ -135,8 +147,9 @@ class SlashCommands:
             return
         private = private or name in _PRIVATE
         await interaction.response.defer(ephemeral=private, thinking=True)
+        progress = _Progress(interaction)
         try:
-            context = await self.context(interaction)
+            context = await self.context(interaction, progress)
             result = await self.adapter.app.commands.run(context, name, args)
         except BotError as exc:
             await self.fail(interaction, user_message(exc), deferred_private=private)
@@ -145,7 +158,11 @@ class SlashCommands:
             log.exception("/%s failed", name)
             await self.fail(interaction, user_message(Exception()), deferred_private=private)
             return
-        await self.respond(interaction, result.text, private=private, file=_file_of(result))
+        file = _file_of(result)
+        if progress.used:
+            await progress.finish(result.text, file)
+            return
+        await self.respond(interaction, result.text, private=private, file=file)
 
     async def show_persona(self, interaction: discord.Interaction, name: str | None) -> None:
         engine = self.adapter.app.engine
@@ -206,7 +223,43 @@ def _channel_ids(interaction: discord.Interaction) -> list[int]:
 
 
 def _file_of(result: CommandResult) -> discord.File | None:
-    path = getattr(result, "attachment", None)
-    if path is None:
+    if result.attachment is None:
         return None
-    return discord.File(path)
+    return discord.File(result.attachment, spoiler=result.spoiler)
+
+
+def _is_nsfw(channel: Any) -> bool:
+    """NSFW channels, and threads under one."""
+    checker = getattr(channel, "is_nsfw", None)
+    return bool(checker()) if callable(checker) else False
+
+
+class _Progress:
+    """Shows a long command's progress by editing its one deferred answer, then the result."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self._interaction = interaction
+        self._last: str | None = None
+        self.used = False
+
+    async def __call__(self, text: str) -> None:
+        if text == self._last:
+            return
+        self._last = text
+        self.used = True
+        try:
+            await self._interaction.edit_original_response(
+                content=text[:2000], allowed_mentions=NO_MENTIONS
+            )
+        except discord.HTTPException:
+            log.warning("could not show a command's progress")
+
+    async def finish(self, text: str, file: discord.File | None) -> None:
+        chunks = split_message(text) or ["Done."]
+        await self._interaction.edit_original_response(
+            content=chunks[0],
+            attachments=[file] if file is not None else [],
+            allowed_mentions=NO_MENTIONS,
+        )
+        for chunk in chunks[1:]:
+            await self._interaction.followup.send(chunk, allowed_mentions=NO_MENTIONS)
