@@ -52,7 +52,11 @@ class Incoming:
 
 @dataclass(frozen=True)
 class Notice:
+    """Something to say beside the reply. `text` is for the operator (it may name hosts);
+    `user_text`, when set, is safe to show anyone in a chat (e.g. "waking up…")."""
+
     text: str
+    user_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class Engine:
         answer, context = opened.answer, opened.context
         if answer.notice:
             log.warning("%s", answer.notice)
-            yield Notice(answer.notice)
+            yield Notice(answer.notice, user_text=_fallback_words(answer))
         screen = self.moderation.output_screen(persona, where)
         async for event in self._stream(answer, context, screen):
             yield event
@@ -232,7 +236,7 @@ class Engine:
         async with contextlib.aclosing(gated(check, work, self._discard)) as items:
             async for item in items:
                 if isinstance(item, str):
-                    yield Notice(item)  # e.g. "waking up…", while a backend wakes
+                    yield Notice(item, user_text=item)  # "waking up…", while a backend wakes
                 elif isinstance(item, Verdict) and not item.safe:
                     if item.unknown:
                         yield Failed(INPUT_UNCHECKED)
@@ -405,3 +409,13 @@ class _ReplyTimer:
         self._metrics.replies.inc(platform=self._platform, outcome=self.outcome)
         if self.outcome == "done":
             self._metrics.reply_seconds.observe(elapsed, platform=self._platform)
+
+
+BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model is standing in."
+
+
+def _fallback_words(answer: Answer) -> str | None:
+    """What chat users are told when a fallback answers (no host names: those are for logs)."""
+    from bot.brains.local import LocalBrain
+
+    return BACKUP_MODEL_NOTICE if isinstance(answer.brain, LocalBrain) else None

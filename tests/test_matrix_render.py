@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from bot.adapters.matrix_render import ReplyTarget, StreamedReply, to_html, transaction_id
-from bot.engine import Delta, Done, Event, Failed
+from bot.engine import Delta, Done, Event, Failed, Notice
 from bot.personas import Persona
 
 
@@ -83,3 +83,40 @@ async def test_whole_reply_is_sent_once_and_failure_is_a_notice() -> None:
     sent.clear()
     await StreamedReply(target, send, clock).render(_events(clock, [(0, Failed("Sorry."))]))
     assert sent[0]["msgtype"] == "m.notice" and sent[0]["body"] == "Sorry."
+
+
+async def test_wake_notice_is_shown_then_replaced_by_the_reply() -> None:
+    clock = _Clock()
+    sent: list[tuple[dict[str, Any], str]] = []
+
+    async def send(content: dict[str, Any], txn: str) -> str:
+        sent.append((content, txn))
+        return "$reply"
+
+    target = ReplyTarget("$asked", None, "m.notice", False, 1.0)
+    events = [
+        (0.0, Notice("ollama:10.0.0.5 is down", user_text=None)),  # operator-only: not shown
+        (0.0, Notice("Waking up gpu…", user_text="Waking up gpu…")),
+        (2.0, Delta("Morning!")),
+        (2.0, Done("Morning!", _persona(), "t")),
+    ]
+    await StreamedReply(target, send, clock).render(_events(clock, events))
+    assert [c["body"] for c, _ in sent] == ["*Waking up gpu…*", "* Morning!"]
+    assert sent[1][0]["m.new_content"]["body"] == "Morning!"
+    assert "10.0.0.5" not in str(sent)
+
+
+async def test_a_retracted_reply_is_edited_away() -> None:
+    clock = _Clock()
+    sent: list[dict[str, Any]] = []
+
+    async def send(content: dict[str, Any], txn: str) -> str:
+        sent.append(content)
+        return "$reply"
+
+    target = ReplyTarget("$asked", None, "m.text", True, 1.0)
+    events = [(0.0, Delta("Fine start.\n\n")), (1.5, Failed("Withheld: S10 Hate.", retract=True))]
+    await StreamedReply(target, send, clock).render(_events(clock, events))
+    assert sent[0]["body"] == "Fine start."
+    final = sent[-1]["m.new_content"]["body"]
+    assert final == "Withheld: S10 Hate." and "Fine start" not in final

@@ -107,6 +107,7 @@ class DiscordAdapter:
         self._closing = False
         self._connection: asyncio.Task[None] | None = None
         self.client.event(self.on_message)
+        self.client.event(self.on_typing)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -251,6 +252,30 @@ class DiscordAdapter:
         if text:
             await self._reply(message, self._incoming(message, key, text))
 
+    async def on_typing(self, channel: object, user: object, when: object) -> None:
+        """Someone is typing where the persona would answer: wake a sleeping GPU now, so the
+        reply does not wait for its cold start (issue #6). Never answers anything itself."""
+        me = self.client.user
+        if self._closing or me is None or getattr(user, "bot", False):
+            return
+        try:
+            key = await self.conversation_for_channel(channel)
+            persona = await self._persona(key, channel)
+            is_dm = isinstance(channel, discord.DMChannel)
+            ids = channel_ids(channel)
+            roles = [role.id for role in getattr(user, "roles", [])]
+            if not self.policy.permits(int(getattr(user, "id", 0)), roles, ids, is_dm=is_dm):
+                return
+            likely = (
+                (is_dm and self.settings.discord_answer_dms)
+                or self.policy.listens(ids)
+                or self.attention.probability(key, persona) > 0
+            )
+            if likely and await self.app.engine.router.prewake(persona.model):
+                log.info("pre-waking a backend for %s: someone is typing in %s", persona.model, key)
+        except Exception:
+            log.exception("pre-wake on typing failed")
+
     async def _conversation_of(self, message: discord.Message) -> tuple[str, bool]:
         """(conversation key, is it a reply to the bot?) for a message."""
         me = self.client.user
@@ -342,9 +367,11 @@ class DiscordAdapter:
                     elif isinstance(event, Done):
                         await view.finish(event.text)
                     elif isinstance(event, Failed):
-                        await view.fail(event.text)
+                        await view.fail(event.text, retract=event.retract)
                     elif isinstance(event, Notice):
                         log.warning("notice for %s: %s", incoming.user_key, event.text)
+                        if event.user_text:
+                            await view.notice(event.user_text)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await view.fail(CUT_OFF)

@@ -67,11 +67,19 @@ class ReplyView:
         self.text = text
         await self.show(text)
 
-    async def fail(self, sentence: str) -> None:
-        """Say what went wrong: after the partial reply if there is one, else on its own."""
-        if self.sent and self.text.strip():
+    async def notice(self, sentence: str) -> None:
+        """A note for the user before the reply starts (e.g. "waking up…"); the reply's first
+        edit replaces it. Ignored once reply text is showing."""
+        if not self.text.strip():
+            await self.show(f"*{sentence}*")
+
+    async def fail(self, sentence: str, *, retract: bool = False) -> None:
+        """Say what went wrong: after the partial reply if there is one, else on its own.
+        With `retract` the partial reply is taken back (edited away), not kept."""
+        if self.sent and self.text.strip() and not retract:
             await self.show(f"{self.text.rstrip()}\n\n*{sentence}*")
         else:
+            self.text = ""
             await self.show(sentence)
 
     async def show(self, text: str) -> None:

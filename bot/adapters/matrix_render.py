@@ -114,6 +114,9 @@ class StreamedReply:
         async for event in events:
             if isinstance(event, Notice):
                 log.info("engine notice for %s: %s", self.target.event_id, event.text)
+                if event.user_text and not self._text.strip():
+                    self._edits += 1
+                    await self._show(f"*{event.user_text}*", step=f"notice{self._edits}")
             elif isinstance(event, Delta):
                 self._text += event.text
                 if self.target.stream:
@@ -122,6 +125,8 @@ class StreamedReply:
                 await self._pace()
                 await self._show(event.text, step="final")
             elif isinstance(event, Failed):
+                if event.retract:
+                    self._text = ""  # the guard withheld what was shown: edit it away
                 await self._failed(event.text)
         return self._sent_id
 
@@ -160,6 +165,9 @@ class StreamedReply:
         partial = self._text.strip()
         if self._sent_id is not None and partial:
             await self._show(f"{partial}\n\n*({message})*", step="failed")
+            return
+        if self._sent_id is not None:  # a notice or a retracted reply is showing: replace it
+            await self._show(message, step="failed")
             return
         content = message_content(message, "m.notice")
         content["m.relates_to"] = relation(self.target.event_id, self.target.thread_root)
