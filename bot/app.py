@@ -19,6 +19,7 @@ from bot.brains.sessions import SessionBook
 from bot.calls import CallLog
 from bot.commands import Commands
 from bot.config import Settings
+from bot.draw_tool import DrawTool
 from bot.engine import Engine
 from bot.errors import PersonaError
 from bot.guard import Guard
@@ -140,6 +141,7 @@ async def running_app(
     register_spend_command(commands, ledger, settings.data_dir / "reports")
     images = build_images(settings, pool, ledger, guard=moderation.guard)
     register_imagine_command(commands, images)
+    engine.drawing = DrawTool(images)  # the chat model's draw_image tool, when FAL_KEY is set
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
     if memory.enabled:  # exchanges a stopped process left unprocessed, then every 10 min
         engine.spawn(_resume_memory(memory))

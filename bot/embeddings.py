@@ -25,7 +25,7 @@ import httpx
 import ollama
 
 from bot.brains.local import shipped_gguf
-from bot.brains.ollama_brain import _why, redact_host
+from bot.brains.ollama_brain import failure_reason, redact_host
 from bot.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class OllamaEmbedder:
             OSError,
             json.JSONDecodeError,
         ) as exc:
-            raise ModelUnavailable(f"{self.backend}: {_why(exc)}") from exc
+            raise ModelUnavailable(f"{self.backend}: {failure_reason(exc)}") from exc
         vectors = [list(v) for v in answer.embeddings]
         if len(vectors) != len(texts):
             raise ModelUnavailable(f"{self.backend}: answered {len(vectors)} vectors")

@@ -4,7 +4,8 @@
 
 Adapters turn platform events into `Incoming` and render the events `handle()` yields:
 `Notice` (say it quietly: stderr, an ephemeral note), `Delta` (reply text so far grows),
-`Done` (the whole reply and who answered) or `Failed` (a plain sentence for the user).
+`Done` (the whole reply and who answered) or `Failed` (a plain sentence for the user), and
+last a `Picture` when the model drew one with the draw_image tool (bot/draw_tool.py).
 Conversations never wait on each other; within one conversation messages are answered in order.
 """
 
@@ -15,11 +16,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from bot.background import Background
 from bot.brains import BrainRouter, CallStats, ChatRequest
 from bot.brains.router import Answer, NoBackend
 from bot.calls import CallContext, CallLog
+from bot.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
 from bot.errors import BotError, ModelError, user_message
 from bot.guard import UNCHECKED, Verdict, Where
 from bot.guard_categories import describe
@@ -77,7 +81,17 @@ class Failed:
     retract: bool = False  # take back the text shown so far (e.g. the guard blocked it)
 
 
-Event = Notice | Delta | Done | Failed
+@dataclass(frozen=True)
+class Picture:
+    """A picture the model drew for this reply (draw_image): a file to post after the reply
+    (behind a spoiler when `spoiler`); `caption` says what it shows."""
+
+    path: Path
+    spoiler: bool
+    caption: str
+
+
+Event = Notice | Delta | Done | Failed | Picture
 
 
 class _ConversationLocks:
@@ -135,10 +149,11 @@ class Engine:
         self.calls = calls
         self.default_persona = default_persona
         self._locks = _ConversationLocks()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background("background work")
         self.metrics = metrics or Metrics()
         self.memory = memory
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
+        self.drawing: DrawTool | None = None  # the draw_image tool (issue 8), set by the app
 
     def persona_named(self, name: str | None) -> Persona:
         found = self.personas.find(name) if name else None
@@ -200,14 +215,18 @@ class Engine:
             log.warning("%s", answer.notice)
             yield Notice(answer.notice, user_text=_fallback_words(answer))
         screen = self.moderation.output_screen(persona, where)
-        async for event in self._stream(answer, context, screen):
+        turn = _Turn(answer, "")
+        async for event in self._turn(incoming, persona, context, screen, turn):
             yield event
+        answer, pictures = turn.answer, turn.pictures
         if screen.blocked is not None:  # not shown; nothing enters history or memory
             yield Failed(withheld(persona, screen.blocked), retract=bool(screen.shown))
+            for picture in pictures:  # checked and paid for on its own: posted all the same
+                yield picture
             return
         if verdict.unmoderated or screen.unmoderated:
             yield Notice(UNMODERATED)
-        reply = answer.text.strip()
+        reply = turn.text.strip()
         if not reply:
             yield Failed(f"{persona.display_name} drew a blank. Try saying that another way?")
             return
@@ -222,6 +241,8 @@ class Engine:
         self._remember(incoming, conversation, persona, reply)
         log.info("%s answered %s with %s", persona.name, incoming.user_key, answer.label)
         yield Done(reply, persona, answer.label)
+        for picture in pictures:
+            yield picture
 
     async def _checked_open(
         self, incoming: Incoming, conversation: Conversation, persona: Persona, where: Where
@@ -254,9 +275,16 @@ class Engine:
         """History, recall and the prompt, then the model's first token; notices on the way."""
         request = await self._request(incoming, conversation, persona)
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
+        async for item in self._opening(request, context, persona.fallback):
+            yield item if isinstance(item, str) else _Opened(item, context)
+
+    async def _opening(
+        self, request: ChatRequest, context: CallContext, fallback: str
+    ) -> AsyncIterator[str | Answer]:
+        """The router's notices, then the Answer; failed backends are recorded."""
         answer: Answer | None = None
         try:
-            async for item in self.router.opening(request, fallback=persona.fallback):
+            async for item in self.router.opening(request, fallback=fallback):
                 if isinstance(item, str):
                     yield item
                 else:
@@ -269,7 +297,99 @@ class Engine:
             raise NoBackend([])
         for failure in answer.failures:
             self._record(context, request, failure.backend, None, failure.reason)
-        yield _Opened(answer, context)
+        yield answer
+
+    async def _turn(
+        self,
+        incoming: Incoming,
+        persona: Persona,
+        context: CallContext,
+        screen: OutputScreen,
+        turn: _Turn,
+    ) -> AsyncIterator[Event]:
+        """Stream the answer; when the model called draw_image, draw and let it finish."""
+        answer = turn.answer
+        async for event in self._stream(answer, context, screen):
+            yield event
+        turn.text = answer.text
+        if screen.blocked is None and answer.tool_calls and answer.request.tools:
+            async for event in self._use_tools(incoming, persona, context, screen, turn):
+                yield event
+
+    async def _use_tools(
+        self,
+        incoming: Incoming,
+        persona: Persona,
+        context: CallContext,
+        screen: OutputScreen,
+        turn: _Turn,
+    ) -> AsyncIterator[Event]:
+        """Run the model's tool calls (one drawing at most), then continue the reply: a second
+        chat with the tool results and no tools, streamed through the same output screen.
+        `turn` ends up with the second Answer, the whole text and the picture."""
+        answer = turn.answer
+        results: list[str] = []
+        async for item in self._tool_results(incoming, persona, answer, turn):
+            if isinstance(item, Notice):
+                yield item  # "Drawing…", the image service's queue and progress
+            else:
+                results.append(item)
+        calls = answer.tool_calls
+        messages = [*answer.request.messages, *tool_messages(answer.text, calls, results)]
+        request = replace(answer.request, messages=messages, tools=())
+        try:
+            follow: Answer | None = None
+            async for opened in self._opening(request, context, persona.fallback):
+                if isinstance(opened, str):
+                    yield Notice(opened, user_text=opened)
+                else:
+                    follow = opened
+            assert follow is not None
+            if follow.notice:
+                log.warning("%s", follow.notice)
+                yield Notice(follow.notice)
+            if answer.text.strip():
+                yield Delta("\n\n")
+            async for event in self._stream(follow, context, screen):
+                yield event
+        except BotError:
+            for picture in turn.pictures:  # drawn and paid for: posted all the same
+                yield picture
+            raise
+        turn.answer = follow
+        turn.text = f"{answer.text}\n\n{follow.text}" if answer.text.strip() else follow.text
+        if not turn.text.strip() and turn.pictures:  # it drew and said nothing: the caption
+            turn.text = turn.pictures[0].caption
+            yield Delta(turn.text)
+
+    async def _tool_results(
+        self, incoming: Incoming, persona: Persona, answer: Answer, turn: _Turn
+    ) -> AsyncIterator[Notice | str]:
+        """The drawing's progress as notices, and one tool message per call, in order."""
+        speaker = Speaker(
+            incoming.platform,
+            incoming.conversation,
+            incoming.author_id,
+            incoming.guild,
+            incoming.nsfw,
+        )
+        for call in answer.tool_calls:
+            if call.name != DRAW_IMAGE or self.drawing is None:
+                yield f"There is no tool called {call.name!r}."
+            elif turn.drew:
+                yield ONE_PER_REPLY
+            else:
+                turn.drew = True
+                async for item in self.drawing.run(call, speaker, persona):
+                    if isinstance(item, str):
+                        yield Notice(item, user_text=item)
+                        continue
+                    if item.result is not None:
+                        caption = f"{persona.display_name} drew “{item.prompt}”"
+                        turn.pictures.append(
+                            Picture(item.result.path, item.result.spoiler, caption)
+                        )
+                    yield item.reply
 
     async def _discard(self, item: Verdict | str | _Opened) -> None:
         """A model opened for an input the guard refused: stop it, record why."""
@@ -309,6 +429,7 @@ class Engine:
             max_tokens=persona.max_reply_tokens,
             context_window=persona.context_window,
             repeat_penalty=persona.repeat_penalty,
+            tools=self.drawing.tools(persona) if self.drawing is not None else (),
         )
 
     async def _recall(
@@ -354,26 +475,27 @@ class Engine:
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run work after the reply without delaying it; `drain()` waits for it."""
-
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception:
-                log.exception("background work failed")
-
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(work)
 
     async def drain(self) -> None:
-        """Wait for background work (call records, later memory and ledger) to finish."""
-        while self._background:
-            await asyncio.gather(*list(self._background))
+        """Wait for background work (call records, memory, ledger, verdicts) to finish."""
+        await self._background.drain()
         await self.moderation.drain()
 
     @property
     def live_conversations(self) -> int:
         return len(self._locks)
+
+
+@dataclass
+class _Turn:
+    """One reply as it goes through tool calls: the answer streaming now, the text so far,
+    the pictures drawn for it (one at most)."""
+
+    answer: Answer
+    text: str
+    pictures: list[Picture] = field(default_factory=list)
+    drew: bool = False
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ from typing import Any, Literal
 import httpx
 import ollama
 
+from bot.background import Background
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import redact_host
+from bot.brains.ollama_brain import call_stats, failure_reason, redact_host
 from bot.calls import CallContext, CallLog
 from bot.guard_categories import CATEGORIES, CHILD_EXPLOITATION, SEXUAL_CONTENT, describe
 from bot.notify import AdminNotifier
@@ -49,7 +50,6 @@ FailPolicy = Literal["open", "closed"]
 _CODES_LINE = re.compile(r"S\d{1,2}(?:\s*,\s*S\d{1,2})*")
 _MAX_VERDICT_TOKENS = 48  # "unsafe" and all fourteen codes fit
 _GUARD_CONTEXT = 8192
-_NS_PER_MS = 1_000_000
 
 
 def parse_verdict(raw: str) -> tuple[bool, list[str]] | None:
@@ -162,7 +162,7 @@ class Guard:
             host=host, timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
         )
         self._down: str | None = None  # why the guard is unreachable, while it is
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background("recording a guard verdict")
 
     async def check(
         self,
@@ -256,8 +256,9 @@ class Guard:
         except TimeoutError:
             return None, None, f"it did not answer within {self.timeout:g}s"
         except (ollama.ResponseError, httpx.HTTPError, OSError, ValueError) as exc:
-            return None, None, _why(exc, self.model)
-        return response.message.content or "", _stats(self.backend, request.model, response), None
+            return None, None, failure_reason(exc, self.model)
+        stats = call_stats(self.backend, request.model, response)
+        return response.message.content or "", stats, None
 
     def _log(self, case: _Case, verdict: Verdict) -> None:
         where = case.where
@@ -337,20 +338,11 @@ class Guard:
             await self._notifier.send(message)
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception:
-                log.exception("recording a guard verdict failed")
-
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(work)
 
     async def drain(self) -> None:
         """Wait for the verdict records and alerts still being written."""
-        while self._background:
-            await asyncio.gather(*list(self._background))
+        await self._background.drain()
 
     async def aclose(self) -> None:
         await self.drain()
@@ -362,36 +354,3 @@ _KIND_WORDS: dict[Kind, str] = {
     "output": "a reply",
     "image_prompt": "an image prompt",
 }
-
-
-def _why(exc: BaseException, model: str) -> str:
-    """A short reason for logs and records; never the raw body, which may echo the text."""
-    if isinstance(exc, ollama.ResponseError):
-        if exc.status_code == 404:
-            return f"{model} is not pulled there"
-        return f"it answered HTTP {exc.status_code}"
-    if isinstance(exc, httpx.TimeoutException):
-        return "it did not answer in time"
-    if isinstance(exc, (ConnectionError, httpx.ConnectError, OSError)):
-        return "nothing is listening there"
-    if isinstance(exc, ValueError):  # json.JSONDecodeError among them
-        return "it sent an answer that is not JSON"
-    return type(exc).__name__
-
-
-def _ms(ns: int | None) -> float | None:
-    return None if ns is None else ns / _NS_PER_MS
-
-
-def _stats(backend: str, model: str, response: ollama.ChatResponse) -> CallStats:
-    return CallStats(
-        backend=backend,
-        model=model,
-        prompt_tokens=response.prompt_eval_count,
-        completion_tokens=response.eval_count,
-        total_ms=_ms(response.total_duration),
-        load_ms=_ms(response.load_duration),
-        prompt_eval_ms=_ms(response.prompt_eval_duration),
-        eval_ms=_ms(response.eval_duration),
-        done_reason=response.done_reason,
-    )

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from bot.commands import CommandContext, CommandResult, Commands
 from bot.errors import CommandError
-from bot.images import MODELS, SIZES, USAGE, ImageRequest, ImageService
+from bot.images import MAX_PROMPT_CHARS, MODELS, SIZES, USAGE, ImageRequest, ImageService
 
-MAX_PROMPT_CHARS = 1000
 _SHORT = {endpoint: name for name, endpoint in MODELS.items()}
 
 

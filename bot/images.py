@@ -53,6 +53,7 @@ SIZES = {
     "landscape": SizePreset("landscape_4_3", 1024, 768),
 }
 USAGE = "imagine PROMPT [size:square|portrait|landscape] [model:schnell|dev] [seed:N]"
+MAX_PROMPT_CHARS = 1000  # the member's (or the model's) words, before the persona's style
 
 
 def megapixels(width: int, height: int) -> int:

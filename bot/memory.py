@@ -26,7 +26,7 @@ import ollama
 from pydantic import BaseModel, Field, ValidationError
 
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import _stats, _why, redact_host
+from bot.brains.ollama_brain import call_stats, failure_reason, redact_host
 from bot.calls import CallContext, CallLog
 from bot.config import Settings
 from bot.embeddings import (
@@ -125,9 +125,9 @@ class Extractor:
                 options=request.options(),
                 stream=False,
             )
-            stats = _stats(self.backend, request.model, answer)
+            stats = call_stats(self.backend, request.model, answer)
         except (ollama.ResponseError, httpx.HTTPError, OSError, json.JSONDecodeError) as exc:
-            reason = _why(exc)
+            reason = failure_reason(exc)
             await self._record(context, request, None, reason)
             raise ModelUnavailable(f"{self.backend}: {reason}") from exc
         try:

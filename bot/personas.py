@@ -46,6 +46,7 @@ class Persona(BaseModel):
     rules: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)
     memory: bool = True  # long-term memory (issue 5): recall and learn facts about users
+    draw: bool = True  # images (issue 8): the model may call the draw_image tool in chat
     # Attention (issue 3): after being addressed, keep following the conversation with a
     # probability starting at attention_start and falling to 0 over attention_window seconds.
     attention_window: float = Field(default=300.0, gt=0)

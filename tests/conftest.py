@@ -13,6 +13,7 @@ import pytest
 from bot.app import App, running_app
 from bot.config import REPO_ROOT, Settings
 from tests.fakes.ollama import FakeOllama
+from tests.fal_fixtures import fake_fal, fal_server  # noqa: F401 (the fake Fal's fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ called with `FakeInteraction` (Discord's side, not ours).
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,11 @@ def record(client: discord.Client) -> Sent:
     original_send, original_edit = http.send_message, http.edit_message
 
     async def send_message(channel_id: int, *, params: Any) -> Any:
-        sent.payloads.append(dict(params.payload or {}))
+        payload = params.payload
+        if payload is None and params.multipart:  # with files: the JSON is one form part
+            part = next(p for p in params.multipart if p["name"] == "payload_json")
+            payload = json.loads(part["value"])
+        sent.payloads.append(dict(payload or {}))
         channel = sys._getframe(1).f_locals.get("channel")  # dpytest reads its caller's locals
         assert channel is not None
         return await original_send(channel_id, params=params)

@@ -257,7 +257,8 @@ async def test_wake_on_demand_notice_once_and_before_the_first_token(
         events = await collect(app, say("wake up"))
         kinds = [type(e).__name__ for e in events]
         assert kinds[0] == "Notice" and kinds.count("Notice") == 1, kinds
-        assert events[0] == Notice(WAKING_NOTICE.format(name="fly-l40s"))
+        waking = WAKING_NOTICE.format(name="fly-l40s")
+        assert events[0] == Notice(waking, user_text=waking), "chat users see it too"
         assert kinds.index("Notice") < kinds.index("Delta")
         assert isinstance(events[-1], Done) and events[-1].text == "I was asleep, but here I am"
         assert ollama.refused >= 1, "the first probe found it down"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from bot.commands import CommandContext, Commands, parse
-from bot.engine import Delta, Done, Engine, Failed, Incoming, Notice
+from bot.engine import Delta, Done, Engine, Failed, Incoming, Notice, Picture
 from bot.errors import BotError, user_message
 
 PLATFORM = "console"
@@ -73,6 +73,9 @@ class ConsoleChat:
                         self.out.write("\n")
                     self._diag(event.text)
                     ok = False
+                elif isinstance(event, Picture):  # drawn by the model, saved in DATA_DIR/images
+                    self.out.write(f"{event.path}\n")
+                    self.out.flush()
         return ok
 
     async def command(self, line: str, *, quiet: bool = False) -> bool:

@@ -35,7 +35,7 @@ from bot.adapters.discord_reply import NO_MENTIONS, ReplyView, send_plain
 from bot.adapters.message_map import MessageMap
 from bot.app import App
 from bot.attention import Attention, Trigger
-from bot.engine import Delta, Done, Failed, Incoming, Notice
+from bot.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.errors import ConfigError
 from bot.personas import Persona
 from bot.ratelimit import RateLimiter
@@ -372,6 +372,8 @@ class DiscordAdapter:
                         log.warning("notice for %s: %s", incoming.user_key, event.text)
                         if event.user_text:
                             await view.notice(event.user_text)
+                    elif isinstance(event, Picture):  # drawn by the model: a file after the reply
+                        await view.attach(event.path, spoiler=event.spoiler, caption=event.caption)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await view.fail(CUT_OFF)
@@ -383,6 +385,7 @@ class DiscordAdapter:
     async def _remember(self, key: str, message: discord.Message, view: ReplyView) -> None:
         try:
             await self.messages.remember(key, [str(message.id)], from_bot=False)
-            await self.messages.remember(key, [str(m.id) for m in view.sent], from_bot=True)
+            sent = [*view.sent, *view.files]
+            await self.messages.remember(key, [str(m.id) for m in sent], from_bot=True)
         except Exception:
             log.exception("could not remember the messages of conversation %s", key)

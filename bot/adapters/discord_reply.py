@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import discord
 
@@ -20,6 +21,7 @@ from bot.adapters.discord_render import Throttle, split_message
 log = logging.getLogger(__name__)
 
 NO_MENTIONS = discord.AllowedMentions.none()
+UNPOSTED = "I drew a picture but couldn't post it here (I may not be allowed to attach files)."
 _TYPING_RENEW = 8.0  # Discord shows "typing" for about 10 seconds per trigger
 
 
@@ -36,6 +38,7 @@ class ReplyView:
         self._shown: list[str] = []
         self._throttle = Throttle(interval, clock)
         self._typing: asyncio.Task[None] | None = None
+        self.files: list[discord.Message] = []  # pictures posted after the reply
 
     async def start_typing(self) -> None:
         """Show "… is typing" (renewed every few seconds) until the first message goes out."""
@@ -100,6 +103,26 @@ class ReplyView:
                 await extra.delete()
         del self.sent[len(chunks) :]
         del self._shown[len(chunks) :]
+
+    async def attach(self, path: Path, *, spoiler: bool, caption: str) -> None:
+        """A picture the model drew, posted as a file after the reply (spoilered if flagged)."""
+        await self.stop_typing()
+        picture = discord.File(path, spoiler=spoiler, description=caption[:1024])
+        try:
+            if self.sent:
+                message = await self.source.channel.send(file=picture, allowed_mentions=NO_MENTIONS)
+            else:
+                message = await self.source.reply(
+                    file=picture, mention_author=False, allowed_mentions=NO_MENTIONS
+                )
+        except discord.HTTPException as exc:
+            log.warning("could not post a picture in %s: %s", self.source.channel.id, exc.status)
+            with contextlib.suppress(discord.HTTPException):
+                await self.source.channel.send(UNPOSTED, allowed_mentions=NO_MENTIONS)
+            return
+        finally:
+            picture.close()
+        self.files.append(message)
 
     async def _send(self, chunk: str, *, first: bool) -> discord.Message:
         if first:

@@ -73,7 +73,7 @@ class MatrixCommands:
                 target_room, result.text, reply_to, thread_root, "result", answered=event_id
             )
         if result.attachment is not None:
-            sent += await self._file(target_room, result.attachment, result.spoiler, event_id)
+            sent += await self.send_file(target_room, result.attachment, result.spoiler, event_id)
         return sent
 
     async def _result(self, context: CommandContext, name: str, args: list[str]) -> CommandResult:
@@ -113,7 +113,8 @@ class MatrixCommands:
             return None
         return str(response.room_id)
 
-    async def _file(self, room_id: str, path: Path, spoiler: bool, event_id: str) -> list[str]:
+    async def send_file(self, room_id: str, path: Path, spoiler: bool, event_id: str) -> list[str]:
+        """Upload a file (a picture: m.image; flagged or other: m.file) answering `event_id`."""
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         data = await asyncio.to_thread(path.read_bytes)
         room = self.client.rooms.get(room_id)

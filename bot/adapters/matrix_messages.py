@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nio import MatrixRoom
@@ -255,7 +256,10 @@ class MatrixMessages:
         async def send(content: dict[str, Any], txn: str) -> str | None:
             return await self._send(room.room_id, content, txn)
 
-        reply = StreamedReply(target, send)
+        async def attach(path: Path, spoiler: bool) -> list[str]:
+            return await self.commands.send_file(room.room_id, path, spoiler, message.event_id)
+
+        reply = StreamedReply(target, send, attach=attach)
         await self._typing(room.room_id, True)
         try:
             async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
@@ -264,6 +268,8 @@ class MatrixMessages:
             await self._typing(room.room_id, False)
             if reply.event_id is not None:
                 await self.state.sent(reply.event_id, room.room_id, conversation)
+            for event_id in reply.files:
+                await self.state.sent(event_id, room.room_id, conversation)
 
     async def _command(
         self, room: MatrixRoom, message: RoomMessage, conversation: str, name: str, args: list[str]

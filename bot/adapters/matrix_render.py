@@ -15,12 +15,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nh3
 from markdown_it import MarkdownIt
 
-from bot.engine import Delta, Done, Event, Failed, Notice
+from bot.engine import Delta, Done, Event, Failed, Notice, Picture
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def transaction_id(event_id: str, step: str) -> str:
 
 
 Send = Callable[[dict[str, Any], str], Awaitable[str | None]]  # (content, txn id) → event id
+Attach = Callable[[Path, bool], Awaitable[list[str]]]  # (file, spoiler) → event ids sent
 
 
 @dataclass
@@ -94,10 +96,17 @@ class StreamedReply:
     """Renders the engine's events into one Matrix message (edited while it grows)."""
 
     def __init__(
-        self, target: ReplyTarget, send: Send, clock: Callable[[], float] = time.monotonic
+        self,
+        target: ReplyTarget,
+        send: Send,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        attach: Attach | None = None,
     ) -> None:
         self.target = target
         self._send = send
+        self._attach = attach  # uploads a picture the model drew (the /imagine upload)
+        self.files: list[str] = []  # event ids of the pictures sent
         self._clock = clock
         self._text = ""
         self._shown = ""
@@ -124,6 +133,8 @@ class StreamedReply:
             elif isinstance(event, Done):
                 await self._pace()
                 await self._show(event.text, step="final")
+            elif isinstance(event, Picture) and self._attach is not None:
+                self.files += await self._attach(event.path, event.spoiler)
             elif isinstance(event, Failed):
                 if event.retract:
                     self._text = ""  # the guard withheld what was shown: edit it away

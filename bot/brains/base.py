@@ -10,12 +10,13 @@ from typing import Any, Protocol
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # role and content; tool calls and results (tool_calls)
     temperature: float
     seed: int
     max_tokens: int
     context_window: int
     repeat_penalty: float = 1.1
+    tools: tuple[dict[str, Any], ...] = ()  # Ollama tool schemas offered (draw_image)
 
     def options(self) -> dict[str, Any]:
         """Ollama's `options` for this request."""
@@ -45,11 +46,20 @@ class CallStats:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """The model asked for a tool (Ollama's `message.tool_calls[].function`)."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A piece of the reply; the last one carries `stats` and may have empty text."""
 
     text: str
     stats: CallStats | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class Brain(Protocol):

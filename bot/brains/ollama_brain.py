@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import ollama
 
-from bot.brains.base import CallStats, ChatRequest, Chunk
+from bot.brains.base import CallStats, ChatRequest, Chunk, ToolCall
 from bot.errors import ModelInterrupted, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def _ms(ns: int | None) -> float | None:
     return None if ns is None else ns / _NS_PER_MS
 
 
-def _stats(backend: str, model: str, final: ollama.ChatResponse) -> CallStats:
+def call_stats(backend: str, model: str, final: ollama.ChatResponse) -> CallStats:
+    """CallStats from Ollama's final chunk (or a whole non-streamed answer)."""
     return CallStats(
         backend=backend,
         model=model,
@@ -45,16 +47,31 @@ def _stats(backend: str, model: str, final: ollama.ChatResponse) -> CallStats:
     )
 
 
-def _why(exc: BaseException) -> str:
-    """A short reason for logs and notices; never the raw body, which may echo the prompt."""
+def _tool_calls(message: ollama.Message) -> tuple[ToolCall, ...]:
+    return tuple(
+        ToolCall(call.function.name, dict(call.function.arguments or {}))
+        for call in message.tool_calls or ()
+    )
+
+
+def _lacks_tools(exc: ollama.ResponseError) -> bool:
+    """Ollama's 400 for tools sent to a model whose template has none."""
+    return exc.status_code == 400 and "does not support tools" in str(exc.error)
+
+
+def failure_reason(exc: BaseException, model: str | None = None) -> str:
+    """A short reason an Ollama call failed, for logs, records and notices; never the raw
+    body, which may echo the prompt. Used by every caller of Ollama (chat, guard, memory)."""
     if isinstance(exc, ollama.ResponseError):
         if exc.status_code == 404:
-            return "the model is not pulled there"
+            return f"{model or 'the model'} is not pulled there"
         return f"it answered HTTP {exc.status_code}"
     if isinstance(exc, httpx.TimeoutException):
         return "it did not answer in time"
     if isinstance(exc, (ConnectionError, httpx.ConnectError, OSError)):
         return "nothing is listening there"
+    if isinstance(exc, ValueError):  # json.JSONDecodeError among them
+        return "it sent an answer that is not JSON"
     return type(exc).__name__
 
 
@@ -72,28 +89,37 @@ class OllamaBrain:
         self._keep_alive = keep_alive
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._client = ollama.AsyncClient(host=host, timeout=timeout)
+        self._no_tools: set[str] = set()  # models Ollama said take no tools
 
     def label(self, model: str) -> str:
         return f"{model} on Ollama at {redact_host(self.host)}"
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
         started = False
+        tools = list(request.tools) if request.model not in self._no_tools else []
+        parts = self._parts(request, tools)
         try:
-            parts = await self._client.chat(
-                model=request.model,
-                messages=request.messages,
-                stream=True,
-                options=request.options(),
-                keep_alive=self._keep_alive,
-            )
-            async for part in parts:
+            try:
+                part = await anext(parts, None)
+            except ollama.ResponseError as exc:
+                if not tools or not _lacks_tools(exc):
+                    raise
+                # The model has no tool support (Ollama answers 400): chat without tools.
+                log.info("%s: %s takes no tools; asking without them", self.name, request.model)
+                self._no_tools.add(request.model)
+                await parts.aclose()
+                parts = self._parts(request, [])
+                part = await anext(parts, None)
+            while part is not None:
                 text = part.message.content or ""
+                calls = _tool_calls(part.message)
                 if part.done:
-                    yield Chunk(text, _stats(self.name, request.model, part))
+                    yield Chunk(text, call_stats(self.name, request.model, part), calls)
                     return
-                if text:
+                if text or calls:
                     started = True
-                    yield Chunk(text)
+                    yield Chunk(text, tool_calls=calls)
+                part = await anext(parts, None)
         except (
             ollama.ResponseError,
             httpx.HTTPError,
@@ -101,20 +127,41 @@ class OllamaBrain:
             OSError,
             json.JSONDecodeError,
         ) as exc:
-            reason = _why(exc)
+            reason = failure_reason(exc)
             log.warning("%s failed for model %s: %s", self.name, request.model, reason)
             if started:
                 raise ModelInterrupted(f"{self.name}: {reason}") from exc
             raise ModelUnavailable(f"{self.name}: {reason}") from exc
+        finally:
+            await parts.aclose()
         error = ModelInterrupted if started else ModelUnavailable
         raise error(f"{self.name}: the stream ended without a final chunk")
+
+    async def _parts(
+        self, request: ChatRequest, tools: list[dict[str, Any]]
+    ) -> AsyncGenerator[ollama.ChatResponse, None]:
+        parts = await self._client.chat(
+            model=request.model,
+            messages=request.messages,
+            tools=tools or None,
+            stream=True,
+            options=request.options(),
+            keep_alive=self._keep_alive,
+        )
+        try:
+            async for part in parts:
+                yield part
+        finally:  # a reply stopped early ends its HTTP stream now
+            closer = getattr(parts, "aclose", None)
+            if closer is not None:
+                await closer()
 
     async def ready(self, model: str) -> bool:
         """True once Ollama answers with `model` loaded: an empty chat loads it."""
         try:
             await self._client.chat(model=model, messages=[], keep_alive=self._keep_alive)
         except (ollama.ResponseError, httpx.HTTPError, OSError, json.JSONDecodeError) as exc:
-            log.info("%s is not ready for %s: %s", self.name, model, _why(exc))
+            log.info("%s is not ready for %s: %s", self.name, model, failure_reason(exc))
             return False
         return True
 

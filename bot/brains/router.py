@@ -16,8 +16,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from bot.brains.base import Brain, CallStats, ChatRequest, Chunk
+from bot.brains.base import Brain, CallStats, ChatRequest, Chunk, ToolCall
 from bot.brains.local import LOCAL_MODEL_NAME, LocalBrain
 from bot.brains.pool import Backend, BackendPool
 from bot.errors import ModelError, ModelInterrupted, ModelUnavailable
@@ -45,6 +46,7 @@ class Answer:
     stats: CallStats | None = None
     text_parts: list[str] = field(default_factory=list)
     queued: bool = False  # it waited for a backend to come back (the user was told then)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # tools the model asked for
 
     @property
     def notice(self) -> str | None:
@@ -60,6 +62,7 @@ class Answer:
             while chunk is not None:
                 if chunk.stats is not None:
                     self.stats = chunk.stats
+                self.tool_calls.extend(chunk.tool_calls)
                 if chunk.text:
                     self.text_parts.append(chunk.text)
                     yield chunk.text
@@ -138,8 +141,9 @@ class BrainRouter:
                     await task
 
     def _request_for(self, brain: Brain, request: ChatRequest) -> ChatRequest:
-        if isinstance(brain, LocalBrain):
-            return replace(request, model=LOCAL_MODEL_NAME)
+        if isinstance(brain, LocalBrain):  # no tools for the small local model
+            messages = _without_tools(request.messages)
+            return replace(request, model=LOCAL_MODEL_NAME, tools=(), messages=messages)
         return request
 
     async def open(
@@ -238,6 +242,20 @@ class BrainRouter:
             await brain.aclose()
         if self.pool is not None:
             await self.pool.aclose()
+
+
+def _without_tools(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls and results as plain turns, for a model that knows no tools."""
+    plain: list[dict[str, Any]] = []
+    for message in messages:
+        if message.get("role") == "tool":
+            plain.append({"role": "system", "content": f"(Tool result: {message.get('content')})"})
+        elif message.get("tool_calls"):
+            if message.get("content"):
+                plain.append({"role": message["role"], "content": message["content"]})
+        else:
+            plain.append(message)
+    return plain
 
 
 def _reason(exc: BaseException) -> str:

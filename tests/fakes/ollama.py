@@ -18,7 +18,11 @@ Behaviour copied from real Ollama:
 * ``stream`` defaults to true when the request omits it;
 * a chat without messages just "loads" the model (``done_reason: "load"``, empty content);
 * ``options.num_predict`` caps the number of generated chunks (``done_reason: "length"``);
-* ``dimensions`` on ``/api/embed`` truncates the vector and re-normalises it.
+* ``dimensions`` on ``/api/embed`` truncates the vector and re-normalises it;
+* tool calling: a reply queued with ``queue_tool_call`` streams its text, then a chunk whose
+  message carries ``tool_calls: [{"function": {"name", "arguments"}}]`` (arguments an object),
+  then the final chunk; ``tools`` sent to a model without the ``tools`` capability answer 400
+  ``{"error": "registry.ollama.ai/library/X does not support tools"}``.
 """
 
 from __future__ import annotations
@@ -230,6 +234,7 @@ def _schema_example(schema: Any, text: str, root: dict[str, Any], depth: int = 0
 class _Reply:
     text: str
     chunks: tuple[str, ...]
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 class FakeOllama:
@@ -340,6 +345,21 @@ class FakeOllama:
                 raise ValueError("chunks must join to text")
             parts = tuple(chunks)
         self._replies.append(_Reply(text, parts))
+
+    def queue_tool_call(self, name: str, arguments: dict[str, Any], *, text: str = "") -> None:
+        """Queue a reply (FIFO) in which the model calls the tool ``name`` with ``arguments``,
+        after saying ``text`` (usually nothing)."""
+        self.queue_tool_calls([(name, arguments)], text=text)
+
+    def queue_tool_calls(self, calls: list[tuple[str, dict[str, Any]]], *, text: str = "") -> None:
+        """Queue a reply calling several tools at once, in order."""
+        wire = tuple({"function": {"name": n, "arguments": dict(a)}} for n, a in calls)
+        self._replies.append(_Reply(text, tuple(split_into_chunks(text)), wire))
+
+    @staticmethod
+    def offered_tools(body: dict[str, Any]) -> list[str]:
+        """The names of the tools a recorded /api/chat request offered the model."""
+        return [t["function"]["name"] for t in body.get("tools") or [] if "function" in t]
 
     def fail_next(self, status: int = 500, error: str = "boom", count: int = 1) -> None:
         """Answer the next ``count`` /api/chat or /api/embed requests with ``{"error": error}``."""
@@ -619,6 +639,9 @@ class FakeOllama:
         name, info = checked
         if not info.can_chat:
             return self._error(400, f'"{name}" does not support chat')
+        if body.get("tools") and "tools" not in info.capabilities:
+            base = normalize_model_name(name)
+            return self._error(400, f"registry.ollama.ai/library/{base} does not support tools")
         if self.hang:
             while self.hang:
                 if not await self._sleep(_HANG_POLL_SECONDS):
@@ -681,8 +704,10 @@ class FakeOllama:
         if not stream:
             final["created_at"] = _now_rfc3339()
             final["message"] = {"role": "assistant", "content": "".join(chunks)}
+            if reply.tool_calls:
+                final["message"]["tool_calls"] = list(reply.tool_calls)
             return web.json_response(final, dumps=_compact)
-        return await self._stream_chat(request, name, chunks, final)
+        return await self._stream_chat(request, name, chunks, final, reply.tool_calls)
 
     async def _stream_chat(
         self,
@@ -690,6 +715,7 @@ class FakeOllama:
         name: str,
         chunks: list[str],
         final: dict[str, Any],
+        tool_calls: tuple[dict[str, Any], ...] = (),
     ) -> web.StreamResponse:
         break_after, self._break_after = self._break_after, None
         error_after, self._error_after = self._error_after, None
@@ -733,6 +759,16 @@ class FakeOllama:
             if error_after is not None:
                 await send({"error": error_after[1]})
                 return response
+            if tool_calls:  # Ollama streams the calls in a chunk of their own, before the last
+                message = {"role": "assistant", "content": "", "tool_calls": list(tool_calls)}
+                await send(
+                    {
+                        "model": name,
+                        "created_at": _now_rfc3339(),
+                        "message": message,
+                        "done": False,
+                    }
+                )
             final["created_at"] = _now_rfc3339()
             await send(final)
         except ConnectionError:
