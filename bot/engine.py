@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from bot.background import Background
 from bot.brains import BrainRouter, CallStats, ChatRequest
@@ -25,107 +23,21 @@ from bot.brains.router import Answer, NoBackend
 from bot.calls import CallContext, CallLog
 from bot.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
 from bot.errors import BotError, ModelError, user_message
+from bot.events import Delta, Done, Event, Failed, Incoming, Notice, Picture
 from bot.guard import UNCHECKED, Verdict, Where
 from bot.guard_categories import describe
 from bot.history import Conversation, History
+from bot.locks import ConversationLocks
 from bot.memory import Memory
 from bot.memory_store import Exchange
-from bot.metrics import Metrics
+from bot.metrics import Metrics, ReplyTimer
 from bot.moderation import INPUT_UNCHECKED, UNMODERATED, Moderation, OutputScreen, gated, withheld
 from bot.personas import Persona, PersonaRegistry
 from bot.prompts import PromptBuilder, build_messages, user_seed
 
+__all__ = ["Delta", "Done", "Engine", "Event", "Failed", "Incoming", "Notice", "Picture"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Incoming:
-    platform: str
-    conversation: str
-    author_id: str
-    author_name: str
-    text: str
-    addressed: bool = True
-    guild: str | None = None  # Discord guild or Matrix server, for per-guild policy and budgets
-    nsfw: bool = False  # the channel is marked NSFW (the guard may relax S12 for some personas)
-
-    @property
-    def user_key(self) -> str:
-        return f"{self.platform}:{self.author_id}"
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something to say beside the reply. `text` is for the operator (it may name hosts);
-    `user_text`, when set, is safe to show anyone in a chat (e.g. "waking up…")."""
-
-    text: str
-    user_text: str | None = None
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Done:
-    text: str
-    persona: Persona
-    answered_by: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    text: str
-    retract: bool = False  # take back the text shown so far (e.g. the guard blocked it)
-
-
-@dataclass(frozen=True)
-class Picture:
-    """A picture the model drew for this reply (draw_image): a file to post after the reply
-    (behind a spoiler when `spoiler`); `caption` says what it shows."""
-
-    path: Path
-    spoiler: bool
-    caption: str
-
-
-Event = Notice | Delta | Done | Failed | Picture
-
-
-class _ConversationLocks:
-    """One lock per live conversation, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
-
-    async def __call__(self, key: tuple[str, str]) -> _Held:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        await lock.acquire()
-        return _Held(self, key, lock)
-
-    def release(self, key: tuple[str, str], lock: asyncio.Lock) -> None:
-        lock.release()
-        _, users = self._locks[key]
-        if users <= 1:
-            del self._locks[key]
-        else:
-            self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
-@dataclass
-class _Held:
-    owner: _ConversationLocks
-    key: tuple[str, str]
-    lock: asyncio.Lock
-
-    def release(self) -> None:
-        self.owner.release(self.key, self.lock)
 
 
 class Engine:
@@ -148,7 +60,7 @@ class Engine:
         self.router = router
         self.calls = calls
         self.default_persona = default_persona
-        self._locks = _ConversationLocks()
+        self._locks = ConversationLocks()
         self._background = Background("background work")
         self.metrics = metrics or Metrics()
         self.memory = memory
@@ -171,10 +83,13 @@ class Engine:
         if not incoming.addressed or not incoming.text.strip():
             return
         held = await self._locks((incoming.platform, incoming.conversation))
-        timer = _ReplyTimer(self.metrics, incoming.platform)
+        timer = ReplyTimer(self.metrics, incoming.platform)
         try:
             async for event in self._answer(incoming):
-                timer.saw(event)
+                if isinstance(event, Delta):
+                    timer.first_piece()
+                elif isinstance(event, Done | Failed):
+                    timer.outcome = "done" if isinstance(event, Done) else "failed"
                 yield event
         except BotError as exc:
             log.warning("reply to %s failed: %s", incoming.user_key, exc)
@@ -504,33 +419,6 @@ class _Opened:
 
     answer: Answer
     context: CallContext
-
-
-class _ReplyTimer:
-    """Counts one reply's outcome and latency (first piece, whole reply) for /metrics."""
-
-    def __init__(self, metrics: Metrics, platform: str) -> None:
-        self._metrics = metrics
-        self._platform = platform
-        self._started = time.perf_counter()
-        self._first = False
-        self.outcome = "cancelled"
-
-    def saw(self, event: Event) -> None:
-        if isinstance(event, Delta) and not self._first:
-            self._first = True
-            elapsed = time.perf_counter() - self._started
-            self._metrics.first_token_seconds.observe(elapsed, platform=self._platform)
-        elif isinstance(event, Done):
-            self.outcome = "done"
-        elif isinstance(event, Failed):
-            self.outcome = "failed"
-
-    def finish(self) -> None:
-        elapsed = time.perf_counter() - self._started
-        self._metrics.replies.inc(platform=self._platform, outcome=self.outcome)
-        if self.outcome == "done":
-            self._metrics.reply_seconds.observe(elapsed, platform=self._platform)
 
 
 BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model is standing in."

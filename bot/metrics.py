@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 LabelValues = tuple[str, ...]
@@ -173,3 +174,27 @@ class Metrics:
         for metric in self.all():
             lines.extend(metric.render())
         return lines
+
+
+class ReplyTimer:
+    """Counts one reply's outcome and latency (first piece, whole reply) for /metrics."""
+
+    def __init__(self, metrics: Metrics, platform: str) -> None:
+        self._metrics = metrics
+        self._platform = platform
+        self._started = time.perf_counter()
+        self._first = False
+        self.outcome = "cancelled"
+
+    def first_piece(self) -> None:
+        """The first piece of reply text was shown (once per reply)."""
+        if not self._first:
+            self._first = True
+            elapsed = time.perf_counter() - self._started
+            self._metrics.first_token_seconds.observe(elapsed, platform=self._platform)
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self._started
+        self._metrics.replies.inc(platform=self._platform, outcome=self.outcome)
+        if self.outcome == "done":
+            self._metrics.reply_seconds.observe(elapsed, platform=self._platform)
