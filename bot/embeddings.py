@@ -11,7 +11,6 @@ as a last resort, much less discriminating than a real embedding model.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
@@ -25,7 +24,7 @@ import httpx
 import ollama
 
 from bot.brains.local import shipped_gguf
-from bot.brains.ollama_brain import failure_reason, redact_host
+from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
 from bot.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -82,13 +81,7 @@ class OllamaEmbedder:
         started = time.perf_counter()
         try:
             answer = await self._client.embed(model=self._name, input=list(texts))
-        except (
-            ollama.ResponseError,
-            httpx.HTTPError,
-            ConnectionError,
-            OSError,
-            json.JSONDecodeError,
-        ) as exc:
+        except OLLAMA_ERRORS as exc:
             raise ModelUnavailable(f"{self.backend}: {failure_reason(exc)}") from exc
         vectors = [list(v) for v in answer.embeddings]
         if len(vectors) != len(texts):

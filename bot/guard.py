@@ -36,13 +36,16 @@ import ollama
 
 from bot.background import Background
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import call_stats, failure_reason, redact_host
+from bot.brains.ollama_brain import OLLAMA_ERRORS, call_stats, failure_reason, redact_host
 from bot.calls import CallContext, CallLog
 from bot.guard_categories import CATEGORIES, CHILD_EXPLOITATION, SEXUAL_CONTENT, describe
 from bot.notify import AdminNotifier
 from bot.personas import Persona
 
 log = logging.getLogger(__name__)
+
+# Ollama's failures, and an answer whose shape pydantic rejects (a ValueError).
+_GUARD_ERRORS: tuple[type[BaseException], ...] = (*OLLAMA_ERRORS, ValueError)
 
 Kind = Literal["input", "output", "image_prompt"]
 FailPolicy = Literal["open", "closed"]
@@ -255,7 +258,7 @@ class Guard:
             )
         except TimeoutError:
             return None, None, f"it did not answer within {self.timeout:g}s"
-        except (ollama.ResponseError, httpx.HTTPError, OSError, ValueError) as exc:
+        except _GUARD_ERRORS as exc:
             return None, None, failure_reason(exc, self.model)
         stats = call_stats(self.backend, request.model, response)
         return response.message.content or "", stats, None

@@ -16,7 +16,6 @@ picked up at the next start (`resume()`). Invalid model output is retried once, 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ import ollama
 from pydantic import BaseModel, Field, ValidationError
 
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import call_stats, failure_reason, redact_host
+from bot.brains.ollama_brain import OLLAMA_ERRORS, call_stats, failure_reason, redact_host
 from bot.calls import CallContext, CallLog
 from bot.config import Settings
 from bot.embeddings import (
@@ -126,7 +125,7 @@ class Extractor:
                 stream=False,
             )
             stats = call_stats(self.backend, request.model, answer)
-        except (ollama.ResponseError, httpx.HTTPError, OSError, json.JSONDecodeError) as exc:
+        except OLLAMA_ERRORS as exc:
             reason = failure_reason(exc)
             await self._record(context, request, None, reason)
             raise ModelUnavailable(f"{self.backend}: {reason}") from exc

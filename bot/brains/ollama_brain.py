@@ -59,6 +59,16 @@ def _lacks_tools(exc: ollama.ResponseError) -> bool:
     return exc.status_code == 400 and "does not support tools" in str(exc.error)
 
 
+# What a call to Ollama can fail with: its HTTP errors, the transport's, and a body that is
+# not JSON. `failure_reason()` words each of them.
+OLLAMA_ERRORS: tuple[type[BaseException], ...] = (
+    ollama.ResponseError,
+    httpx.HTTPError,
+    OSError,  # ConnectionError among them
+    json.JSONDecodeError,
+)
+
+
 def failure_reason(exc: BaseException, model: str | None = None) -> str:
     """A short reason an Ollama call failed, for logs, records and notices; never the raw
     body, which may echo the prompt. Used by every caller of Ollama (chat, guard, memory)."""
@@ -120,13 +130,7 @@ class OllamaBrain:
                     started = True
                     yield Chunk(text, tool_calls=calls)
                 part = await anext(parts, None)
-        except (
-            ollama.ResponseError,
-            httpx.HTTPError,
-            ConnectionError,
-            OSError,
-            json.JSONDecodeError,
-        ) as exc:
+        except OLLAMA_ERRORS as exc:
             reason = failure_reason(exc)
             log.warning("%s failed for model %s: %s", self.name, request.model, reason)
             if started:
@@ -160,7 +164,7 @@ class OllamaBrain:
         """True once Ollama answers with `model` loaded: an empty chat loads it."""
         try:
             await self._client.chat(model=model, messages=[], keep_alive=self._keep_alive)
-        except (ollama.ResponseError, httpx.HTTPError, OSError, json.JSONDecodeError) as exc:
+        except OLLAMA_ERRORS as exc:
             log.info("%s is not ready for %s: %s", self.name, model, failure_reason(exc))
             return False
         return True
