@@ -29,9 +29,15 @@ class Background:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """Wait until all work, including work spawned meanwhile, has finished."""
+        """Wait until all work, including work spawned meanwhile, has finished (a piece that
+        was cancelled counts as finished)."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks))
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def cancel(self) -> None:
+        """Cancel whatever is still running (after a drain that ran out of time)."""
+        for task in self._tasks:
+            task.cancel()
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -6,7 +6,6 @@ answered or sent continues that message's conversation; anything else belongs to
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -29,6 +28,7 @@ from bot.adapters.matrix_render import (
 from bot.adapters.matrix_state import MatrixState
 from bot.app import App
 from bot.attention import Attention, Trigger
+from bot.background import Background
 from bot.commands import CommandContext, parse
 from bot.engine import Incoming
 from bot.ratelimit import RateLimiter
@@ -113,7 +113,7 @@ class MatrixMessages:
             app.pool, self.settings.matrix_rate_per_minute, self.settings.matrix_rate_burst
         )
         self.admins = _csv(self.settings.matrix_admins)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background("handling a Matrix message")
         self._undecryptable: dict[str, float] = {}
         self._creators: dict[str, set[str]] = {}
 
@@ -185,12 +185,10 @@ class MatrixMessages:
         await self._send(room.room_id, content, transaction_id(event_id, "undecryptable"))
 
     async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.drain()
 
     def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
 
     async def _conversation(self, message: RoomMessage) -> str:
         if message.thread_root:
@@ -223,17 +221,7 @@ class MatrixMessages:
         )
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("handling a Matrix message failed")
-
-        task = asyncio.create_task(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(work)
 
     async def _reply(self, room: MatrixRoom, message: RoomMessage, conversation: str) -> None:
         incoming = Incoming(
