@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bot.engine import Engine
 from bot.errors import CommandError
+from bot.events import user_key
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class CommandContext:
     progress: Callable[[str], Awaitable[None]] | None = None
     nsfw: bool = False
     guild: str | None = None  # Discord guild or Matrix server, for per-guild budgets
+
+    @property
+    def user_key(self) -> str:
+        return user_key(self.platform, self.author_id)
 
 
 @dataclass(frozen=True)

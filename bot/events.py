@@ -13,6 +13,11 @@ from pathlib import Path
 from bot.personas import Persona
 
 
+def user_key(platform: str, user_id: str) -> str:
+    """Who someone is across the bot: memories, seeds, budgets and rate limits are keyed by it."""
+    return f"{platform}:{user_id}"
+
+
 @dataclass(frozen=True)
 class Incoming:
     platform: str
@@ -26,7 +31,7 @@ class Incoming:
 
     @property
     def user_key(self) -> str:
-        return f"{self.platform}:{self.author_id}"
+        return user_key(self.platform, self.author_id)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from bot.config import Settings
 from bot.errors import CommandError
+from bot.events import user_key
 from bot.fal import Drawn, FalFlux, ImageError, ImageRefused, Progress
 from bot.guard import Guard
 from bot.image_store import ImageLimited, ImageStore
@@ -82,7 +83,7 @@ class ImageRequest:
 
     @property
     def user_key(self) -> str:
-        return f"{self.platform}:{self.author_id}"
+        return user_key(self.platform, self.author_id)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,8 @@ _FORGET_USAGE = "Usage: forget all, or forget ID (the ids are in memories)."
 def register(commands: Commands, memory: Memory) -> None:
     from bot.commands import CommandResult
 
-    def key(context: CommandContext) -> str:
-        return f"{context.platform}:{context.author_id}"
-
     async def memories(context: CommandContext, args: list[str]) -> CommandResult:
-        rows = await memory.current(key(context))
+        rows = await memory.current(context.user_key)
         if not rows:
             return CommandResult("I don't remember anything about you.", private=True)
         lines = [f"What I remember about you ({len(rows)}):"]
@@ -33,13 +30,13 @@ def register(commands: Commands, memory: Memory) -> None:
             raise CommandError(_FORGET_USAGE)
         word = args[0].strip().lower()
         if word == "all":
-            count = await memory.forget(key(context))
+            count = await memory.forget(context.user_key)
             return CommandResult(f"Done: I deleted all {count} things I remembered.", private=True)
         try:
             memory_id = int(word.removeprefix("#"))
         except ValueError:
             raise CommandError(_FORGET_USAGE) from None
-        if await memory.forget(key(context), memory_id) == 0:
+        if await memory.forget(context.user_key, memory_id) == 0:
             raise CommandError(f"You have no memory #{memory_id}. See memories for the list.")
         return CommandResult(f"Done: I deleted memory #{memory_id}.", private=True)
 

@@ -37,6 +37,7 @@ from bot.app import App
 from bot.attention import Attention, Trigger
 from bot.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.errors import ConfigError
+from bot.events import user_key
 from bot.personas import Persona
 from bot.ratelimit import RateLimiter
 
@@ -244,7 +245,7 @@ class DiscordAdapter:
         if not decision.answer:
             return
         log.info("answering %s in %s: %s", message.author.id, key, decision.reason)
-        if not await self.limiter.allow(f"{PLATFORM}:{message.author.id}"):
+        if not await self.limiter.allow(user_key(PLATFORM, str(message.author.id))):
             if not decision.reason.startswith("following"):
                 await send_plain(message, rate_limited_notice(persona.display_name))
             return

@@ -31,6 +31,7 @@ from bot.attention import Attention, Trigger
 from bot.background import Background
 from bot.commands import CommandContext, parse
 from bot.engine import Incoming
+from bot.events import user_key
 from bot.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class MatrixMessages:
         log.debug("event %s in %s: %s", message.event_id, conversation, decision.reason)
         if not decision.answer:
             return
-        if not await self.limiter.allow(f"{PLATFORM}:{message.sender}"):
+        if not await self.limiter.allow(user_key(PLATFORM, message.sender)):
             return
         self._spawn(self._reply(room, message, conversation))
 
