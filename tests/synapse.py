@@ -10,7 +10,6 @@ the ordinary client API (matrix-nio's `register`, the `m.login.dummy` flow).
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from tests.fakes.loopback import free_port
 
 SERVER_NAME = "localhost"
 _START_TIMEOUT = 60.0
@@ -36,12 +37,6 @@ class MatrixUser:
     device_id: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def available() -> bool:
     try:
         import synapse.app.homeserver  # noqa: F401
@@ -53,7 +48,7 @@ def available() -> bool:
 class Synapse:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = directory / "homeserver.yaml"
         self.log_path = directory / "synapse.out"

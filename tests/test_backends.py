@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import socket
 import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -32,6 +31,7 @@ from bot.engine import Done, Event, Failed, Incoming, Notice
 from bot.errors import ConfigError
 from tests.conftest import make_settings
 from tests.fakes.fly import FakeFly, MachineOllama
+from tests.fakes.loopback import dead_url
 from tests.fakes.ollama import FakeOllama
 
 MODEL = "llama3.2:3b"
@@ -64,12 +64,6 @@ def request(model: str = MODEL, text: str = "hello") -> ChatRequest:
         max_tokens=50,
         context_window=2048,
     )
-
-
-def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def fly_backend(fly: FakeFly, ollama: FakeOllama, **extra: Any) -> dict[str, Any]:

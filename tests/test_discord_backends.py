@@ -12,8 +12,9 @@ import discord.ext.test as dpytest
 import pytest
 
 from tests.fakes.fly import FakeFly, MachineOllama
+from tests.fakes.loopback import dead_url
 from tests.fakes.ollama import FakeOllama
-from tests.test_backends import dead_url, fly_backend
+from tests.test_backends import fly_backend
 from tests.test_discord import Env, make_env
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from bot.credentials import check_discord, check_matrix, discord_token_problem
 from bot.doctor import diagnose
 from bot.doctor_backends import required_models
 from tests.conftest import make_settings
+from tests.fakes.loopback import dead_url, free_port, serve
 from tests.fakes.ollama import FakeOllama
 from tests.synapse import Synapse
 from tests.synapse import available as synapse_available
@@ -25,12 +25,6 @@ from tests.test_cli import base_env, run_bot
 BOT_ID = "123456789012345678"
 TOKEN = base64.urlsafe_b64encode(BOT_ID.encode()).decode().rstrip("=") + ".GhIjKl." + "x" * 38
 FAL_KEY = "0f1e2d3c-aaaa-bbbb-cccc-123456789abc:5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b"
-
-
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rows(out: str) -> dict[str, list[str]]:
@@ -56,10 +50,10 @@ async def test_broken_configuration_lists_every_problem_with_its_fix(tmp_path: P
     (personas / "oops.yaml").write_text(
         "name: oops\ndisplay_name: Oops\ndescription: x\ngreeting: hi\ntemperature: 9\n"
     )
-    port = dead_port()
+    port = free_port()
     env = {
         "DATABASE_URL": f"postgresql://bot:db-secret-pw@127.0.0.1:{port}/bot",
-        "OLLAMA_HOST": f"http://127.0.0.1:{dead_port()}",
+        "OLLAMA_HOST": dead_url(),
         "DATA_DIR": str(tmp_path / "data"),
         "PERSONAS_DIR": str(personas),
         "LOCAL_MODEL_ENABLED": "false",
@@ -194,11 +188,7 @@ async def discord_api() -> AsyncIterator[tuple[str, FakeDiscord]]:
     app = web.Application()
     app.router.add_get("/api/v10/users/@me", fake.me)
     app.router.add_get("/api/v10/applications/@me", fake.application)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve(app)
     yield f"http://127.0.0.1:{port}/api/v10", fake
     await runner.cleanup()
 
@@ -230,7 +220,7 @@ async def test_matrix_online_reports_an_unreachable_or_wrong_server(
         tmp_path,
         "postgresql://x/y",
         "http://h",
-        matrix_homeserver=f"http://127.0.0.1:{dead_port()}",
+        matrix_homeserver=dead_url(),
         **common,
     )
     [check] = await check_matrix(dead, online=True)
@@ -280,7 +270,7 @@ async def test_matrix_online_asks_a_real_homeserver(tmp_path: Path, homeserver: 
 async def test_a_sleeping_woken_backend_is_a_warning_and_fly_needs_its_token(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
-    asleep = f"http://127.0.0.1:{dead_port()}"
+    asleep = dead_url()
     backends = [
         {"name": "home", "url": fake_ollama.url},
         {"name": "fly-gpu", "url": asleep, "wake": {"driver": "fly", "app": "a", "machine": "m"}},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from bot.config import Settings
 from bot.engine import Delta, Done, Event, Failed, Incoming, Notice
 from bot.prompts import user_seed
 from tests.conftest import make_settings
+from tests.fakes.loopback import dead_url
 from tests.fakes.ollama import FakeOllama
 
 
@@ -24,12 +24,6 @@ def say(text: str, *, user: str = "alice", conversation: str = "c1") -> Incoming
 async def collect(app: App, incoming: Incoming) -> list[Event]:
     async with contextlib.aclosing(app.engine.handle(incoming)) as events:
         return [event async for event in events]
-
-
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_reply_streams_and_is_stored(app: App, fake_ollama: FakeOllama) -> None:
@@ -106,7 +100,7 @@ async def test_one_conversation_answers_in_order(app: App, fake_ollama: FakeOlla
 
 
 async def test_model_down_gives_a_plain_sentence(tmp_path: Path, database_url: str) -> None:
-    settings = make_settings(tmp_path, database_url, f"http://127.0.0.1:{dead_port()}")
+    settings = make_settings(tmp_path, database_url, dead_url())
     async with running_app(settings) as app:
         events = await collect(app, say("anyone there?"))
         await app.engine.drain()
@@ -144,7 +138,7 @@ async def test_falls_back_to_the_next_backend_with_a_notice(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
     settings: Settings = make_settings(tmp_path, database_url, fake_ollama.url)
-    brains = [OllamaBrain(f"http://127.0.0.1:{dead_port()}"), OllamaBrain(fake_ollama.url)]
+    brains = [OllamaBrain(dead_url()), OllamaBrain(fake_ollama.url)]
     async with running_app(settings, brains=list(brains)) as app:
         fake_ollama.queue_reply("the second one answered")
         events = await collect(app, say("hi"))

@@ -24,9 +24,9 @@ from bot.guard_categories import ALL_CODES, CATEGORIES, describe
 from bot.moderation import INPUT_UNCHECKED, OUTPUT_UNCHECKED, UNMODERATED
 from bot.personas import Persona, PersonaFileError, load_persona_file
 from tests.conftest import make_settings
+from tests.fakes.loopback import dead_url
 from tests.fakes.ollama import FakeOllama
 from tests.test_cli import base_env, run_bot
-from tests.test_engine import dead_port
 
 
 class GuardScript:
@@ -495,7 +495,7 @@ async def test_input_check_runs_alongside_generation(
 async def test_guard_down_closed_refuses_with_a_notice(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
-    down = f"http://127.0.0.1:{dead_port()}"
+    down = dead_url()
     async with running_app(guard_settings(tmp_path, database_url, fake_ollama, down)) as app:
         fake_ollama.queue_reply("unmoderated text")
         events = await collect(app, say("hi", platform="discord"))
@@ -514,7 +514,7 @@ async def test_guard_down_closed_refuses_with_a_notice(
 async def test_guard_down_open_answers_with_a_visible_notice(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
-    down = f"http://127.0.0.1:{dead_port()}"
+    down = dead_url()
     async with running_app(guard_settings(tmp_path, database_url, fake_ollama, down)) as app:
         fake_ollama.queue_reply("Hi Alice!")
         events = await collect(app, say("hi", platform="console"))
@@ -591,7 +591,7 @@ async def test_terminal_without_a_guard_says_replies_are_not_moderated(
 ) -> None:
     fake_ollama.queue_reply("Hi Alice!")
     env = base_env(tmp_path, database_url, fake_ollama.url)
-    env |= {"GUARD_ENABLED": "true", "GUARD_HOST": f"http://127.0.0.1:{dead_port()}"}
+    env |= {"GUARD_ENABLED": "true", "GUARD_HOST": dead_url()}
     code, out, err = await run_bot("chat", "--user", "alice", "-m", "hi", env=env)
     assert code == 0, err
     assert out == "Hi Alice!\n"

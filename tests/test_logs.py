@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from bot.config import Settings
 from bot.logs import setup_logging
 from tests.conftest import make_settings
+from tests.fakes.loopback import free_port
 from tests.fakes.ollama import FakeOllama
 from tests.test_cli import base_env, run_bot
 
@@ -107,12 +107,6 @@ def test_secrets_are_redacted_on_stderr_and_in_the_file(
         assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
 
 
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_failing_bot_run_logs_no_secret(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
@@ -126,7 +120,7 @@ async def test_a_failing_bot_run_logs_no_secret(
         LOG_PROMPTS="true",
         MATRIX_HOMESERVER="https://matrix.example.org",
         MATRIX_USER_ID="@mimi:example.org",
-        OLLAMA_HOST=f"http://ollama:{URL_PASSWORD}@127.0.0.1:{dead_port()}",
+        OLLAMA_HOST=f"http://ollama:{URL_PASSWORD}@127.0.0.1:{free_port()}",
     )
     message = f"my fal key is {SECRETS['FAL_KEY']}, keep it safe"
     code, out, err = await run_bot("chat", "--user", "alice", "-m", message, env=env)

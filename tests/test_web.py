@@ -22,6 +22,7 @@ from bot.metrics import Histogram, Metrics
 from bot.runner import run
 from bot.web import WebServer
 from tests.conftest import make_settings
+from tests.fakes.loopback import free_port
 from tests.fakes.ollama import FakeOllama
 from tests.test_cli import run_bot
 
@@ -202,12 +203,6 @@ def test_label_values_are_escaped() -> None:
     metrics.model_calls.inc(backend='od"d\\name\nx', result="ok")
     found = samples("\n".join(metrics.render()) + "\n")
     assert value(found, "personabot_model_calls_total", backend='od"d\\name\nx', result="ok") == 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_run_serves_health_for_its_adapters(

@@ -34,6 +34,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.loopback import serve
+
 _SIZES = {
     "square_hd": (1024, 1024),
     "square": (512, 512),
@@ -171,13 +173,7 @@ class FakeFal:
         app.router.add_post("/{endpoint:.+}", self._submit)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.cert, self.key_file)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await serve(app, ssl_context=context)
 
     async def stop(self) -> None:
         if self._runner is not None:

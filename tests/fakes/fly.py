@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
 
+from tests.fakes.loopback import serve
 from tests.fakes.ollama import FakeOllama
 
 
@@ -89,13 +89,8 @@ class FakeFly:
         app.router.add_post(base + "/start", self._start)
         app.router.add_get(base + "/wait", self._wait)
         app.router.add_post(base + "/stop", self._stop)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        self._runner = runner
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._runner, port = await serve(app, shutdown_timeout=1.0)
+        self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     async def stop(self) -> None:

@@ -34,7 +34,6 @@ import inspect
 import json
 import math
 import re
-import socket
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -44,6 +43,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
+
+from tests.fakes.loopback import serve
 
 __all__ = ["DEFAULT_MODELS", "FakeOllama", "Responder", "split_into_chunks"]
 
@@ -298,19 +299,7 @@ class FakeOllama:
         app.router.add_get("/api/ps", self._handle_ps)
         app.router.add_get("/", self._handle_root)  # also answers HEAD
         self._stop_event = asyncio.Event()
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1", 0))
-            site = web.SockSite(runner, sock)
-            await site.start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        port = sock.getsockname()[1]
+        self._runner, port = await serve(app, shutdown_timeout=2.0)
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 

@@ -1,0 +1,39 @@
+"""Loopback plumbing shared by the fakes and the tests: free ports, and serving an aiohttp app
+on 127.0.0.1 at a port the OS picks."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from aiohttp import web
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dead_url() -> str:
+    """An http URL on loopback where nothing answers: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def serve(
+    app: web.Application,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    shutdown_timeout: float = 60.0,
+) -> tuple[web.AppRunner, int]:
+    """Start `app` on 127.0.0.1 at an OS-chosen port; returns the runner (to clean up) and port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])
