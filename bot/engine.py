@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from bot.background import Background
 from bot.brains import BrainRouter, CallStats, ChatRequest
+from bot.brains.local import LocalBrain
 from bot.brains.router import Answer, NoBackend
 from bot.calls import CallContext, CallLog
 from bot.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
@@ -426,6 +427,4 @@ BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model i
 
 def _fallback_words(answer: Answer) -> str | None:
     """What chat users are told when a fallback answers (no host names: those are for logs)."""
-    from bot.brains.local import LocalBrain
-
     return BACKUP_MODEL_NOTICE if isinstance(answer.brain, LocalBrain) else None
