@@ -3,6 +3,7 @@ the fake Ollama on loopback, and the app wired exactly as production wires it.""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ from bot.app import App, running_app
 from bot.config import REPO_ROOT, Settings
 from tests.fakes.ollama import FakeOllama
 from tests.fal_fixtures import fake_fal, fal_server  # noqa: F401 (the fake Fal's fixtures)
+from tests.synapse import Synapse
+from tests.synapse import available as synapse_available
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,19 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
+    """One real Synapse homeserver for the whole session (Matrix adapter and doctor tests)."""
+    if not synapse_available():
+        if os.environ.get("CI"):
+            pytest.fail("matrix-synapse is missing; CI installs it with the test extra")
+        pytest.skip("matrix-synapse is not installed")
+    server = Synapse(tmp_path_factory.mktemp("synapse"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

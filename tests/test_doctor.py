@@ -4,8 +4,7 @@ the fake Ollama, and a loopback fake of the Discord REST API for `--online`."""
 from __future__ import annotations
 
 import base64
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from tests.conftest import make_settings
 from tests.fakes.loopback import dead_url, free_port, serve
 from tests.fakes.ollama import FakeOllama
 from tests.synapse import Synapse
-from tests.synapse import available as synapse_available
 from tests.test_cli import base_env, run_bot
 
 BOT_ID = "123456789012345678"
@@ -234,23 +232,11 @@ async def test_matrix_online_reports_an_unreachable_or_wrong_server(
     assert offline.status == "ok" and "--online" in offline.detail
 
 
-@pytest.fixture(scope="module")
-def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
-    if not synapse_available():
-        if os.environ.get("CI"):
-            pytest.fail("matrix-synapse is missing; CI installs it with the test extra")
-        pytest.skip("matrix-synapse is not installed")
-    server = Synapse(tmp_path_factory.mktemp("synapse-doctor"))
-    server.start()
-    yield server
-    server.stop()
-
-
-async def test_matrix_online_asks_a_real_homeserver(tmp_path: Path, homeserver: Synapse) -> None:
-    user = await homeserver.register("doctor")
+async def test_matrix_online_asks_a_real_homeserver(tmp_path: Path, synapse: Synapse) -> None:
+    user = await synapse.register("doctor")
 
     def settings(**values: str):  # type: ignore[no-untyped-def]
-        base = {"matrix_homeserver": homeserver.url, "matrix_user_id": user.user_id}
+        base = {"matrix_homeserver": synapse.url, "matrix_user_id": user.user_id}
         return make_settings(tmp_path, "postgresql://x/y", "http://h", **{**base, **values})
 
     [good] = await check_matrix(settings(matrix_access_token=user.access_token), online=True)

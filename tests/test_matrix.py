@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,6 @@ from tests.synapse import MatrixUser, Synapse, available
 if available():
     from bot.adapters.matrix import MatrixAdapter, create
     from bot.adapters.matrix_messages import RoomMessage
-
-
-@pytest.fixture(scope="session")
-def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("matrix-synapse is missing; CI installs it with the test extra")
-        pytest.skip("matrix-synapse is not installed")
-    server = Synapse(tmp_path_factory.mktemp("synapse"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
