@@ -28,7 +28,7 @@ import pgserver
 
 from bot.app import running_app
 from bot.config import REPO_ROOT, Settings
-from bot.engine import Delta, Done, Incoming
+from bot.core.engine import Delta, Done, Incoming
 from tests.fakes.ollama import FakeOllama
 
 PARAGRAPHS = ["First paragraph of the reply.\n\n", "Second paragraph, a little later."]

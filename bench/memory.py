@@ -33,7 +33,7 @@ import pgserver
 from bot import db
 from bot.app import running_app
 from bot.config import REPO_ROOT, Settings
-from bot.memory_store import Exchange, MemoryStore
+from bot.memory.store import Exchange, MemoryStore
 from tests.fakes.ollama import FakeOllama
 
 USERS = 10_000

@@ -24,7 +24,7 @@ import pgserver
 
 from bot.app import running_app
 from bot.config import REPO_ROOT, Settings
-from bot.engine import Done, Incoming
+from bot.core.engine import Done, Incoming
 from tests.fakes.ollama import FakeOllama
 
 REPLY = "A short reply of about a dozen words, streamed in pieces."

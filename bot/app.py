@@ -16,26 +16,26 @@ from bot.brains.local import LocalBrain
 from bot.brains.ollama_brain import OllamaBrain
 from bot.brains.pool import BackendPool
 from bot.brains.sessions import SessionBook
-from bot.calls import CallLog
-from bot.commands import Commands
 from bot.config import Settings
-from bot.draw_tool import DrawTool
-from bot.engine import Engine
+from bot.core.calls import CallLog
+from bot.core.commands import Commands
+from bot.core.engine import Engine
+from bot.core.history import History
+from bot.core.personas import PersonaRegistry
+from bot.core.prompts import PromptBuilder
 from bot.errors import PersonaError
-from bot.guard import Guard
-from bot.history import History
-from bot.image_commands import register_imagine_command
-from bot.images import ImageService, build_images
-from bot.ledger import Budgets, Ledger
-from bot.ledger_report import register_spend_command, schedule_month_summary
-from bot.memory import Memory, build_memory
-from bot.metrics import Metrics
-from bot.moderation import build_moderation
-from bot.notify import AdminNotifier
-from bot.personas import PersonaRegistry
-from bot.prices import Prices
-from bot.prompts import PromptBuilder
-from bot.scheduler import Scheduler
+from bot.images.commands import register_imagine_command
+from bot.images.draw_tool import DrawTool
+from bot.images.service import ImageService, build_images
+from bot.memory.service import Memory, build_memory
+from bot.ops.metrics import Metrics
+from bot.ops.notify import AdminNotifier
+from bot.ops.scheduler import Scheduler
+from bot.safety.guard import Guard
+from bot.safety.moderation import build_moderation
+from bot.spend.ledger import Budgets, Ledger
+from bot.spend.prices import Prices
+from bot.spend.report import register_spend_command, schedule_month_summary
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class App:
 
     @property
     def metrics(self) -> Metrics:
-        """Counters and histograms for /metrics (bot/web.py), shared by the engine and scheduler."""
+        """Counters and histograms for /metrics (bot/ops/web.py), for the engine and scheduler."""
         return self.engine.metrics
 
 

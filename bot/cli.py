@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 from bot import db
+from bot.brains.simtrace import add_simulate_parser
 from bot.config import Settings
 from bot.errors import BotError
-from bot.ledger_report import add_spend_parser, spend_cli
-from bot.logs import setup_logging
-from bot.simtrace import add_simulate_parser
+from bot.ops.logs import setup_logging
+from bot.spend.report import add_spend_parser, spend_cli
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per command)
     args = _parser().parse_args(argv)
     if args.command == "doctor":  # before Settings(): broken settings are rows of its table
-        from bot.doctor import run_doctor
+        from bot.ops.doctor import run_doctor
 
         return run_doctor(online=args.online)
     if args.command == "simulate-cost":  # no settings, database or network: a virtual clock
-        from bot.simulate import simulate_cli
+        from bot.brains.simulate import simulate_cli
 
         return simulate_cli(args)
     settings = Settings()
     if args.command == "healthcheck":  # the container's HEALTHCHECK; no logging set-up
-        from bot.probe import probe
+        from bot.ops.probe import probe
 
         return probe(settings)
     # The terminal chat reports on stderr itself; log lines there would say it all twice.
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
 
             return asyncio.run(run(settings))
         if args.command == "memories":
-            from bot.memory_admin import run_memories
+            from bot.memory.admin import run_memories
 
             user = getattr(args, "user", None)
             return asyncio.run(run_memories(settings, args.memories_command, user))
@@ -115,7 +115,7 @@ async def _migrate(settings: Settings) -> int:
 
 
 def _personas_check(directory: Path) -> int:
-    from bot.personas import check_directory
+    from bot.core.personas import check_directory
 
     personas, problems = check_directory(directory)
     for persona in personas:

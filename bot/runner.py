@@ -17,7 +17,7 @@ from typing import Protocol
 from bot.app import App, running_app
 from bot.config import Settings
 from bot.errors import ConfigError
-from bot.web import WebServer
+from bot.ops.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ def adapter_factories() -> list[AdapterFactory]:
 
 
 def _discord(app: App) -> Adapter | None:
-    from bot.adapters.discord import create
+    from bot.adapters.discord.adapter import create
 
     return create(app)
 
 
 def _matrix(app: App) -> Adapter | None:
-    from bot.adapters.matrix import create
+    from bot.adapters.matrix.adapter import create
 
     return create(app)
 
@@ -93,7 +93,7 @@ async def run(
 
 
 async def _start_web(app: App, adapters: list[Adapter]) -> WebServer | None:
-    """/healthz and /metrics (bot/web.py); it reports the adapters' `connected` flags."""
+    """/healthz and /metrics (bot/ops/web.py); it reports the adapters' `connected` flags."""
     if not app.settings.web_enabled:
         return None
     host, port = app.settings.web_host, app.settings.web_port

@@ -78,7 +78,7 @@ def make_settings(
         # Memory extraction adds model calls after every reply; tests of it turn it on.
         "memory_enabled": False,
         # The guard adds model calls around every reply and holds the reply back until it is
-        # checked; tests/test_guard.py turns it on, against a fake guard of its own.
+        # checked; tests/safety/test_guard.py turns it on, against a fake guard of its own.
         "guard_enabled": False,
     }
     values.update(overrides)

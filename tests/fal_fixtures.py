@@ -1,7 +1,8 @@
 """The fake Fal for the real `fal-client`, shared by the image tests (registered in conftest).
 
 `fal_client` reads FAL_RUN_HOST / FAL_QUEUE_RUN_HOST when first imported, so the session
-fixture starts the fake, sets them, and only then lets anything import it (bot.images imports
+fixture starts the fake, sets them, and only then lets anything import it (bot.images.service
+imports
 it lazily, on the first picture).
 """
 

@@ -38,8 +38,8 @@ def base_env(tmp_path: Path, database_url: str, ollama: str) -> dict[str, str]:
         "OLLAMA_HOST": ollama,
         "DATA_DIR": str(tmp_path / "data"),
         "LOCAL_MODEL_ENABLED": "false",
-        "MEMORY_ENABLED": "false",  # tests/test_memory.py runs chat -m with memory on
-        "GUARD_ENABLED": "false",  # tests/test_guard.py runs chat -m with the guard on
+        "MEMORY_ENABLED": "false",  # tests/memory/test_memory.py runs chat -m with memory on
+        "GUARD_ENABLED": "false",  # tests/safety/test_guard.py runs chat -m with the guard on
     }
 
 

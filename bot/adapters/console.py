@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from bot.commands import CommandContext, Commands, parse
-from bot.engine import Delta, Done, Engine, Failed, Incoming, Notice, Picture
+from bot.core.commands import CommandContext, Commands, parse
+from bot.core.engine import Delta, Done, Engine, Failed, Incoming, Notice, Picture
 from bot.errors import BotError, user_message
 
 PLATFORM = "console"

@@ -1,0 +1,286 @@
+"""Matrix room messages → triggers, conversations, `!` commands and replies.
+
+Conversations: a thread (`m.thread`) is its own conversation; a reply to a message the bot
+answered or sent continues that message's conversation; anything else belongs to the room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nio import MatrixRoom
+
+from bot.adapters.matrix.commands import MatrixCommands
+from bot.adapters.matrix.render import (
+    ReplyTarget,
+    StreamedReply,
+    message_content,
+    relation,
+    transaction_id,
+)
+from bot.adapters.matrix.state import MatrixState
+from bot.app import App
+from bot.core.attention import Attention, Trigger
+from bot.core.background import Background
+from bot.core.commands import CommandContext, parse
+from bot.core.engine import Incoming
+from bot.core.events import user_key
+from bot.spend.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "matrix"
+PREFIX = "!"
+ADMIN_POWER = 50
+# Commands the bot answers to on Matrix; those the command layer lacks say "not available yet".
+KNOWN_COMMANDS = ("help", "persona", "reset", "memories", "forget", "imagine", "spend")
+_UNDECRYPTABLE_EVERY = 600.0  # seconds between "can't decrypt" notices in one room
+_TEXT_TYPES = frozenset({"m.text", "m.notice", "m.emote"})
+_FALLBACK_QUOTE = re.compile(r"^(> .*\n)+\n?")
+
+# (room id, content, transaction id) → the sent event's id, or None when it failed
+Sender = Callable[[str, dict[str, Any], str | None], Awaitable[str | None]]
+Typing = Callable[[str, bool], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RoomMessage:
+    room_id: str
+    event_id: str
+    sender: str
+    body: str
+    msgtype: str
+    mentions: tuple[str, ...]
+    reply_to: str | None
+    thread_root: str | None
+    formatted: str
+
+    @classmethod
+    def from_source(cls, room_id: str, source: dict[str, Any]) -> RoomMessage | None:
+        content = source.get("content") or {}
+        body = content.get("body")
+        if not isinstance(body, str) or "m.new_content" in content:
+            return None  # not text, or an edit: edits are never answered
+        if content.get("msgtype", "m.text") not in _TEXT_TYPES:
+            return None  # pictures, files, …: their body is only a file name
+        relates = content.get("m.relates_to") or {}
+        reply_to = (relates.get("m.in_reply_to") or {}).get("event_id")
+        thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+        if reply_to and not thread_root:
+            body = _FALLBACK_QUOTE.sub("", body)  # the quoted reply fallback of older clients
+        user_ids = (content.get("m.mentions") or {}).get("user_ids") or []
+        return cls(
+            room_id=room_id,
+            event_id=str(source.get("event_id")),
+            sender=str(source.get("sender")),
+            body=body.strip(),
+            msgtype=str(content.get("msgtype", "m.text")),
+            mentions=tuple(str(u) for u in user_ids),
+            reply_to=reply_to,
+            thread_root=thread_root,
+            formatted=str(content.get("formatted_body") or ""),
+        )
+
+
+class MatrixMessages:
+    """Decides whether and how to answer each live message; replies run as background tasks."""
+
+    def __init__(
+        self,
+        app: App,
+        state: MatrixState,
+        user_id: str,
+        *,
+        send: Sender,
+        typing: Typing,
+        commands: MatrixCommands,
+    ) -> None:
+        self.app = app
+        self.commands = commands
+        self.settings = app.settings
+        self.state = state
+        self.user_id = user_id
+        self._send = send
+        self._typing = typing
+        self.attention = Attention()
+        self.limiter = RateLimiter(
+            app.pool, self.settings.matrix_rate_per_minute, self.settings.matrix_rate_burst
+        )
+        self.admins = _csv(self.settings.matrix_admins)
+        self._tasks = Background("handling a Matrix message")
+        self._undecryptable: dict[str, float] = {}
+        self._creators: dict[str, set[str]] = {}
+
+    def note_state(self, room_id: str, source: dict[str, Any]) -> None:
+        """Remember a room's creators: from room version 12 on they outrank every power level."""
+        if source.get("type") == "m.room.create" and source.get("state_key") == "":
+            content = source.get("content") or {}
+            extra = content.get("additional_creators") or []
+            self._creators[room_id] = {str(source.get("sender")), *map(str, extra)}
+
+    def is_admin(self, room: MatrixRoom, user_id: str) -> bool:
+        if user_id in self.admins:
+            return True
+        version = room.room_version
+        if (
+            version.isdigit()
+            and int(version) >= 12
+            and user_id in self._creators.get(room.room_id, set())
+        ):
+            return True
+        return room.power_levels.get_user_level(user_id) >= ADMIN_POWER
+
+    async def on_message(self, room: MatrixRoom, message: RoomMessage) -> None:
+        conversation = await self._conversation(message)
+        command = parse(message.body, PREFIX)
+        if command is not None and command[0] in KNOWN_COMMANDS and message.msgtype != "m.notice":
+            if await self.state.claim(message.event_id, room.room_id, conversation):
+                self._spawn(self._command(room, message, conversation, *command))
+            return
+        if not await self.state.claim(message.event_id, room.room_id, conversation):
+            log.info("event %s was handled before; not again", message.event_id)
+            return
+        trigger = await self._trigger(room, message)
+        persona = await self.app.engine.persona_for(PLATFORM, conversation)
+        decision = self.attention.decide(
+            conversation_key=conversation,
+            persona=persona,
+            text=message.body,
+            trigger=trigger,
+            answer_dms=self.settings.matrix_answer_dms,
+            answer_bots=self.settings.matrix_answer_bots,
+        )
+        log.debug("event %s in %s: %s", message.event_id, conversation, decision.reason)
+        if not decision.answer:
+            return
+        if not await self.limiter.allow(user_key(PLATFORM, message.sender)):
+            return
+        self._spawn(self._reply(room, message, conversation))
+
+    async def on_undecryptable(self, room: MatrixRoom, event_id: str) -> None:
+        """A message the bot cannot decrypt gets a clear notice (at most one per room a while)."""
+        now = time.monotonic()
+        if now - self._undecryptable.get(room.room_id, -_UNDECRYPTABLE_EVERY) < (
+            _UNDECRYPTABLE_EVERY
+        ):
+            return
+        if not await self.state.claim(event_id, room.room_id, room.room_id):
+            return
+        self._undecryptable[room.room_id] = now
+        if self.settings.matrix_encryption:
+            text = "I couldn't decrypt that message, so I can't answer it. Please send it again."
+        else:
+            text = (
+                "I can't read encrypted messages: encryption is turned off for me. "
+                "Talk to me in an unencrypted room."
+            )
+        content = message_content(text, "m.notice")
+        content["m.relates_to"] = relation(event_id, None)
+        await self._send(room.room_id, content, transaction_id(event_id, "undecryptable"))
+
+    async def drain(self) -> None:
+        await self._tasks.drain()
+
+    def cancel(self) -> None:
+        self._tasks.cancel()
+
+    async def _conversation(self, message: RoomMessage) -> str:
+        if message.thread_root:
+            return f"{message.room_id}|{message.thread_root}"
+        if message.reply_to:
+            known = await self.state.lookup(message.reply_to)
+            if known is not None:
+                return known[0]
+        return message.room_id
+
+    async def _trigger(self, room: MatrixRoom, message: RoomMessage) -> Trigger:
+        replied = await self.state.lookup(message.reply_to) if message.reply_to else None
+        return Trigger(
+            mentioned=self._mentioned(room, message),
+            reply_to_bot=bool(replied and replied[1]),
+            is_dm=room.member_count == 2,
+            from_bot=message.msgtype == "m.notice",
+        )
+
+    def _mentioned(self, room: MatrixRoom, message: RoomMessage) -> bool:
+        if self.user_id in message.mentions or self.user_id in message.formatted:
+            return True
+        names = {self.user_id, self.user_id.split(":")[0].lstrip("@")}
+        display = room.user_name(self.user_id)
+        if display:
+            names.add(display)
+        return any(
+            re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message.body, re.IGNORECASE)
+            for name in names
+        )
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        self._tasks.spawn(work)
+
+    async def _reply(self, room: MatrixRoom, message: RoomMessage, conversation: str) -> None:
+        incoming = Incoming(
+            PLATFORM,
+            conversation,
+            message.sender,
+            room.user_name(message.sender) or message.sender,
+            message.body,
+            guild=message.room_id.split(":", 1)[-1],
+        )
+        target = ReplyTarget(
+            message.event_id,
+            message.thread_root,
+            self.settings.matrix_msgtype,
+            self.settings.matrix_stream,
+            self.settings.matrix_edit_interval,
+            asker=message.sender,
+        )
+
+        async def send(content: dict[str, Any], txn: str) -> str | None:
+            return await self._send(room.room_id, content, txn)
+
+        async def attach(path: Path, spoiler: bool) -> list[str]:
+            return await self.commands.send_file(room.room_id, path, spoiler, message.event_id)
+
+        reply = StreamedReply(target, send, attach=attach)
+        await self._typing(room.room_id, True)
+        try:
+            async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
+                await reply.render(events)
+        finally:
+            await self._typing(room.room_id, False)
+            if reply.event_id is not None:
+                await self.state.sent(reply.event_id, room.room_id, conversation)
+            for event_id in reply.files:
+                await self.state.sent(event_id, room.room_id, conversation)
+
+    async def _command(
+        self, room: MatrixRoom, message: RoomMessage, conversation: str, name: str, args: list[str]
+    ) -> None:
+        if name not in {command.name for command in self.app.commands.all()}:
+            content = message_content(f"{PREFIX}{name} is not available yet.", "m.notice")
+            content["m.relates_to"] = relation(message.event_id, message.thread_root)
+            await self._send(room.room_id, content, transaction_id(message.event_id, "command"))
+            return
+        context = CommandContext(
+            PLATFORM,
+            conversation,
+            message.sender,
+            room.user_name(message.sender) or message.sender,
+            is_admin=self.is_admin(room, message.sender),
+        )
+        sent = await self.commands.run(
+            room, context, name, args, event_id=message.event_id, thread_root=message.thread_root
+        )
+        for event_id in sent:
+            await self.state.sent(event_id, room.room_id, conversation)
+
+
+def _csv(value: str) -> set[str]:
+    return {part.strip() for part in value.split(",") if part.strip()}

@@ -1,0 +1,437 @@
+"""The reply pipeline every platform shares.
+
+    Incoming → persona for the conversation → history → prompt → model (streamed) → events
+
+Adapters turn platform events into `Incoming` and render the events `handle()` yields:
+`Notice` (say it quietly: stderr, an ephemeral note), `Delta` (reply text so far grows),
+`Done` (the whole reply and who answered) or `Failed` (a plain sentence for the user), and
+last a `Picture` when the model drew one with the draw_image tool (bot/images/draw_tool.py).
+Conversations never wait on each other; within one conversation messages are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass, field, replace
+
+from bot.brains import BrainRouter, CallStats, ChatRequest
+from bot.brains.local import LocalBrain
+from bot.brains.router import Answer, NoBackend
+from bot.core.background import Background
+from bot.core.calls import CallContext, CallLog
+from bot.core.events import Delta, Done, Event, Failed, Incoming, Notice, Picture
+from bot.core.history import Conversation, History
+from bot.core.locks import ConversationLocks
+from bot.core.personas import Persona, PersonaRegistry
+from bot.core.prompts import PromptBuilder, build_messages, user_seed
+from bot.errors import BotError, ModelError, user_message
+from bot.images.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
+from bot.memory.service import Memory
+from bot.memory.store import Exchange
+from bot.ops.metrics import Metrics, ReplyTimer
+from bot.safety.categories import describe
+from bot.safety.guard import UNCHECKED, Verdict, Where
+from bot.safety.moderation import (
+    INPUT_UNCHECKED,
+    UNMODERATED,
+    Moderation,
+    OutputScreen,
+    gated,
+    withheld,
+)
+
+__all__ = ["Delta", "Done", "Engine", "Event", "Failed", "Incoming", "Notice", "Picture"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        personas: PersonaRegistry,
+        prompts: PromptBuilder,
+        history: History,
+        router: BrainRouter,
+        calls: CallLog,
+        default_persona: str | None = None,
+        metrics: Metrics | None = None,
+        memory: Memory | None = None,
+        moderation: Moderation | None = None,
+    ) -> None:
+        self.personas = personas
+        self.prompts = prompts
+        self.history = history
+        self.router = router
+        self.calls = calls
+        self.default_persona = default_persona
+        self._locks = ConversationLocks()
+        self._background = Background("background work")
+        self.metrics = metrics or Metrics()
+        self.memory = memory
+        self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
+        self.drawing: DrawTool | None = None  # the draw_image tool (issue 8), set by the app
+
+    def persona_named(self, name: str | None) -> Persona:
+        found = self.personas.find(name) if name else None
+        return found or self.personas.default(self.default_persona)
+
+    async def conversation(self, platform: str, external_id: str) -> Conversation:
+        return await self.history.conversation(platform, external_id)
+
+    async def persona_for(self, platform: str, external_id: str) -> Persona:
+        conversation = await self.history.conversation(platform, external_id)
+        return self.persona_named(conversation.persona)
+
+    async def handle(self, incoming: Incoming) -> AsyncGenerator[Event, None]:
+        """Answer one message; yields events for the adapter to render."""
+        if not incoming.addressed or not incoming.text.strip():
+            return
+        held = await self._locks((incoming.platform, incoming.conversation))
+        timer = ReplyTimer(self.metrics, incoming.platform)
+        try:
+            async for event in self._answer(incoming):
+                if isinstance(event, Delta):
+                    timer.first_piece()
+                elif isinstance(event, Done | Failed):
+                    timer.outcome = "done" if isinstance(event, Done) else "failed"
+                yield event
+        except BotError as exc:
+            log.warning("reply to %s failed: %s", incoming.user_key, exc)
+            timer.outcome = "failed"
+            yield Failed(user_message(exc))
+        except Exception:
+            log.exception("reply to %s failed unexpectedly", incoming.user_key)
+            timer.outcome = "failed"
+            yield Failed(user_message(Exception()))
+        finally:
+            held.release()
+            timer.finish()
+
+    async def _answer(self, incoming: Incoming) -> AsyncIterator[Event]:
+        conversation = await self.history.conversation(incoming.platform, incoming.conversation)
+        persona = self.persona_named(conversation.persona)
+        where = Where(
+            incoming.platform,
+            incoming.conversation,
+            conversation.id,
+            incoming.user_key,
+            incoming.nsfw,
+        )
+        verdict, opened = UNCHECKED, None
+        checked = self._checked_open(incoming, conversation, persona, where)
+        async with contextlib.aclosing(checked) as items:
+            async for item in items:
+                if isinstance(item, _Opened):
+                    opened = item
+                elif isinstance(item, Verdict):
+                    verdict = item
+                else:
+                    yield item
+        if opened is None:
+            return  # the input was refused: the events above said so
+        answer, context = opened.answer, opened.context
+        if answer.notice:
+            log.warning("%s", answer.notice)
+            yield Notice(answer.notice, user_text=_fallback_words(answer))
+        screen = self.moderation.output_screen(persona, where)
+        turn = _Turn(answer, "")
+        async for event in self._turn(incoming, persona, context, screen, turn):
+            yield event
+        answer, pictures = turn.answer, turn.pictures
+        if screen.blocked is not None:  # not shown; nothing enters history or memory
+            yield Failed(withheld(persona, screen.blocked), retract=bool(screen.shown))
+            for picture in pictures:  # checked and paid for on its own: posted all the same
+                yield picture
+            return
+        if verdict.unmoderated or screen.unmoderated:
+            yield Notice(UNMODERATED)
+        reply = turn.text.strip()
+        if not reply:
+            yield Failed(f"{persona.display_name} drew a blank. Try saying that another way?")
+            return
+        await self.history.append_exchange(
+            conversation.id,
+            author_id=incoming.author_id,
+            author_name=incoming.author_name,
+            text=incoming.text,
+            persona=persona.name,
+            reply=reply,
+        )
+        self._remember(incoming, conversation, persona, reply)
+        log.info("%s answered %s with %s", persona.name, incoming.user_key, answer.label)
+        yield Done(reply, persona, answer.label)
+        for picture in pictures:
+            yield picture
+
+    async def _checked_open(
+        self, incoming: Incoming, conversation: Conversation, persona: Persona, where: Where
+    ) -> AsyncGenerator[Event | Verdict | _Opened, None]:
+        """Open the model while the input check runs; nothing is shown before its verdict.
+
+        Yields the verdict, then notices and the opened answer; for a refused input only the
+        refusal (in character) or, when the guard gave no verdict, a notice.
+        """
+        check = self.moderation.check_input(incoming.text, persona, where)
+        work = self._open(incoming, conversation, persona)
+        async with contextlib.aclosing(gated(check, work, self._discard)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    yield Notice(item, user_text=item)  # "waking up…", while a backend wakes
+                elif isinstance(item, Verdict) and not item.safe:
+                    if item.unknown:
+                        yield Failed(INPUT_UNCHECKED)
+                        return
+                    refusal = self.moderation.refusal(persona, item, incoming.author_name)
+                    yield Delta(refusal)
+                    yield Done(refusal, persona, f"a refusal ({describe(item.blocking)})")
+                    return
+                else:
+                    yield item
+
+    async def _open(
+        self, incoming: Incoming, conversation: Conversation, persona: Persona
+    ) -> AsyncIterator[str | _Opened]:
+        """History, recall and the prompt, then the model's first token; notices on the way."""
+        request = await self._request(incoming, conversation, persona)
+        context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
+        async for item in self._opening(request, context, persona.fallback):
+            yield item if isinstance(item, str) else _Opened(item, context)
+
+    async def _opening(
+        self, request: ChatRequest, context: CallContext, fallback: str
+    ) -> AsyncIterator[str | Answer]:
+        """The router's notices, then the Answer; failed backends are recorded."""
+        answer: Answer | None = None
+        try:
+            async for item in self.router.opening(request, fallback=fallback):
+                if isinstance(item, str):
+                    yield item
+                else:
+                    answer = item
+        except NoBackend as exc:
+            for failure in exc.failures:
+                self._record(context, request, failure.backend, None, failure.reason)
+            raise
+        if answer is None:
+            raise NoBackend([])
+        for failure in answer.failures:
+            self._record(context, request, failure.backend, None, failure.reason)
+        yield answer
+
+    async def _turn(
+        self,
+        incoming: Incoming,
+        persona: Persona,
+        context: CallContext,
+        screen: OutputScreen,
+        turn: _Turn,
+    ) -> AsyncIterator[Event]:
+        """Stream the answer; when the model called draw_image, draw and let it finish."""
+        answer = turn.answer
+        async for event in self._stream(answer, context, screen):
+            yield event
+        turn.text = answer.text
+        if screen.blocked is None and answer.tool_calls and answer.request.tools:
+            async for event in self._use_tools(incoming, persona, context, screen, turn):
+                yield event
+
+    async def _use_tools(
+        self,
+        incoming: Incoming,
+        persona: Persona,
+        context: CallContext,
+        screen: OutputScreen,
+        turn: _Turn,
+    ) -> AsyncIterator[Event]:
+        """Run the model's tool calls (one drawing at most), then continue the reply: a second
+        chat with the tool results and no tools, streamed through the same output screen.
+        `turn` ends up with the second Answer, the whole text and the picture."""
+        answer = turn.answer
+        results: list[str] = []
+        async for item in self._tool_results(incoming, persona, answer, turn):
+            if isinstance(item, Notice):
+                yield item  # "Drawing…", the image service's queue and progress
+            else:
+                results.append(item)
+        calls = answer.tool_calls
+        messages = [*answer.request.messages, *tool_messages(answer.text, calls, results)]
+        request = replace(answer.request, messages=messages, tools=())
+        try:
+            follow: Answer | None = None
+            async for opened in self._opening(request, context, persona.fallback):
+                if isinstance(opened, str):
+                    yield Notice(opened, user_text=opened)
+                else:
+                    follow = opened
+            assert follow is not None
+            if follow.notice:
+                log.warning("%s", follow.notice)
+                yield Notice(follow.notice)
+            if answer.text.strip():
+                yield Delta("\n\n")
+            async for event in self._stream(follow, context, screen):
+                yield event
+        except BotError:
+            for picture in turn.pictures:  # drawn and paid for: posted all the same
+                yield picture
+            raise
+        turn.answer = follow
+        turn.text = f"{answer.text}\n\n{follow.text}" if answer.text.strip() else follow.text
+        if not turn.text.strip() and turn.pictures:  # it drew and said nothing: the caption
+            turn.text = turn.pictures[0].caption
+            yield Delta(turn.text)
+
+    async def _tool_results(
+        self, incoming: Incoming, persona: Persona, answer: Answer, turn: _Turn
+    ) -> AsyncIterator[Notice | str]:
+        """The drawing's progress as notices, and one tool message per call, in order."""
+        speaker = Speaker(
+            incoming.platform,
+            incoming.conversation,
+            incoming.author_id,
+            incoming.guild,
+            incoming.nsfw,
+        )
+        for call in answer.tool_calls:
+            if call.name != DRAW_IMAGE or self.drawing is None:
+                yield f"There is no tool called {call.name!r}."
+            elif turn.drew:
+                yield ONE_PER_REPLY
+            else:
+                turn.drew = True
+                async for item in self.drawing.run(call, speaker, persona):
+                    if isinstance(item, str):
+                        yield Notice(item, user_text=item)
+                        continue
+                    if item.result is not None:
+                        caption = f"{persona.display_name} drew “{item.prompt}”"
+                        turn.pictures.append(
+                            Picture(item.result.path, item.result.spoiler, caption)
+                        )
+                    yield item.reply
+
+    async def _discard(self, item: Verdict | str | _Opened) -> None:
+        """A model opened for an input the guard refused: stop it, record why."""
+        if isinstance(item, _Opened):
+            answer = item.answer
+            await answer.aclose()
+            reason = "stopped: the guard refused its input"
+            self._record(item.context, answer.request, answer.brain.name, None, reason)
+
+    async def _stream(
+        self, answer: Answer, context: CallContext, screen: OutputScreen
+    ) -> AsyncIterator[Event]:
+        try:
+            async for text in screen.release(answer.chunks()):
+                yield Delta(text)
+        except ModelError as exc:
+            self._record(context, answer.request, answer.brain.name, answer.stats, str(exc))
+            raise
+        if screen.blocked is not None:
+            await answer.aclose()
+        self._record(context, answer.request, answer.brain.name, answer.stats, None)
+
+    async def _request(
+        self, incoming: Incoming, conversation: Conversation, persona: Persona
+    ) -> ChatRequest:
+        turns, memories = await asyncio.gather(
+            self.history.recent(conversation.id), self._recall(incoming, conversation, persona)
+        )
+        system = self.prompts.system(persona, speaker=incoming.author_name, memories=memories)
+        budget = persona.context_window - persona.max_reply_tokens
+        messages = build_messages(system, turns, incoming.author_name, incoming.text, budget)
+        return ChatRequest(
+            model=persona.model,
+            messages=messages,
+            temperature=persona.temperature,
+            seed=user_seed(incoming.platform, incoming.author_id),
+            max_tokens=persona.max_reply_tokens,
+            context_window=persona.context_window,
+            repeat_penalty=persona.repeat_penalty,
+            tools=self.drawing.tools(persona) if self.drawing is not None else (),
+        )
+
+    async def _recall(
+        self, incoming: Incoming, conversation: Conversation, persona: Persona
+    ) -> list[str]:
+        """The speaking user's memories for the prompt (only theirs, even in a group)."""
+        if self.memory is None or not self.memory.active(persona):
+            return []
+        context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
+        found = await self.memory.recall(
+            incoming.user_key, incoming.text, context=context, spawn=self.spawn
+        )
+        return [m.text for m in found]
+
+    def _remember(
+        self, incoming: Incoming, conversation: Conversation, persona: Persona, reply: str
+    ) -> None:
+        """Hand an answered exchange to memory extraction, in the background."""
+        if self.memory is None or not self.memory.active(persona):
+            return
+        exchange = Exchange(
+            incoming.user_key,
+            incoming.author_name,
+            persona.name,
+            persona.model,
+            incoming.platform,
+            conversation.id,
+            incoming.text,
+            reply,
+        )
+        self.spawn(self.memory.remember(exchange))
+
+    def _record(
+        self,
+        context: CallContext,
+        request: ChatRequest,
+        backend: str,
+        stats: CallStats | None,
+        error: str | None,
+    ) -> None:
+        self.spawn(self.calls.record(context, request, backend=backend, stats=stats, error=error))
+        self.metrics.model_calls.inc(backend=backend, result="ok" if error is None else "error")
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run work after the reply without delaying it; `drain()` waits for it."""
+        self._background.spawn(work)
+
+    async def drain(self) -> None:
+        """Wait for background work (call records, memory, ledger, verdicts) to finish."""
+        await self._background.drain()
+        await self.moderation.drain()
+
+    @property
+    def live_conversations(self) -> int:
+        return len(self._locks)
+
+
+@dataclass
+class _Turn:
+    """One reply as it goes through tool calls: the answer streaming now, the text so far,
+    the pictures drawn for it (one at most)."""
+
+    answer: Answer
+    text: str
+    pictures: list[Picture] = field(default_factory=list)
+    drew: bool = False
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A model that has started answering, and the context its call is recorded under."""
+
+    answer: Answer
+    context: CallContext
+
+
+BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model is standing in."
+
+
+def _fallback_words(answer: Answer) -> str | None:
+    """What chat users are told when a fallback answers (no host names: those are for logs)."""
+    return BACKUP_MODEL_NOTICE if isinstance(answer.brain, LocalBrain) else None

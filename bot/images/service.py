@@ -1,0 +1,371 @@
+"""Pictures: /imagine through Fal Flux, with limits, the guard, the ledger and a record of each.
+
+    limits (rate, monthly cap) → guard's check of the prompt → ledger.reserve
+      → Fal queue (bot/images/fal.py: submit, position/progress, result) → safety flag
+      → download (Fal's addresses expire) → file in DATA_DIR/images → ledger.settle
+
+Any failure after the reservation releases it, so a failed picture costs the user nothing.
+Every request leaves a row in `images` (prompt, seed, model, size, cost, outcome).
+
+Flagged pictures (`has_nsfw_concepts`): spoilered where the channel is marked NSFW, refused
+elsewhere. Fal bills a flagged picture all the same, so a refused one is released from the
+user's reservation (the user is not charged and it does not count against their cap) and the
+money is booked to the ledger without a user, so the budget still matches Fal's bill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from bot.config import Settings
+from bot.core.events import user_key
+from bot.core.personas import Persona
+from bot.core.prompts import user_seed
+from bot.errors import CommandError
+from bot.images.fal import Drawn, FalFlux, ImageError, ImageRefused, Progress
+from bot.images.store import ImageLimited, ImageStore
+from bot.safety.guard import Guard
+from bot.spend.ledger import Ledger
+from bot.spend.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+MODELS = {"schnell": "fal-ai/flux/schnell", "dev": "fal-ai/flux/dev"}
+MEGAPIXEL = 1024 * 1024  # Fal bills a 1024x1024 picture as one megapixel
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    fal_name: str
+    width: int
+    height: int
+
+
+SIZES = {
+    "square": SizePreset("square_hd", 1024, 1024),
+    "portrait": SizePreset("portrait_4_3", 768, 1024),
+    "landscape": SizePreset("landscape_4_3", 1024, 768),
+}
+USAGE = "imagine PROMPT [size:square|portrait|landscape] [model:schnell|dev] [seed:N]"
+MAX_PROMPT_CHARS = 1000  # the member's (or the model's) words, before the persona's style
+
+
+def megapixels(width: int, height: int) -> int:
+    """Billed megapixels: Fal rounds up to whole megapixels."""
+    return max(1, math.ceil(width * height / MEGAPIXEL))
+
+
+def with_style(prompt: str, style: str) -> str:
+    style = style.strip()
+    return f"{prompt.strip()}, {style}" if style else prompt.strip()
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    platform: str
+    conversation: str
+    author_id: str
+    prompt: str
+    persona: Persona
+    size: str = "square"
+    model: str | None = None
+    seed: int | None = None
+    nsfw_allowed: bool = False  # the channel is marked NSFW: flagged pictures are spoilered
+    guild: str | None = None
+    progress: Progress | None = None
+
+    @property
+    def user_key(self) -> str:
+        return user_key(self.platform, self.author_id)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    path: Path
+    spoiler: bool
+    prompt: str  # with the persona's style
+    model: str
+    size: str
+    width: int
+    height: int
+    seed: int
+    megapixels: int
+    cost: Decimal
+    request_id: str
+
+
+@dataclass
+class _Job:
+    request_id: str
+    model: str
+    size: str
+    full_prompt: str
+    seed: int
+    units: int
+    unit_price: Decimal = Decimal(0)  # from the ledger's price table, at reservation
+    fal_request_id: str | None = None
+    reserved: bool = field(default=False)
+    finished: bool = field(default=False)  # its row in `images` has its outcome
+
+
+class ImageService:
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        fal: FalFlux | None,
+        ledger: Ledger,
+        image_dir: Path,
+        default_model: str = "schnell",
+        monthly_cap: int = 0,
+        rate: RateLimiter | None = None,
+        guard: Guard | None = None,
+    ) -> None:
+        self.store = ImageStore(pool)
+        self.fal = fal
+        self.ledger = ledger
+        self.image_dir = image_dir
+        self.default_model = MODELS.get(default_model, default_model)
+        self.monthly_cap = monthly_cap
+        self.rate = rate
+        self.guard = guard
+
+    @property
+    def configured(self) -> bool:
+        return self.fal is not None
+
+    async def generate(self, request: ImageRequest) -> ImageResult:
+        """Draw one picture and keep it as a file. Raises BotErrors with plain messages."""
+        if self.fal is None:
+            raise ImageError(
+                "FAL_KEY is not set", "Pictures aren't set up here: an admin needs to set FAL_KEY."
+            )
+        job = self._job(request)
+        if self.rate is not None and not await self.rate.allow(f"image:{request.user_key}"):
+            raise ImageLimited(f"{request.user_key} hit the image rate limit")
+        await self.store.open(self._row(request, job), self.monthly_cap)
+        try:
+            await self._check_prompt(request, job)
+            await self._reserve(request, job)
+            return await self._draw(self.fal, request, job)
+        except BaseException as exc:
+            await self._fail(job, exc)
+            raise
+
+    async def close(self) -> None:
+        if self.fal is not None:
+            await self.fal.close()
+
+    def _job(self, request: ImageRequest) -> _Job:
+        model = MODELS.get(request.model or "", request.model or self.default_model)
+        if model not in MODELS.values():
+            raise CommandError(f"Model must be one of {', '.join(MODELS)}. Usage: {USAGE}")
+        if request.size not in SIZES:
+            raise CommandError(f"Size must be one of {', '.join(SIZES)}. Usage: {USAGE}")
+        preset = SIZES[request.size]
+        seed = request.seed
+        if seed is None:
+            seed = user_seed(request.platform, request.author_id)
+        return _Job(
+            request_id=f"img-{uuid.uuid4().hex}",
+            model=model,
+            size=request.size,
+            full_prompt=with_style(request.prompt, request.persona.image_style),
+            seed=seed,
+            units=megapixels(preset.width, preset.height),
+        )
+
+    def _row(self, request: ImageRequest, job: _Job) -> dict[str, Any]:
+        return {
+            "request_id": job.request_id,
+            "platform": request.platform,
+            "user_key": request.user_key,
+            "conversation": request.conversation,
+            "guild": request.guild,
+            "persona": request.persona.name,
+            "prompt": request.prompt,
+            "full_prompt": job.full_prompt,
+            "model": job.model,
+            "size": job.size,
+            "seed": job.seed,
+            "megapixels": job.units,
+        }
+
+    async def _check_prompt(self, request: ImageRequest, job: _Job) -> None:
+        if self.guard is None:
+            return
+        verdict = await self.guard.check_image_prompt(
+            job.full_prompt,
+            persona=request.persona,
+            platform=request.platform,
+            conversation=request.conversation,
+            user_key=request.user_key,
+            nsfw=request.nsfw_allowed,
+        )
+        if not verdict.safe:  # blocked, or no verdict under a closed fail policy
+            log.warning(
+                "image prompt %s from %s refused by the guard (%s)",
+                job.request_id,
+                request.user_key,
+                ",".join(verdict.blocking) or verdict.reason or "no verdict",
+            )
+            raise ImageRefused(
+                "the guard refused the prompt", "I can't draw that: it's against the rules here."
+            )
+
+    async def _reserve(self, request: ImageRequest, job: _Job) -> None:
+        reservation = await self.ledger.reserve(
+            kind="image",
+            provider="fal",
+            model=job.model,
+            units=Decimal(job.units),
+            request_id=job.request_id,
+            user_key=request.user_key,
+            platform=request.platform,
+            guild=request.guild,
+            persona=request.persona.name,
+        )
+        job.reserved = True
+        job.unit_price = reservation.unit_price
+
+    async def _draw(self, fal: FalFlux, request: ImageRequest, job: _Job) -> ImageResult:
+        arguments = {
+            "prompt": job.full_prompt,
+            "image_size": SIZES[job.size].fal_name,
+            "seed": job.seed,
+            "num_images": 1,
+            "enable_safety_checker": True,
+        }
+        drawn = await fal.draw(job.model, arguments, request.progress)
+        job.fal_request_id = drawn.fal_request_id
+        units = megapixels(drawn.width, drawn.height)
+        if drawn.nsfw and not request.nsfw_allowed:
+            await self._refuse_flagged(request, job, drawn, units)
+        image = await fal.download(drawn.url)
+        path = self.image_dir / f"{job.request_id}{image.suffix}"
+        await asyncio.to_thread(_write, path, image.data)
+        cost = units * job.unit_price
+        await self.ledger.settle(job.request_id, Decimal(units))
+        job.reserved = False
+        await self.store.finish(
+            job.request_id,
+            "ok",
+            fal_request_id=drawn.fal_request_id,
+            width=drawn.width,
+            height=drawn.height,
+            megapixels=units,
+            cost=cost,
+            nsfw=drawn.nsfw,
+            spoiler=drawn.nsfw,
+            file_path=str(path),
+        )
+        job.finished = True
+        log.info(
+            "image %s for %s: %s, %d MP, $%s",
+            job.request_id,
+            request.user_key,
+            job.model,
+            units,
+            cost,
+        )
+        return ImageResult(
+            path=path,
+            spoiler=drawn.nsfw,
+            prompt=job.full_prompt,
+            model=job.model,
+            size=job.size,
+            width=drawn.width,
+            height=drawn.height,
+            seed=drawn.seed,
+            megapixels=units,
+            cost=cost,
+            request_id=job.request_id,
+        )
+
+    async def _refuse_flagged(
+        self, request: ImageRequest, job: _Job, drawn: Drawn, units: int
+    ) -> None:
+        """Not posted, not charged to the user; Fal's bill for it is booked without a user."""
+        await self._release(job)
+        await self.ledger.record(
+            kind="image",
+            provider="fal",
+            model=job.model,
+            units=Decimal(units),
+            request_id=f"{job.request_id}:flagged",
+            unit_price=job.unit_price,
+            platform=request.platform,
+            guild=request.guild,
+            persona=request.persona.name,
+        )
+        await self.store.finish(
+            job.request_id,
+            "refused_nsfw",
+            fal_request_id=drawn.fal_request_id,
+            width=drawn.width,
+            height=drawn.height,
+            nsfw=True,
+            error="flagged by Fal's safety checker",
+        )
+        job.finished = True
+        raise ImageRefused(
+            "fal flagged the picture",
+            "That picture came out as something I can't post here, so I didn't. "
+            "You weren't charged for it.",
+        )
+
+    async def _release(self, job: _Job) -> None:
+        if job.reserved:
+            await self.ledger.release(job.request_id)
+        job.reserved = False
+
+    async def _fail(self, job: _Job, exc: BaseException) -> None:
+        try:
+            await self._release(job)
+        finally:
+            if not job.finished:
+                status = "refused_prompt" if isinstance(exc, ImageRefused) else "failed"
+                fal_id = job.fal_request_id
+                if fal_id is None and isinstance(exc, ImageError):
+                    fal_id = exc.fal_request_id
+                await self.store.finish(
+                    job.request_id, status, error=type(exc).__name__, fal_request_id=fal_id
+                )
+                job.finished = True
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def build_images(
+    settings: Settings, pool: Any, ledger: Ledger, guard: Guard | None = None
+) -> ImageService:
+    """The image service as configured; without FAL_KEY it answers that pictures are off."""
+    fal = None
+    if settings.fal_key is not None and settings.fal_key.get_secret_value():
+        fal = FalFlux(
+            settings.fal_key.get_secret_value(),
+            timeout=settings.image_timeout,
+            poll_interval=settings.image_poll_interval,
+            download_timeout=settings.image_download_timeout,
+            max_bytes=settings.image_max_bytes,
+        )
+    return ImageService(
+        pool,
+        fal=fal,
+        ledger=ledger,
+        image_dir=settings.data_dir / "images",
+        default_model=settings.image_default_model,
+        monthly_cap=settings.image_monthly_cap,
+        rate=RateLimiter(pool, settings.image_rate_per_minute, settings.image_rate_burst),
+        guard=guard,
+    )

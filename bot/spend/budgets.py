@@ -1,0 +1,191 @@
+"""Budgets: the monthly caps, which caps a reservation is subject to, and their words.
+
+Pure logic, no database: `bot/spend/ledger.py` measures the month's usage and asks this module which
+caps apply (`scopes_for`), whether one would be passed (`caps_for` + `refusal`) and where the
+degrade ladder stands (`Budgets.level`).
+
+    money     BUDGET_MONTHLY_USD            the whole bot, in dollars, paid actions only
+    units     BUDGET_KIND_CAPS              per kind, the whole bot   e.g. {"image": 300}
+              BUDGET_USER_CAPS              per kind and user         e.g. {"image": 20}
+              BUDGET_GUILD_CAPS             per kind and guild/server e.g. {"image": 100}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from bot.errors import BotError, ConfigError
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+NORMAL, FREE_ONLY, LOCAL_ONLY, PAID_REFUSED = 0, 1, 2, 3
+LADDER = {
+    FREE_ONLY: "only free backends answer now",
+    LOCAL_ONLY: "only the local model answers now",
+    PAID_REFUSED: "paid actions (images, cloud GPUs) are refused until the 1st",
+}
+NOUNS = {
+    "image": "images",
+    "gpu_seconds": "GPU seconds",
+    "chat_tokens": "chat tokens",
+    "embed_tokens": "embedding tokens",
+    "moderation_tokens": "moderation tokens",
+}
+GLOBAL_REFUSAL = (
+    "The bot's budget for this month is spent, so paid features are paused until the 1st."
+)
+
+
+class BudgetExceeded(BotError):
+    """A cap would be passed; `user_message` says which, in plain words."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.user_message = message
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def month_of(at: datetime) -> date:
+    """The first day of `at`'s month in UTC (a naive datetime is taken as UTC)."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.astimezone(UTC).date().replace(day=1)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Monthly caps: money for the whole bot, units per kind (globally, per user, per guild)."""
+
+    monthly_usd: Decimal | None = None
+    kind_caps: dict[str, Decimal] = field(default_factory=dict)
+    user_caps: dict[str, Decimal] = field(default_factory=dict)
+    guild_caps: dict[str, Decimal] = field(default_factory=dict)
+    alert_fraction: Decimal = Decimal("0.8")
+    degrade_at: tuple[Decimal, Decimal, Decimal] = (
+        Decimal("0.75"),
+        Decimal("0.9"),
+        Decimal("0.98"),
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Budgets:
+        """The caps in the settings; a cap on a kind that does not exist is a ConfigError."""
+        for name in ("budget_kind_caps", "budget_user_caps", "budget_guild_caps"):
+            unknown = sorted(set(getattr(settings, name)) - set(NOUNS))
+            if unknown:
+                raise ConfigError(
+                    f"{name.upper()}: no such kind {', '.join(unknown)}; kinds are"
+                    f" {', '.join(NOUNS)}"
+                )
+        free, local, refused = sorted(settings.budget_degrade_at)
+        return cls(
+            monthly_usd=settings.budget_monthly_usd,
+            kind_caps=dict(settings.budget_kind_caps),
+            user_caps=dict(settings.budget_user_caps),
+            guild_caps=dict(settings.budget_guild_caps),
+            alert_fraction=settings.budget_alert_fraction,
+            degrade_at=(free, local, refused),
+        )
+
+    def level(self, spent: Decimal) -> int:
+        """The degrade ladder's step for this much spent of the monthly budget."""
+        if not self.monthly_usd:
+            return NORMAL
+        fraction = spent / self.monthly_usd
+        return sum(1 for threshold in self.degrade_at if fraction >= threshold)
+
+
+@dataclass(frozen=True)
+class Cap:
+    scope: str
+    limit: Decimal
+    used: Decimal
+    adding: Decimal
+    refusal: str
+    alert: str
+
+
+def scopes_for(
+    b: Budgets, kind: str, cost: Decimal, user: str | None, guild: str | None
+) -> list[str]:
+    """The `budget_scopes` rows a reservation locks, in the one order every process uses."""
+    scopes = []
+    if b.monthly_usd is not None and cost > 0:
+        scopes.append("global")
+    if kind in b.kind_caps:
+        scopes.append(f"kind:{kind}")
+    if user and kind in b.user_caps:
+        scopes.append(f"user:{user}:{kind}")
+    if guild and kind in b.guild_caps:
+        scopes.append(f"guild:{guild}:{kind}")
+    return sorted(scopes)
+
+
+def caps_for(
+    b: Budgets,
+    used: Any,
+    *,
+    kind: str,
+    units: Decimal,
+    cost: Decimal,
+    user: str | None,
+    guild: str | None,
+) -> list[Cap]:
+    """The caps this reservation is subject to; `used` holds the month's usage so far."""
+    caps = []
+    if b.monthly_usd is not None and cost > 0:
+        alert = f"Spend alert: {usd(used['cost'] + cost)} of the {usd(b.monthly_usd)} monthly"
+        caps.append(
+            Cap("global", b.monthly_usd, used["cost"], cost, GLOBAL_REFUSAL, alert + " budget.")
+        )
+    noun = NOUNS[kind]
+    specs = [
+        (f"kind:{kind}", b.kind_caps, "kind_units", "the bot",
+         "The bot has used all {cap} {noun} it may this month. They come back on the 1st."),
+        (f"user:{user}:{kind}", b.user_caps if user else {}, "user_units", user,
+         "You've used your {cap} {noun} for this month. More on the 1st!"),
+        (f"guild:{guild}:{kind}", b.guild_caps if guild else {}, "guild_units", guild,
+         "This server has used its {cap} {noun} for this month. More on the 1st!"),
+    ]  # fmt: skip
+    for scope, table, column, who, refusal in specs:
+        if kind in table:
+            limit, so_far = table[kind], used[column]
+            alert = f"Spend alert: {who} has used {num(so_far + units)} of {num(limit)} {noun}"
+            caps.append(
+                Cap(
+                    scope,
+                    limit,
+                    so_far,
+                    units,
+                    refusal.format(cap=num(limit), noun=noun),
+                    alert + " this month.",
+                )
+            )
+    return caps
+
+
+def refusal(b: Budgets, caps: list[Cap]) -> BudgetExceeded | None:
+    """The error for the first cap this reservation would pass (or None: it fits)."""
+    for cap in caps:
+        over = cap.used + cap.adding > cap.limit
+        if cap.scope == "global":
+            over = over or b.level(cap.used) >= PAID_REFUSED
+        if over:
+            return BudgetExceeded(cap.refusal)
+    return None
+
+
+def num(value: Decimal) -> str:
+    """10.000 → '10', 2.50 → '2.5'."""
+    return format(value.normalize(), "f")
+
+
+def usd(value: Decimal | None) -> str:
+    return "$?" if value is None else f"${value.quantize(Decimal('0.01'))}"

@@ -1,0 +1,336 @@
+"""The spend ledger: every cost event in one append-only table, and monthly budgets that hold.
+
+    record()   a settled cost row (tokens of every model call, GPU seconds): written afterwards
+    reserve()  before a paid action: checks the caps and writes a 'reserved' row, atomically
+    settle()   the action happened: the row becomes 'settled' (with its final units)
+    release()  the action failed: the row becomes 'released' and costs nothing
+
+Budgets are computed per UTC month from the rows themselves (status reserved or settled), so
+nothing is ever reset: the month rolls over at 00:00 UTC on the 1st by itself. A reservation
+locks one `budget_scopes` row per cap it is subject to (global money, the kind, the user and
+kind, the guild and kind) in a fixed order, inside one transaction, so concurrent reservations
+from any number of processes take turns and a cap is never passed. The request id is unique:
+a retry returns the first reservation and never charges twice.
+
+The degrade ladder follows the global monthly budget: level 1 (free backends only), 2 (the
+local model only), 3 (paid actions refused) from the fractions in `BUDGET_DEGRADE_AT`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from bot.errors import BotError
+from bot.spend.budgets import (
+    LADDER,
+    NORMAL,
+    BudgetExceeded,
+    Budgets,
+    Cap,
+    caps_for,
+    month_of,
+    refusal,
+    scopes_for,
+    usd,
+    utcnow,
+)
+from bot.spend.prices import KINDS, Prices
+
+if TYPE_CHECKING:
+    from bot.ops.notify import AdminNotifier
+
+__all__ = ["BudgetExceeded", "Budgets", "Ledger", "LedgerError", "Reservation", "month_of"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+class LedgerError(BotError):
+    """The ledger was used wrongly (an unknown request id, no price for a paid action)."""
+
+    user_message = "That isn't available right now; an admin needs to look at the bot's logs."
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    kind: str
+    units: Decimal
+    unit_price: Decimal
+    cost: Decimal
+    month: date
+    status: str
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    month: date
+    spent: Decimal
+    cap: Decimal | None
+    level: int
+
+
+class Ledger:
+    def __init__(
+        self,
+        pool: Any,
+        prices: Prices,
+        *,
+        clock: Clock = utcnow,
+        budgets: Budgets | None = None,
+        notifier: AdminNotifier | None = None,
+    ) -> None:
+        self.pool = pool
+        self.prices = prices
+        self.budgets = budgets or Budgets()
+        self._clock = clock
+        self._notifier = notifier
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    async def record(
+        self,
+        *,
+        kind: str,
+        provider: str,
+        model: str | None,
+        units: Decimal,
+        request_id: str,
+        unit_price: Decimal | None = None,
+        user_key: str | None = None,
+        platform: str | None = None,
+        guild: str | None = None,
+        persona: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        """A settled cost row; a second call with the same request id changes nothing."""
+        units = _units(kind, units)
+        at = at or self._clock()
+        price_id = None
+        if isinstance(unit_price, float):
+            unit_price = Decimal(str(unit_price))
+        if unit_price is None:
+            price = await self.prices.lookup(kind, provider, model, at)
+            if price is None:
+                log.error("no price for %s from %s (%s): recorded at 0", kind, provider, model)
+                unit_price = Decimal(0)
+            else:
+                unit_price, price_id = price.unit_price, price.id
+        inserted = await self.pool.fetchval(
+            _INSERT + " RETURNING id",
+            at,
+            month_of(at),
+            kind,
+            provider,
+            model,
+            units,
+            unit_price,
+            units * unit_price,
+            price_id,
+            user_key,
+            platform,
+            guild,
+            persona,
+            request_id,
+            "settled",
+        )
+        if inserted is not None and units * unit_price > 0:
+            await self._global_alerts(month_of(at))
+
+    async def reserve(
+        self,
+        *,
+        kind: str,
+        provider: str,
+        model: str | None,
+        units: Decimal,
+        request_id: str,
+        user_key: str | None = None,
+        platform: str | None = None,
+        guild: str | None = None,
+        persona: str | None = None,
+    ) -> Reservation:
+        """Reserve before spending; raises BudgetExceeded when a cap would be passed."""
+        units = _units(kind, units)
+        at = self._clock()
+        month = month_of(at)
+        price = await self.prices.lookup(kind, provider, model, at)
+        if price is None:
+            log.error(
+                "refused %s from %s (%s): no price in the prices table", kind, provider, model
+            )
+            raise LedgerError(f"no price for {kind} from {provider} ({model})")
+        cost = units * price.unit_price
+        scopes = scopes_for(self.budgets, kind, cost, user_key, guild)
+        if scopes:  # committed before the transaction, so the locks below find them
+            await self.pool.executemany(
+                "INSERT INTO budget_scopes (month, scope) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                [(month, s) for s in scopes],
+            )
+        values: tuple[Any, ...] = (at, month, kind, provider, model, units, price.unit_price)
+        values += (cost, price.id)
+        values += (user_key, platform, guild, persona, request_id, "reserved")
+        async with self.pool.acquire() as conn, conn.transaction():
+            row, caps = await self._reserve_locked(conn, scopes, values)
+        for cap in caps:
+            if cap.used + cap.adding >= cap.limit * self.budgets.alert_fraction:
+                await self._alert_once(month, cap.scope, cap.alert)
+        return _reservation(row)
+
+    async def _reserve_locked(
+        self, conn: Any, scopes: list[str], values: tuple[Any, ...]
+    ) -> tuple[Any, list[Cap]]:
+        """Inside the transaction: lock the scopes, check the caps, write the reserved row."""
+        _, month, kind, _, _, units, _, cost, _, user_key, _, guild, _, request_id, _ = values
+        if scopes:
+            await conn.execute(
+                "SELECT 1 FROM budget_scopes WHERE month = $1 AND scope = ANY($2::text[])"
+                " ORDER BY scope FOR UPDATE",
+                month,
+                scopes,
+            )
+        # Each statement below sees every reservation committed before the locks were granted.
+        row = await conn.fetchrow("SELECT * FROM ledger WHERE request_id = $1", request_id)
+        if row is not None:
+            return row, []  # a retry: the first reservation stands, nothing is charged twice
+        caps: list[Cap] = []
+        if scopes:
+            used = await conn.fetchrow(_USAGE, month, kind, user_key, guild)
+            caps = caps_for(
+                self.budgets, used, kind=kind, units=units, cost=cost, user=user_key, guild=guild
+            )
+            refused = refusal(self.budgets, caps)
+            if refused is not None:
+                log.info("refused %s for %s: %s", kind, user_key, refused.user_message)
+                raise refused
+        row = await conn.fetchrow(_INSERT + " RETURNING *", *values)
+        if row is None:  # a concurrent first attempt (not under any cap) won the insert
+            row = await conn.fetchrow("SELECT * FROM ledger WHERE request_id = $1", request_id)
+        return row, caps
+
+    async def settle(self, request_id: str, units: Decimal | None = None) -> None:
+        """The reserved action happened; `units` when it used more or less than reserved."""
+        row = await self.pool.fetchrow(
+            "UPDATE ledger SET status = 'settled', units = COALESCE($2, units),"
+            " cost = COALESCE($2, units) * unit_price, settled_at = $3"
+            " WHERE request_id = $1 AND status = 'reserved' RETURNING month, cost",
+            request_id,
+            units,
+            self._clock(),
+        )
+        if row is None:
+            status = await self._status(request_id)
+            if status == "released":
+                raise LedgerError(f"request {request_id} was released and cannot be settled")
+            return  # already settled: a retry
+        if row["cost"] > 0:
+            await self._global_alerts(row["month"])
+
+    async def release(self, request_id: str) -> None:
+        """The reserved action failed or was refused: it costs nothing."""
+        done = await self.pool.fetchval(
+            "UPDATE ledger SET status = 'released', cost = 0, settled_at = $2"
+            " WHERE request_id = $1 AND status = 'reserved' RETURNING id",
+            request_id,
+            self._clock(),
+        )
+        if done is None and await self._status(request_id) == "settled":
+            log.warning("release of %s ignored: it was already settled", request_id)
+
+    async def degrade_level(self) -> int:
+        """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused."""
+        if not self.budgets.monthly_usd:
+            return NORMAL
+        status = await self.status()
+        if status.level > NORMAL:
+            text = (
+                f"Spend: {usd(status.spent)} of the {usd(status.cap)} monthly budget"
+                f" is used; {LADDER[status.level]}."
+            )
+            await self._alert_once(status.month, f"degrade:{status.level}", text)
+        return status.level
+
+    async def status(self, month: date | None = None) -> BudgetStatus:
+        month = month or month_of(self._clock())
+        spent = await self.pool.fetchval(
+            "SELECT COALESCE(sum(cost), 0) FROM ledger WHERE month = $1 AND status <> 'released'",
+            month,
+        )
+        return BudgetStatus(month, spent, self.budgets.monthly_usd, self.budgets.level(spent))
+
+    async def _global_alerts(self, month: date) -> None:
+        cap = self.budgets.monthly_usd
+        if not cap:
+            return
+        status = await self.status(month)
+        if status.spent >= cap * self.budgets.alert_fraction:
+            text = f"Spend alert: {usd(status.spent)} of the {usd(cap)} monthly budget is used."
+            await self._alert_once(month, "global", text)
+
+    async def _alert_once(self, month: date, scope: str, text: str) -> None:
+        first = await self.pool.fetchval(
+            "INSERT INTO budget_alerts (month, scope, text) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            month,
+            scope,
+            text,
+        )
+        if first:
+            if self._notifier is not None:
+                await self._notifier.send(text)
+            else:
+                log.warning("%s", text)
+
+    async def _status(self, request_id: str) -> str:
+        status = await self.pool.fetchval(
+            "SELECT status FROM ledger WHERE request_id = $1", request_id
+        )
+        if status is None:
+            raise LedgerError(f"no ledger row for request {request_id}")
+        return str(status)
+
+
+_INSERT = (
+    "INSERT INTO ledger (at, month, kind, provider, model, units, unit_price, cost, price_id,"
+    " user_key, platform, guild, persona, request_id, status, settled_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
+    " CASE WHEN $15::text = 'settled' THEN $1::timestamptz END)"
+    " ON CONFLICT (request_id) DO NOTHING"
+)
+
+_USAGE = (
+    "SELECT COALESCE(sum(cost), 0) AS cost,"
+    " COALESCE(sum(units) FILTER (WHERE kind = $2), 0) AS kind_units,"
+    " COALESCE(sum(units) FILTER (WHERE kind = $2 AND user_key = $3), 0) AS user_units,"
+    " COALESCE(sum(units) FILTER (WHERE kind = $2 AND guild = $4), 0) AS guild_units"
+    " FROM ledger WHERE month = $1 AND status <> 'released'"
+)
+
+
+def _units(kind: str, units: Decimal | float) -> Decimal:
+    """Units as an exact Decimal (a float is taken at its shortest decimal form)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown spend kind {kind!r}; one of {', '.join(KINDS)}")
+    value = Decimal(str(units)) if isinstance(units, float) else Decimal(units)
+    if value < 0:
+        raise ValueError("units cannot be negative")
+    return value
+
+
+def _reservation(row: Any) -> Reservation:
+    return Reservation(
+        request_id=row["request_id"],
+        kind=row["kind"],
+        units=row["units"],
+        unit_price=row["unit_price"],
+        cost=row["cost"],
+        month=row["month"],
+        status=row["status"],
+    )

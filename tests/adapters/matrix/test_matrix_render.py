@@ -1,0 +1,122 @@
+"""Matrix reply rendering: sanitised HTML, stable transaction ids, paced edits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bot.adapters.matrix.render import ReplyTarget, StreamedReply, to_html, transaction_id
+from bot.core.engine import Delta, Done, Event, Failed, Notice
+from bot.core.personas import Persona
+
+
+def test_markdown_becomes_html_and_model_markup_does_not() -> None:
+    html = to_html("**hi** `code`\n\n- one\n- two\n\n<script>alert(1)</script>")
+    assert "<strong>hi</strong>" in html and "<code>code</code>" in html
+    assert "<li>one</li>" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'href="javascript' not in to_html("[click](javascript:alert(1))")
+    assert "<img" not in to_html("<img src=x onerror=alert(1)>")
+    assert "<img" not in to_html("![x](https://example.org/x.png)")
+    assert 'href="https://example.org"' in to_html("[site](https://example.org)")
+
+
+def test_transaction_ids_are_stable_per_event_and_step() -> None:
+    assert transaction_id("$a:hs", "first") == transaction_id("$a:hs", "first")
+    assert transaction_id("$a:hs", "first") != transaction_id("$b:hs", "first")
+    assert transaction_id("$a:hs", "first") != transaction_id("$a:hs", "edit1")
+    assert all(c.isalnum() or c == "-" for c in transaction_id("$a/b?c:hs", "x"))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _events(clock: _Clock, items: list[tuple[float, Event]]) -> AsyncIterator[Event]:
+    for at, event in items:
+        clock.now = at
+        yield event
+
+
+def _persona() -> Persona:
+    return Persona(name="p", display_name="P", description="d", greeting="g")
+
+
+async def test_stream_sends_once_then_edits_at_most_once_per_interval() -> None:
+    clock = _Clock()
+    sent: list[tuple[dict[str, Any], str]] = []
+
+    async def send(content: dict[str, Any], txn: str) -> str:
+        sent.append((content, txn))
+        return "$reply"
+
+    target = ReplyTarget("$asked", None, "m.notice", True, 1.0)
+    reply = StreamedReply(target, send, clock)
+    words = [(0.1 * i, Delta(f"w{i} ")) for i in range(25)]  # 2.5 s of words
+    done = (2.5, Done("".join(f"w{i} " for i in range(25)).strip(), _persona(), "test"))
+    await reply.render(_events(clock, [*words, done]))
+    first, *edits = sent
+    assert first[0]["body"] == "w0" and first[0]["m.relates_to"]["m.in_reply_to"]
+    assert 2 <= len(edits) <= 3
+    assert edits[-1][0]["m.new_content"]["body"] == done[1].text
+    assert len({txn for _, txn in sent}) == len(sent)
+
+
+async def test_whole_reply_is_sent_once_and_failure_is_a_notice() -> None:
+    clock = _Clock()
+    sent: list[dict[str, Any]] = []
+
+    async def send(content: dict[str, Any], txn: str) -> str:
+        sent.append(content)
+        return f"$e{len(sent)}"
+
+    target = ReplyTarget("$asked", "$root", "m.text", False, 1.0)
+    await StreamedReply(target, send, clock).render(
+        _events(clock, [(0, Delta("a ")), (0, Delta("b")), (0, Done("a b", _persona(), "t"))])
+    )
+    assert [c["body"] for c in sent] == ["a b"]
+    assert sent[0]["m.relates_to"]["rel_type"] == "m.thread"
+    sent.clear()
+    await StreamedReply(target, send, clock).render(_events(clock, [(0, Failed("Sorry."))]))
+    assert sent[0]["msgtype"] == "m.notice" and sent[0]["body"] == "Sorry."
+
+
+async def test_wake_notice_is_shown_then_replaced_by_the_reply() -> None:
+    clock = _Clock()
+    sent: list[tuple[dict[str, Any], str]] = []
+
+    async def send(content: dict[str, Any], txn: str) -> str:
+        sent.append((content, txn))
+        return "$reply"
+
+    target = ReplyTarget("$asked", None, "m.notice", False, 1.0)
+    events = [
+        (0.0, Notice("ollama:10.0.0.5 is down", user_text=None)),  # operator-only: not shown
+        (0.0, Notice("Waking up gpu…", user_text="Waking up gpu…")),
+        (2.0, Delta("Morning!")),
+        (2.0, Done("Morning!", _persona(), "t")),
+    ]
+    await StreamedReply(target, send, clock).render(_events(clock, events))
+    assert [c["body"] for c, _ in sent] == ["*Waking up gpu…*", "* Morning!"]
+    assert sent[1][0]["m.new_content"]["body"] == "Morning!"
+    assert "10.0.0.5" not in str(sent)
+
+
+async def test_a_retracted_reply_is_edited_away() -> None:
+    clock = _Clock()
+    sent: list[dict[str, Any]] = []
+
+    async def send(content: dict[str, Any], txn: str) -> str:
+        sent.append(content)
+        return "$reply"
+
+    target = ReplyTarget("$asked", None, "m.text", True, 1.0)
+    events = [(0.0, Delta("Fine start.\n\n")), (1.5, Failed("Withheld: S10 Hate.", retract=True))]
+    await StreamedReply(target, send, clock).render(_events(clock, events))
+    assert sent[0]["body"] == "Fine start."
+    final = sent[-1]["m.new_content"]["body"]
+    assert final == "Withheld: S10 Hate." and "Fine start" not in final

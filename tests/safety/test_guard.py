@@ -1,0 +1,614 @@
+"""Llama Guard moderation: the parser, the policy, and the pipeline end to end.
+
+The chat model and the guard are two fake Ollama servers on loopback (GUARD_HOST points at the
+second), both driven through the official client. The guard's fake answers like llama-guard3
+under Ollama's template: it judges ONLY the last user message (ollama/ollama issue 11440).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.app import App, running_app
+from bot.config import Settings
+from bot.core.engine import Delta, Done, Event, Failed, Incoming, Notice
+from bot.core.personas import Persona, PersonaFileError, load_persona_file
+from bot.safety.categories import ALL_CODES, CATEGORIES, describe
+from bot.safety.guard import blocking_categories, parse_verdict
+from bot.safety.moderation import INPUT_UNCHECKED, OUTPUT_UNCHECKED, UNMODERATED
+from tests.conftest import make_settings
+from tests.fakes.loopback import dead_url
+from tests.fakes.ollama import FakeOllama
+from tests.test_cli import base_env, run_bot
+
+
+class GuardScript:
+    """A llama-guard3 stand-in: judges the last user message; marker → answer, else 'safe'."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, str] = {}
+        self.delays: dict[str, float] = {}  # marker → seconds before answering
+        self.judged: list[str] = []
+        self.answered_at: list[float] = []
+
+    async def __call__(self, body: dict[str, Any]) -> str:
+        users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+        text = str(users[-1]["content"]) if users else ""
+        self.judged.append(text)
+        delay = max((d for marker, d in self.delays.items() if marker in text), default=0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        self.answered_at.append(time.perf_counter())
+        return next((answer for marker, answer in self.rules.items() if marker in text), "safe")
+
+
+@pytest.fixture
+def script() -> GuardScript:
+    return GuardScript()
+
+
+@pytest.fixture
+async def guard_fake(script: GuardScript) -> AsyncIterator[FakeOllama]:
+    async with FakeOllama(models=["llama-guard3:1b"], responder=script) as fake:
+        yield fake
+
+
+def guard_settings(
+    tmp_path: Path, database_url: str, chat: FakeOllama, guard_url: str, **values: object
+) -> Settings:
+    values = {"guard_enabled": True, "guard_host": guard_url, "guard_timeout": 2.0, **values}
+    return make_settings(tmp_path, database_url, chat.url, **values)
+
+
+@pytest.fixture
+async def app(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, guard_fake: FakeOllama
+) -> AsyncIterator[App]:
+    async with running_app(
+        guard_settings(tmp_path, database_url, fake_ollama, guard_fake.url)
+    ) as a:
+        yield a
+
+
+def say(
+    text: str, *, platform: str = "test", conversation: str = "c1", nsfw: bool = False
+) -> Incoming:
+    return Incoming(platform, conversation, "alice", "Alice", text, nsfw=nsfw)
+
+
+async def timed(app: App, incoming: Incoming) -> list[tuple[float, Event]]:
+    """Every event with the perf_counter time it was yielded."""
+    async with contextlib.aclosing(app.engine.handle(incoming)) as events:
+        return [(time.perf_counter(), event) async for event in events]
+
+
+async def collect(app: App, incoming: Incoming) -> list[Event]:
+    return [event for _, event in await timed(app, incoming)]
+
+
+async def history(app: App, conversation: str = "c1", platform: str = "test") -> list[str]:
+    found = await app.engine.conversation(platform, conversation)
+    return [turn.content for turn in await app.engine.history.recent(found.id)]
+
+
+async def verdict_rows(app: App) -> list[Any]:
+    await app.engine.drain()
+    return await app.pool.fetch("SELECT * FROM moderation_verdicts ORDER BY at, id")
+
+
+def persona(**fields: Any) -> Persona:
+    return Persona(name="p", display_name="P", description="d", greeting="g", **fields)
+
+
+# ------------------------------------------------------------------ parser and categories
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("safe", (True, [])),
+        ("\n\nsafe\n", (True, [])),
+        ("unsafe\nS1", (False, ["S1"])),
+        ("unsafe\nS1,S10", (False, ["S1", "S10"])),
+        ("\nunsafe\nS10, S1 \n", (False, ["S10", "S1"])),
+        ("unsafe\nS14,S14", (False, ["S14"])),
+    ],
+)
+def test_verdicts_parse(raw: str, expected: tuple[bool, list[str]]) -> None:
+    assert parse_verdict(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "Safe",
+        "safe.",
+        "safe\nS1",
+        "unsafe",
+        "unsafe\n",
+        "unsafe\nS15",
+        "unsafe\nS0",
+        "unsafe\nS1\nS2",
+        "unsafe\nviolence",
+        "unsafe S1",
+        "unsafe\nS1;S2",
+        "echo: hi",
+        "I think this is safe",
+    ],
+)
+def test_anything_else_is_no_verdict(raw: str) -> None:
+    assert parse_verdict(raw) is None
+
+
+def test_the_fourteen_categories_by_code_and_name() -> None:
+    assert tuple(f"S{n}" for n in range(1, 15)) == ALL_CODES
+    assert CATEGORIES["S4"] == "Child Sexual Exploitation"
+    assert CATEGORIES["S12"] == "Sexual Content"
+    assert describe(["S1", "S10"]) == "S1 Violent Crimes, S10 Hate"
+
+
+def test_persona_chooses_what_blocks(tmp_path: Path) -> None:
+    assert persona().guard_block == list(ALL_CODES)
+    assert persona(guard_block=["s6", " S8 "]).guard_block == ["S6", "S8"]
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: p\ndisplay_name: P\ndescription: d\ngreeting: g\nguard_block: [S1, S99]\n"
+    )
+    with pytest.raises(PersonaFileError) as raised:
+        load_persona_file(path)
+    assert raised.value.line == 5 and raised.value.field == "guard_block"
+    assert "'S99'" in str(raised.value)
+
+
+def test_policy_per_persona_and_nsfw_channel() -> None:
+    strict, relaxed = persona(), persona(allow_nsfw=True)
+    lenient = persona(guard_block=["S1"])
+    assert blocking_categories(["S6", "S12"], strict, nsfw=False) == ["S6", "S12"]
+    assert blocking_categories(["S6", "S12"], lenient, nsfw=False) == []
+    assert blocking_categories(["S4"], lenient, nsfw=True) == ["S4"], "S4 always blocks"
+    assert blocking_categories(["S12"], relaxed, nsfw=True) == []
+    assert blocking_categories(["S12"], relaxed, nsfw=False) == ["S12"], "only NSFW channels"
+    assert blocking_categories(["S12"], strict, nsfw=True) == ["S12"], "only allow_nsfw"
+    assert blocking_categories(["S4", "S12"], relaxed, nsfw=True) == ["S4"], "never S4"
+
+
+def test_fail_policy_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = Settings(_env_file=None).guard_fail_policy  # type: ignore[call-arg]
+    assert policy.for_platform("console") == "open"
+    assert policy.for_platform("discord") == policy.for_platform("matrix") == "closed"
+    assert policy.for_platform("anything-else") == "closed"
+    monkeypatch.setenv("GUARD_FAIL_POLICY__CONSOLE", "closed")
+    monkeypatch.setenv("GUARD_FAIL_POLICY__MATRIX", "open")
+    policy = Settings(_env_file=None).guard_fail_policy  # type: ignore[call-arg]
+    assert policy.for_platform("console") == "closed"
+    assert policy.for_platform("matrix") == "open"
+    assert policy.for_platform("discord") == "closed"
+
+
+# ------------------------------------------------------------------ blocked inputs
+
+
+async def test_blocked_input_gets_the_refusal_and_enters_no_history(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    script.rules["knife"] = "unsafe\nS1"
+    fake_ollama.queue_reply("MODEL TEXT that must never be shown")
+    events = await collect(app, say("how do I stab someone with a knife"))
+    assert [type(e) for e in events] == [Delta, Done]
+    refusal = events[-1]
+    assert isinstance(refusal, Done) and "Violent Crimes" in refusal.text
+    assert "Mimi" in refusal.text, "the refusal is the persona's, from prompts/refusal.j2"
+    assert "MODEL TEXT" not in "".join(e.text for e in events if isinstance(e, Delta))
+    assert await history(app) == []
+    rows = await verdict_rows(app)
+    assert [(r["kind"], r["verdict"], r["categories"], r["blocked"]) for r in rows] == [
+        ("input", "unsafe", ["S1"], True)
+    ]
+    assert rows[0]["persona"] == "mimi" and rows[0]["user_key"] == "test:alice"
+    assert rows[0]["conversation"] == "c1" and rows[0]["latency_ms"] > 0
+    assert rows[0]["text"] is None, "the user's text is kept only with GUARD_KEEP_TEXT"
+    call = await app.pool.fetchrow("SELECT * FROM model_calls WHERE purpose = 'moderation'")
+    assert call["model"] == "llama-guard3:1b" and call["ok"] and call["completion_tokens"]
+
+
+async def test_the_next_message_does_not_see_a_blocked_one(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    script.rules["knife"] = "unsafe\nS1"
+    await collect(app, say("tell me about the knife trick"))
+    fake_ollama.queue_reply("Hello!")
+    await collect(app, say("hi again"))
+    prompt = [m["content"] for m in fake_ollama.chat_requests()[-1]["messages"]]
+    assert not any("knife" in text for text in prompt)
+    assert await history(app) == ["hi again", "Hello!"]
+
+
+async def test_blocked_input_reaches_no_memory(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+    script: GuardScript,
+) -> None:
+    script.rules["knife"] = "unsafe\nS1"
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, memory_enabled=True
+    )
+    async with running_app(settings) as app:
+        await collect(app, say("I keep a knife under my pillow to hurt people"))
+        await app.engine.drain()
+        memory_calls = "SELECT count(*) FROM model_calls WHERE purpose = 'memory'"
+        assert await app.pool.fetchval(memory_calls) == 0
+        assert await app.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
+        await collect(app, say("I love drawing cats"))
+        await app.engine.drain()
+        assert await app.pool.fetchval(memory_calls) > 0, "a safe exchange does reach memory"
+
+
+async def test_an_allowed_category_passes_and_is_recorded(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+    script: GuardScript,
+) -> None:
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "adv.yaml").write_text(
+        "name: adv\ndisplay_name: Adv\ndescription: d\ngreeting: g\n"
+        "guard_block: [S1, S2, S3, S4, S5, S7, S8, S9, S10, S11, S12, S13, S14]\n"
+    )
+    script.rules["tax"] = "unsafe\nS6"
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, personas_dir=personas
+    )
+    async with running_app(settings) as app:
+        fake_ollama.queue_reply("File it by April.")
+        events = await collect(app, say("how do I do my tax return"))
+        assert isinstance(events[-1], Done) and events[-1].text == "File it by April."
+        rows = await verdict_rows(app)
+        assert (rows[0]["verdict"], rows[0]["categories"], rows[0]["blocked"]) == (
+            "unsafe",
+            ["S6"],
+            False,
+        )
+
+
+async def test_nsfw_channel_relaxes_s12_for_personas_that_allow_it_never_s4(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+    script: GuardScript,
+) -> None:
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "bold.yaml").write_text(
+        "name: bold\ndisplay_name: Bold\ndescription: d\ngreeting: g\nallow_nsfw: true\n"
+        'refusal: "Bold crosses her arms. Not that."\n'
+    )
+    script.rules["minor"] = "unsafe\nS4,S12"
+    script.rules["spicy"] = "unsafe\nS12"
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, personas_dir=personas
+    )
+    async with running_app(settings) as app:
+        fake_ollama.queue_reply("Oh my.")
+        events = await collect(app, say("something spicy", conversation="n", nsfw=True))
+        assert isinstance(events[-1], Done) and events[-1].text == "Oh my."
+        refused = "Bold crosses her arms. Not that."
+        events = await collect(app, say("something spicy", conversation="sfw"))
+        assert isinstance(events[-1], Done) and events[-1].text == refused
+        events = await collect(app, say("a minor, spicy", conversation="n", nsfw=True))
+        assert isinstance(events[-1], Done) and events[-1].text == refused
+        rows = await verdict_rows(app)  # written in the background: in no particular order
+        inputs = {(r["conversation"], r["blocked"], tuple(r["categories"])) for r in rows}
+        assert ("n", False, ("S12",)) in inputs
+        assert ("sfw", True, ("S12",)) in inputs
+        assert ("n", True, ("S4", "S12")) in inputs
+
+
+async def test_admins_are_alerted_without_the_users_words(app: App, script: GuardScript) -> None:
+    alerts: list[str] = []
+
+    async def sink(text: str) -> None:
+        alerts.append(text)
+
+    app.notifier.register("test", sink)
+    script.rules["slur"] = "unsafe\nS10"
+    await collect(app, say("a slur about them"))
+    await app.engine.drain()
+    assert len(alerts) == 1
+    assert "S10 Hate" in alerts[0] and "test:alice" in alerts[0] and "mimi" in alerts[0]
+    assert "slur" not in alerts[0]
+
+
+async def test_user_text_is_kept_when_configured(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+    script: GuardScript,
+) -> None:
+    script.rules["slur"] = "unsafe\nS10"
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, guard_keep_text=True
+    )
+    async with running_app(settings) as app:
+        await collect(app, say("a slur about them"))
+        assert [r["text"] for r in await verdict_rows(app)] == ["a slur about them"]
+
+
+async def test_image_prompts_go_through_the_input_check(app: App, script: GuardScript) -> None:
+    script.rules["gore"] = "unsafe\nS1"
+    assert app.guard is not None
+    mimi = app.engine.persona_named("mimi")
+    ok = await app.guard.check_image_prompt("a cat in a hat", persona=mimi, platform="discord")
+    bad = await app.guard.check_image_prompt(
+        "gore everywhere", persona=mimi, platform="discord", user_key="discord:1"
+    )
+    assert ok.safe and not ok.categories
+    assert not bad.safe and bad.blocked and bad.categories == ["S1"]
+    rows = await verdict_rows(app)
+    assert [(r["kind"], r["verdict"], r["platform"]) for r in rows] == [
+        ("image_prompt", "safe", "discord"),
+        ("image_prompt", "unsafe", "discord"),
+    ]
+
+
+# ------------------------------------------------------------------ blocked outputs
+
+
+async def test_blocked_output_is_never_shown_and_the_reply_judged_is_the_reply(
+    app: App, fake_ollama: FakeOllama, guard_fake: FakeOllama, script: GuardScript
+) -> None:
+    script.rules["HATEFUL"] = "unsafe\nS10"
+    fake_ollama.queue_reply("Here is something HATEFUL about them.")
+    events = await collect(app, say("tell me about my neighbours"))
+    assert not [e for e in events if isinstance(e, Delta)], "nothing of it was shown"
+    failed = events[-1]
+    assert isinstance(failed, Failed) and not failed.retract
+    assert "withheld" in failed.text and "S10 Hate" in failed.text
+    assert await history(app) == []
+    # Issue 11440: the guard answers about the LAST USER message only, so the reply must be
+    # sent as exactly that; sent as the assistant's turn it would be judged on the question.
+    output_check = guard_fake.chat_requests()[-1]["messages"]
+    assert output_check == [{"role": "user", "content": "Here is something HATEFUL about them."}]
+    rows = await verdict_rows(app)
+    assert [(r["kind"], r["verdict"], r["blocked"]) for r in rows] == [
+        ("input", "safe", False),
+        ("output", "unsafe", True),
+    ]
+
+
+async def test_whole_reply_is_held_until_checked(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    reply = "One. Two. Three. Four."
+    script.delays[reply] = 0.3
+    fake_ollama.token_delay = 0.02
+    fake_ollama.queue_reply(reply)
+    events = await timed(app, say("count"))
+    deltas = [(t, e) for t, e in events if isinstance(e, Delta)]
+    assert [e.text for _, e in deltas] == [reply], "one piece, after the check"
+    assert deltas[0][0] >= script.answered_at[-1]
+    done = events[-1][1]
+    assert isinstance(done, Done) and done.text == reply
+    assert await history(app) == ["count", reply]
+
+
+async def test_paragraph_mode_shows_checked_paragraphs_and_retracts_on_a_block(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+    script: GuardScript,
+) -> None:
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, guard_stream_mode="paragraph"
+    )
+    async with running_app(settings) as app:
+        fake_ollama.queue_reply("First part.\n\nSecond part.\n\nThe end.")
+        events = await collect(app, say("story please"))
+        deltas = [e.text for e in events if isinstance(e, Delta)]
+        assert deltas == ["First part.\n\n", "Second part.\n\n", "The end."]
+        assert isinstance(events[-1], Done)
+        # each check covers the reply so far
+        assert script.judged[-3:] == [
+            "First part.\n\n",
+            "First part.\n\nSecond part.\n\n",
+            "First part.\n\nSecond part.\n\nThe end.",
+        ]
+        script.rules["HATEFUL"] = "unsafe\nS10"
+        fake_ollama.queue_reply("Fine start.\n\nThen HATEFUL words.\n\nMore.")
+        events = await collect(app, say("another", conversation="c2"))
+        assert [e.text for e in events if isinstance(e, Delta)] == ["Fine start.\n\n"]
+        failed = events[-1]
+        assert isinstance(failed, Failed) and failed.retract and "S10 Hate" in failed.text
+        assert await history(app, "c2") == []
+
+
+# ------------------------------------------------------------------ speed
+
+
+async def test_nothing_is_shown_before_the_input_verdict(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    script.delays["hello there"] = 0.5  # a slow guard, a fast model
+    fake_ollama.queue_reply("Hi!")
+    started = time.perf_counter()
+    events = await timed(app, say("hello there"))
+    input_answered = script.answered_at[0]
+    assert input_answered - started >= 0.5
+    assert all(t >= input_answered for t, _ in events), "no event before the verdict"
+    assert isinstance(events[-1][1], Done)
+
+
+async def test_fast_model_text_never_shows_when_the_slow_guard_blocks(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    script.rules["knife"] = "unsafe\nS1"
+    script.delays["knife"] = 0.4
+    fake_ollama.queue_reply("FAST MODEL TEXT")
+    events = await collect(app, say("the knife thing"))
+    assert all("FAST MODEL" not in getattr(e, "text", "") for e in events)
+    assert isinstance(events[-1], Done) and "Violent Crimes" in events[-1].text
+    assert fake_ollama.chat_requests(), "the model had started: the check ran alongside it"
+    await app.engine.drain()
+    stopped = await app.pool.fetchrow(
+        "SELECT ok, error FROM model_calls WHERE purpose = 'chat' ORDER BY id DESC LIMIT 1"
+    )
+    assert stopped["error"] == "stopped: the guard refused its input"
+
+
+async def test_input_check_runs_alongside_generation(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    arrived: list[float] = []
+
+    def chat(body: dict[str, Any]) -> str:
+        arrived.append(time.perf_counter())
+        return "Hello, friend."
+
+    fake_ollama.responder = chat
+    fake_ollama.first_token_delay = 0.4
+    script.delays["good morning"] = 0.4
+    await collect(app, say("warm up"))  # connections and templates
+    started = time.perf_counter()
+    events = await timed(app, say("good morning"))
+    first_shown = next(t for t, e in events if isinstance(e, Delta)) - started
+    assert arrived[-1] < script.answered_at[-1], "generation started before the verdict"
+    assert first_shown < 0.7, f"the waits overlap (0.4 s each), took {first_shown:.2f} s"
+
+
+# ------------------------------------------------------------------ guard down, slow or confused
+
+
+async def test_guard_down_closed_refuses_with_a_notice(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    down = dead_url()
+    async with running_app(guard_settings(tmp_path, database_url, fake_ollama, down)) as app:
+        fake_ollama.queue_reply("unmoderated text")
+        events = await collect(app, say("hi", platform="discord"))
+        assert [type(e) for e in events] == [Failed]
+        assert events[0].text == INPUT_UNCHECKED  # type: ignore[union-attr]
+        assert await history(app, platform="discord") == []
+        rows = await verdict_rows(app)
+        assert (rows[0]["verdict"], rows[0]["policy"], rows[0]["blocked"]) == (
+            "unknown",
+            "closed",
+            True,
+        )
+        assert rows[0]["reason"] == "nothing is listening there"
+
+
+async def test_guard_down_open_answers_with_a_visible_notice(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    down = dead_url()
+    async with running_app(guard_settings(tmp_path, database_url, fake_ollama, down)) as app:
+        fake_ollama.queue_reply("Hi Alice!")
+        events = await collect(app, say("hi", platform="console"))
+        assert Notice(UNMODERATED) in events
+        assert isinstance(events[-1], Done) and events[-1].text == "Hi Alice!"
+        assert await history(app, platform="console") == ["hi", "Hi Alice!"]
+        rows = await verdict_rows(app)
+        assert [(r["kind"], r["verdict"], r["policy"], r["blocked"]) for r in rows] == [
+            ("input", "unknown", "open", False),
+            ("output", "unknown", "open", False),
+        ]
+
+
+async def test_slow_guard_times_out_into_the_fail_policy(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, guard_fake: FakeOllama
+) -> None:
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, guard_timeout=0.3
+    )
+    async with running_app(settings) as app:
+        guard_fake.hang = True
+        started = time.perf_counter()
+        events = await collect(app, say("hello", platform="matrix"))
+        assert time.perf_counter() - started < 1.5
+        assert [type(e) for e in events] == [Failed]
+        events = await collect(app, say("hello", platform="console"))
+        assert isinstance(events[-1], Done) and Notice(UNMODERATED) in events
+        guard_fake.hang = False
+        rows = await verdict_rows(app)
+        assert rows[0]["reason"] == "it did not answer within 0.3s"
+        assert [r["policy"] for r in rows] == ["closed", "open", "open"]
+
+
+async def test_malformed_verdict_is_unknown(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    script.rules["hi"] = "I am not sure what you mean"
+    fake_ollama.queue_reply("Hi!")
+    events = await collect(app, say("hi"))
+    assert [type(e) for e in events] == [Failed]
+    rows = await verdict_rows(app)
+    assert (rows[0]["verdict"], rows[0]["reason"]) == ("unknown", "it gave a malformed verdict")
+
+
+async def test_output_unknown_under_closed_policy_is_withheld(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    script.rules["WEIRD"] = "unsafe"  # no category line: malformed
+    fake_ollama.queue_reply("A WEIRD reply.")
+    events = await collect(app, say("hi"))
+    assert not [e for e in events if isinstance(e, Delta)]
+    assert events[-1] == Failed(OUTPUT_UNCHECKED)
+
+
+async def test_guard_off_checks_nothing_and_streams(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, guard_fake: FakeOllama
+) -> None:
+    settings = guard_settings(
+        tmp_path, database_url, fake_ollama, guard_fake.url, guard_enabled=False
+    )
+    async with running_app(settings) as app:
+        fake_ollama.queue_reply("Several words in pieces.")
+        events = await collect(app, say("hi"))
+        assert len([e for e in events if isinstance(e, Delta)]) > 1
+        assert guard_fake.chat_requests() == []
+        assert await verdict_rows(app) == []
+
+
+# ------------------------------------------------------------------ the terminal, as a user runs it
+
+
+async def test_terminal_without_a_guard_says_replies_are_not_moderated(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.queue_reply("Hi Alice!")
+    env = base_env(tmp_path, database_url, fake_ollama.url)
+    env |= {"GUARD_ENABLED": "true", "GUARD_HOST": dead_url()}
+    code, out, err = await run_bot("chat", "--user", "alice", "-m", "hi", env=env)
+    assert code == 0, err
+    assert out == "Hi Alice!\n"
+    assert f"[{UNMODERATED}]" in err
+
+
+async def test_terminal_refuses_in_character(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+    script: GuardScript,
+) -> None:
+    script.rules["knife"] = "unsafe\nS1"
+    env = base_env(tmp_path, database_url, fake_ollama.url)
+    env |= {"GUARD_ENABLED": "true", "GUARD_HOST": guard_fake.url}
+    code, out, err = await run_bot("chat", "--user", "alice", "-m", "the knife", env=env)
+    assert code == 0, err
+    assert "Mimi" in out and "Violent Crimes" in out
+    assert "refusal (S1 Violent Crimes)" in err
