@@ -1,179 +1,121 @@
-"""A small Prometheus registry: counters, gauges and histograms with labels, in text format 0.0.4.
+"""What the process counts itself, in a prometheus-client registry of its own (one per app).
 
-One `Metrics` per app (no global state), handed to the engine and read by `bot/ops/web.py`.
-Services that keep their own records in Postgres (the ledger, guard verdicts, wakes) are read at
-scrape time instead of being counted twice: `bot/ops/web.py` adds those samples to the page.
+`Metrics` holds the counters and histograms the engine and scheduler count into; `/metrics`
+(bot/ops/web.py) serves the registry with `generate_latest`. Figures that other services keep in
+Postgres (the ledger, guard verdicts, backend sessions) are not counted twice: a custom collector
+(bot/ops/scrape.py) reads them when /metrics is scraped and adds them to the same registry.
+
+The small wrappers keep call sites short (`metrics.replies.inc(platform=..., outcome=...)`) and
+let tests read one labelled value back (`value()`, `count()`).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-LabelValues = tuple[str, ...]
+import prometheus_client
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as _PromCounter
+from prometheus_client import Histogram as _PromHistogram
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+# `*_created` samples double the page for no use here (and the names predate them).
+prometheus_client.disable_created_metrics()
 
 
-def sample(name: str, labels: dict[str, str], value: float) -> str:
-    """One exposition line, `name{a="b"} value`."""
-    if labels:
-        inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-        return f"{name}{{{inner}}} {_number(value)}"
-    return f"{name} {_number(value)}"
+def _sample_value(
+    registry: CollectorRegistry, name: str, labels: dict[str, str], default: float = 0.0
+) -> float:
+    found = registry.get_sample_value(name, labels)
+    return default if found is None else found
 
 
-def header(name: str, kind: str, help_text: str) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+class Counter:
+    """A labelled counter: `inc(amount, **labels)`, `value(**labels)`."""
 
-
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, name: str, help_text: str, labels: Sequence[str] = ()
+    ) -> None:
         self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labels)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, str]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def _labels(self, key: LabelValues) -> dict[str, str]:
-        return dict(zip(self.labelnames, key, strict=True))
-
-    def render(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[LabelValues, float] = {}
+        self._registry = registry
+        self._metric = _PromCounter(name, help_text, tuple(labels), registry=registry)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("counters only go up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        target = self._metric.labels(**labels) if labels else self._metric
+        target.inc(amount)
 
     def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        lines = header(self.name, self.kind, self.help)
-        for key, value in sorted(self._values.items()):
-            lines.append(sample(self.name, self._labels(key), value))
-        return lines
+        sample = self.name if self.name.endswith("_total") else f"{self.name}_total"
+        return _sample_value(self._registry, sample, labels)
 
 
-class Gauge(Counter):
-    kind = "gauge"
-
-    def set(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = value
-
-
-class Histogram(_Metric):
-    kind = "histogram"
+class Histogram:
+    """A labelled histogram: `observe(value, **labels)`, `count(**labels)`."""
 
     def __init__(
         self,
+        registry: CollectorRegistry,
         name: str,
         help_text: str,
         labels: Sequence[str] = (),
-        buckets: Iterable[float] = LATENCY_BUCKETS,
+        buckets: Sequence[float] = LATENCY_BUCKETS,
     ) -> None:
-        super().__init__(name, help_text, labels)
-        self.buckets = tuple(sorted(buckets))
-        self._counts: dict[LabelValues, list[int]] = {}
-        self._sums: dict[LabelValues, float] = {}
+        self.name = name
+        self._registry = registry
+        self._metric = _PromHistogram(
+            name, help_text, tuple(labels), registry=registry, buckets=tuple(buckets)
+        )
 
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-            counts[-1] += 1
-            self._sums[key] = self._sums.get(key, 0.0) + value
+        target = self._metric.labels(**labels) if labels else self._metric
+        target.observe(value)
 
     def count(self, **labels: str) -> int:
-        counts = self._counts.get(self._key(labels))
-        return counts[-1] if counts else 0
-
-    def render(self) -> list[str]:
-        lines = header(self.name, self.kind, self.help)
-        for key, counts in sorted(self._counts.items()):
-            labels = self._labels(key)
-            for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-                le = "+Inf" if math.isinf(bound) else _number(bound)
-                lines.append(sample(f"{self.name}_bucket", {**labels, "le": le}, count))
-            lines.append(sample(f"{self.name}_sum", labels, self._sums[key]))
-            lines.append(sample(f"{self.name}_count", labels, counts[-1]))
-        return lines
+        return int(_sample_value(self._registry, f"{self.name}_count", labels))
 
 
 class Metrics:
-    """What the process counts itself; names follow Prometheus conventions (`_total`)."""
+    """The app's registry and what the process counts; names follow Prometheus conventions."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
         self.replies = Counter(
+            r,
             "personabot_replies_total",
             "Messages answered, by platform and outcome (done, failed, cancelled).",
             ("platform", "outcome"),
         )
         self.reply_seconds = Histogram(
+            r,
             "personabot_reply_seconds",
             "Time from a message to the end of its reply.",
             ("platform",),
         )
         self.first_token_seconds = Histogram(
+            r,
             "personabot_first_token_seconds",
             "Time from a message to the first piece of its reply.",
             ("platform",),
         )
         self.model_calls = Counter(
+            r,
             "personabot_model_calls_total",
             "Model calls by backend and result (ok, error).",
             ("backend", "result"),
         )
         self.scheduled_runs = Counter(
+            r,
             "personabot_scheduled_jobs_total",
             "Scheduled job runs by job and result (ok, error, skipped).",
             ("job", "result"),
         )
 
-    def all(self) -> list[_Metric]:
-        return [m for m in vars(self).values() if isinstance(m, _Metric)]
-
-    def render(self) -> list[str]:
-        lines: list[str] = []
-        for metric in self.all():
-            lines.extend(metric.render())
-        return lines
+    def render(self) -> bytes:
+        """The registry in Prometheus text format (what /metrics serves)."""
+        return prometheus_client.generate_latest(self.registry)
 
 
 class ReplyTimer:

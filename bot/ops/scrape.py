@@ -1,19 +1,23 @@
-"""Samples gathered when /metrics is scraped: process state, backends, and what other services
+"""Figures gathered when /metrics is scraped: process state, backends, and what other services
 keep in Postgres (the spend ledger, backend sessions, guard verdicts).
 
-Each source is optional: a table that does not exist (its feature is not installed) or an object
-without the attribute simply adds nothing. Reading the tables at scrape time means one replica
-reports the totals of all, and nothing is counted twice.
+`ScrapeCollector` is a prometheus-client custom collector registered in the app's registry.
+`refresh()` reads everything (the database asynchronously, under a time-out) just before the web
+server renders the registry; `collect()` then yields what was read. Each source is optional: a
+table that does not exist (its feature is not installed) or an object without the attribute simply
+adds nothing. Reading the tables at scrape time means one replica reports the totals of all, and
+nothing is counted twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bot.ops.metrics import header, sample
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -22,28 +26,41 @@ log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT = 5.0
 
-TableReader = Callable[[Any], Awaitable[list[str]]]
+TableReader = Callable[[Any], Awaitable[list[Metric]]]
 
 
-async def scrape(app: App, adapters: Sequence[Any]) -> list[str]:
-    lines = _process(app, adapters) + _backends(app)
-    lines += await _database(app.pool)
-    return lines
+class ScrapeCollector(Collector):
+    """The figures read at scrape time, for one app and the runner's adapters."""
+
+    def __init__(self, app: App, adapters: Sequence[Any]) -> None:
+        self._app = app
+        self._adapters = adapters
+        self._families: list[Metric] = []
+
+    async def refresh(self) -> None:
+        families = _process(self._app, self._adapters) + _backends(self._app)
+        families += await _database(self._app.pool)
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
 
 
-def _process(app: App, adapters: Sequence[Any]) -> list[str]:
-    lines = header("personabot_live_conversations", "gauge", "Conversations with a reply underway.")
-    lines.append(sample("personabot_live_conversations", {}, app.engine.live_conversations))
-    lines += header(
-        "personabot_adapter_connected", "gauge", "1 when the platform adapter is connected."
+def _process(app: App, adapters: Sequence[Any]) -> list[Metric]:
+    live = GaugeMetricFamily(
+        "personabot_live_conversations", "Conversations with a reply underway."
+    )
+    live.add_metric([], app.engine.live_conversations)
+    connected = GaugeMetricFamily(
+        "personabot_adapter_connected",
+        "1 when the platform adapter is connected.",
+        labels=["adapter"],
     )
     for adapter in adapters:
-        connected = getattr(adapter, "connected", None)
-        if connected is not None:
-            lines.append(
-                sample("personabot_adapter_connected", {"adapter": adapter.name}, int(connected))
-            )
-    return lines
+        flag = getattr(adapter, "connected", None)
+        if flag is not None:
+            connected.add_metric([adapter.name], int(flag))
+    return [live, connected]
 
 
 def _state_of(obj: Any) -> str | None:
@@ -65,46 +82,58 @@ def _backend_objects(app: App) -> list[Any]:
     return found + list(getattr(router, "brains", []))
 
 
-def _backends(app: App) -> list[str]:
-    state_name, breaker_name = "personabot_backend_state", "personabot_backend_breaker"
-    wakes = "personabot_backend_wakes_total"
-    states = header(state_name, "gauge", "1 for the state each model backend is in.")
-    breakers = header(breaker_name, "gauge", "1 for each backend's circuit breaker state.")
-    woken = header(wakes, "counter", "Cold starts (wakes) of each backend by this process.")
+def _backends(app: App) -> list[Metric]:
+    states = GaugeMetricFamily(
+        "personabot_backend_state",
+        "1 for the state each model backend is in.",
+        labels=["backend", "state"],
+    )
+    breakers = GaugeMetricFamily(
+        "personabot_backend_breaker",
+        "1 for each backend's circuit breaker state.",
+        labels=["backend", "state"],
+    )
+    woken = CounterMetricFamily(
+        "personabot_backend_wakes",
+        "Cold starts (wakes) of each backend by this process.",
+        labels=["backend"],
+    )
     for backend in _backend_objects(app):
         name = str(getattr(backend, "name", type(backend).__name__))
         state = _state_of(backend)
         available = getattr(backend, "available", None)
         if state is None and isinstance(available, bool):
             state = "available" if available else "unavailable"
-        states.append(sample(state_name, {"backend": name, "state": state or "ready"}, 1))
+        states.add_metric([name, state or "ready"], 1)
         breaker = _state_of(getattr(backend, "breaker", None))
         if breaker is not None:
-            breakers.append(sample(breaker_name, {"backend": name, "state": breaker}, 1))
+            breakers.add_metric([name, breaker], 1)
         cold_starts = getattr(backend, "cold_starts", None)
         if isinstance(cold_starts, int):
-            woken.append(sample(wakes, {"backend": name}, cold_starts))
-    return states + breakers + woken
+            woken.add_metric([name], cold_starts)
+    return [states, breakers, woken]
 
 
-async def _database(pool: Any) -> list[str]:
-    lines = header("personabot_database_up", "gauge", "1 when the database answered this scrape.")
+async def _database(pool: Any) -> list[Metric]:
+    up = GaugeMetricFamily("personabot_database_up", "1 when the database answered this scrape.")
     try:
         async with asyncio.timeout(SCRAPE_TIMEOUT), pool.acquire() as conn:
             tables = await conn.fetch(
                 "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
                 list(_TABLES),
             )
-            body: list[str] = []
+            body: list[Metric] = []
             for row in tables:
                 body += await _TABLES[row["t"]](conn)
     except Exception as exc:
         log.warning("metrics: the database did not answer (%s)", type(exc).__name__)
-        return [*lines, sample("personabot_database_up", {}, 0)]
-    return [*lines, sample("personabot_database_up", {}, 1), *body]
+        up.add_metric([], 0)
+        return [up]
+    up.add_metric([], 1)
+    return [up, *body]
 
 
-async def _ledger(conn: Any) -> list[str]:
+async def _ledger(conn: Any) -> list[Metric]:
     rows = await conn.fetch(
         "SELECT kind,"
         " coalesce(sum(cost) FILTER (WHERE status = 'settled'), 0) AS settled,"
@@ -112,43 +141,59 @@ async def _ledger(conn: Any) -> list[str]:
         "   AND month = date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0) AS month"
         " FROM ledger GROUP BY kind ORDER BY kind"
     )
-    total = "personabot_spend_dollars_total"
-    month = "personabot_spend_month_dollars"
-    lines = header(total, "counter", "Settled spend in US dollars since the start, by kind.")
-    lines += [sample(total, {"kind": r["kind"]}, float(r["settled"])) for r in rows]
-    lines += header(month, "gauge", "Spend this UTC month (settled and reserved), by kind.")
-    lines += [sample(month, {"kind": r["kind"]}, float(r["month"])) for r in rows]
-    return lines
+    total = CounterMetricFamily(
+        "personabot_spend_dollars",
+        "Settled spend in US dollars since the start, by kind.",
+        labels=["kind"],
+    )
+    month = GaugeMetricFamily(
+        "personabot_spend_month_dollars",
+        "Spend this UTC month (settled and reserved), by kind.",
+        labels=["kind"],
+    )
+    for r in rows:
+        total.add_metric([r["kind"]], float(r["settled"]))
+        month.add_metric([r["kind"]], float(r["month"]))
+    return [total, month]
 
 
-async def _backend_sessions(conn: Any) -> list[str]:
+async def _backend_sessions(conn: Any) -> list[Metric]:
     rows = await conn.fetch(
         "SELECT backend, reason, count(*) AS n, coalesce(sum(gpu_seconds), 0) AS seconds"
         " FROM backend_sessions GROUP BY backend, reason ORDER BY backend, reason"
     )
-    wakes = "personabot_backend_sessions_total"
-    seconds = "personabot_backend_gpu_seconds_total"
-    lines = header(wakes, "counter", "Wake-to-stop sessions of woken backends, by end reason.")
-    lines += [sample(wakes, {"backend": r["backend"], "reason": r["reason"]}, r["n"]) for r in rows]
-    lines += header(seconds, "counter", "Seconds woken backends ran, by backend.")
+    wakes = CounterMetricFamily(
+        "personabot_backend_sessions",
+        "Wake-to-stop sessions of woken backends, by end reason.",
+        labels=["backend", "reason"],
+    )
+    seconds = CounterMetricFamily(
+        "personabot_backend_gpu_seconds",
+        "Seconds woken backends ran, by backend.",
+        labels=["backend"],
+    )
     per_backend: dict[str, float] = {}
     for r in rows:
+        wakes.add_metric([r["backend"], r["reason"]], r["n"])
         per_backend[r["backend"]] = per_backend.get(r["backend"], 0.0) + float(r["seconds"])
-    lines += [sample(seconds, {"backend": b}, s) for b, s in sorted(per_backend.items())]
-    return lines
+    for backend, total in sorted(per_backend.items()):
+        seconds.add_metric([backend], total)
+    return [wakes, seconds]
 
 
-async def _guard_verdicts(conn: Any) -> list[str]:
+async def _guard_verdicts(conn: Any) -> list[Metric]:
     rows = await conn.fetch(
         "SELECT kind, verdict, blocked, count(*) AS n FROM moderation_verdicts"
         " GROUP BY kind, verdict, blocked ORDER BY kind, verdict, blocked"
     )
-    name = "personabot_guard_verdicts_total"
-    lines = header(name, "counter", "Llama Guard verdicts by check, verdict and whether blocked.")
+    verdicts = CounterMetricFamily(
+        "personabot_guard_verdicts",
+        "Llama Guard verdicts by check, verdict and whether blocked.",
+        labels=["kind", "verdict", "blocked"],
+    )
     for r in rows:
-        labels = {"kind": r["kind"], "verdict": r["verdict"], "blocked": str(r["blocked"]).lower()}
-        lines.append(sample(name, labels, r["n"]))
-    return lines
+        verdicts.add_metric([r["kind"], r["verdict"], str(r["blocked"]).lower()], r["n"])
+    return [verdicts]
 
 
 _TABLES: dict[str, TableReader] = {

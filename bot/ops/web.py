@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from bot.ops.scrape import scrape
+from bot.ops.scrape import ScrapeCollector
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_TIMEOUT = 3.0
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def adapter_state(adapter: Any) -> str:
@@ -57,6 +57,9 @@ class WebServer:
         self.port = port
         self.adapters: list[Any] = list(adapters or [])
         self._runner: web.AppRunner | None = None
+        # The figures read at scrape time join the app's registry while this server runs.
+        self._scrape = ScrapeCollector(app, self.adapters)
+        self._scraping = False
 
     def _web_app(self) -> web.Application:
         web_app = web.Application()
@@ -65,6 +68,8 @@ class WebServer:
         return web_app
 
     async def start(self) -> None:
+        self.app.metrics.registry.register(self._scrape)
+        self._scraping = True
         self._runner = web.AppRunner(self._web_app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -74,6 +79,9 @@ class WebServer:
         log.info("health and metrics on http://%s:%d", self.host, self.port)
 
     async def stop(self) -> None:
+        if self._scraping:
+            self.app.metrics.registry.unregister(self._scrape)
+            self._scraping = False
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -103,9 +111,7 @@ class WebServer:
         return web.json_response(report, status=200 if healthy else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        lines = self.app.metrics.render()
-        lines += await scrape(self.app, self.adapters)
+        await self._scrape.refresh()
         return web.Response(
-            body=("\n".join(lines) + "\n").encode("utf-8"),
-            headers={"Content-Type": CONTENT_TYPE},
+            body=self.app.metrics.render(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
         )

@@ -188,11 +188,11 @@ def test_histogram_buckets_are_cumulative() -> None:
     metrics = Metrics()
     for seconds in (0.05, 0.3, 0.3, 7.0, 500.0):
         metrics.reply_seconds.observe(seconds, platform="discord")
-    found = samples("\n".join(metrics.render()) + "\n")
+    found = samples(metrics.render().decode())
     bucket = "personabot_reply_seconds_bucket"
     assert value(found, bucket, platform="discord", le="0.1") == 1
     assert value(found, bucket, platform="discord", le="0.5") == 3
-    assert value(found, bucket, platform="discord", le="10") == 4
+    assert value(found, bucket, platform="discord", le="10.0") == 4
     assert value(found, bucket, platform="discord", le="+Inf") == 5
     assert value(found, "personabot_reply_seconds_sum", platform="discord") == 507.65
     assert isinstance(metrics.reply_seconds, Histogram)
@@ -201,7 +201,7 @@ def test_histogram_buckets_are_cumulative() -> None:
 def test_label_values_are_escaped() -> None:
     metrics = Metrics()
     metrics.model_calls.inc(backend='od"d\\name\nx', result="ok")
-    found = samples("\n".join(metrics.render()) + "\n")
+    found = samples(metrics.render().decode())
     assert value(found, "personabot_model_calls_total", backend='od"d\\name\nx', result="ok") == 1
 
 
