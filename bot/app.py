@@ -27,6 +27,7 @@ from bot.errors import PersonaError
 from bot.images.commands import register_imagine_command
 from bot.images.draw_tool import DrawTool
 from bot.images.service import ImageService, build_images
+from bot.memory.commands import register as register_memory_commands
 from bot.memory.service import Memory, build_memory
 from bot.ops.metrics import Metrics
 from bot.ops.notify import AdminNotifier
@@ -138,6 +139,7 @@ async def running_app(
     scheduler = Scheduler(pool, metrics=engine.metrics)  # pool: jobs run once across replicas
     schedule_month_summary(scheduler, ledger, notifier)
     commands = Commands(engine)
+    register_memory_commands(commands, memory)
     register_spend_command(commands, ledger, settings.data_dir / "reports")
     images = build_images(settings, pool, ledger, guard=moderation.guard)
     register_imagine_command(commands, images)

@@ -78,10 +78,7 @@ class Commands:
             self._persona,
         )
         self.register("reset", "reset", "forget this conversation's history", self._reset)
-        if engine.memory is not None:  # long-term memory (issue 5): memories, forget
-            from bot.memory.commands import register as register_memory_commands
-
-            register_memory_commands(self, engine.memory)
+        # Capabilities add their own (/memories, /forget, /spend, /imagine) from bot/app.py.
 
     def register(self, name: str, usage: str, summary: str, handler: Handler) -> None:
         self._commands[name] = Command(name, usage, summary, handler)
