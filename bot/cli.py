@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("-m", "--message", help="send one message, print the reply, exit")
     sub.add_parser("run", help="run the configured chat platforms (Discord, Matrix)")
     sub.add_parser("migrate", help="apply pending database migrations")
+    reference = sub.add_parser(
+        "config-reference", help="print every setting as a Markdown table (from Settings)"
+    )
+    reference.add_argument(
+        "--write", action="store_true", help="rewrite the table in docs/configuration.md"
+    )
     doctor = sub.add_parser("doctor", help="check the configuration, database, models, credentials")
     doctor.add_argument("--online", action="store_true", help="also ask Discord and Matrix")
     sub.add_parser("healthcheck", help="ask the running bot's /healthz; exit 0 when healthy")
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
         from bot.ops.doctor import run_doctor
 
         return run_doctor(online=args.online)
+    if args.command == "config-reference":  # documentation of Settings, not its values
+        from bot.ops.config_reference import config_reference_cli
+
+        return config_reference_cli(args.write)
     if args.command == "simulate-cost":  # no settings, database or network: a virtual clock
         from bot.brains.simulate import simulate_cli
 
