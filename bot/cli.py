@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     personas_sub = personas.add_subparsers(dest="personas_command", required=True)
     check = personas_sub.add_parser("check", help="validate every persona file")
     check.add_argument("directory", nargs="?", type=Path, help="default: PERSONAS_DIR")
+    card = personas_sub.add_parser(
+        "import", help="write a persona from a character card (V2/V3, PNG or JSON)"
+    )
+    card.add_argument("file", type=Path, help="the card: a .png with the card in it, or .json")
+    card.add_argument("--dir", type=Path, help="where to write it; default: PERSONAS_DIR")
+    card.add_argument("--force", action="store_true", help="replace a persona of the same name")
     return parser
 
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
             return asyncio.run(_migrate(settings))
         if args.command == "spend":
             return asyncio.run(spend_cli(settings, args, sys.stdout))
+        if args.personas_command == "import":
+            return _personas_import(args.file, args.dir or settings.personas_dir, args.force)
         return _personas_check(args.directory or settings.personas_dir)
     except BotError as exc:
         log.error("%s", exc)
@@ -133,6 +141,16 @@ def _personas_check(directory: Path) -> int:
     for problem in problems:
         sys.stdout.write(f"bad {problem}\n")
     return 1 if problems or not personas else 0
+
+
+def _personas_import(source: Path, directory: Path, force: bool) -> int:
+    from bot.core.cards import import_card
+
+    imported = import_card(source, directory, force=force)
+    for path in imported.written:
+        sys.stdout.write(f"wrote {path}\n")
+    sys.stdout.write(f"ok  {imported.name}: switch a conversation to it with /persona\n")
+    return 0
 
 
 def _login_name() -> str:

@@ -45,6 +45,12 @@ class Persona(BaseModel):
     include_time: bool = False
     rules: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)
+    # The situation the persona is in, and example exchanges that show its voice (both from
+    # character cards; optional), written into the prompt after the description.
+    scenario: str = ""
+    examples: list[str] = Field(default_factory=list)
+    # Its face: a picture file in personas/ or an https URL (optional).
+    avatar: str = ""
     memory: bool = True  # long-term memory (issue 5): recall and learn facts about users
     draw: bool = True  # images (issue 8): the model may call the draw_image tool in chat
     # Attention (issue 3): after being addressed, keep following the conversation with a
@@ -101,6 +107,20 @@ class Persona(BaseModel):
                 {"wrong": ", ".join(map(repr, wrong))},
             )
         return list(dict.fromkeys(code for code in codes if code is not None))
+
+    @field_validator("avatar")
+    @classmethod
+    def _check_avatar(cls, value: str) -> str:
+        if not value or value.startswith("https://"):
+            return value
+        picture = PurePosixPath(value)
+        if picture.is_absolute() or ".." in picture.parts or "\\" in value or "/" in value:
+            raise PydanticCustomError(
+                "avatar", "must be a picture file in the personas directory or an https URL"
+            )
+        if picture.suffix.lower() not in {".png", ".jpg", ".jpeg", ".gif", ".webp"}:
+            raise PydanticCustomError("avatar", "must be a .png, .jpg, .gif or .webp picture")
+        return value
 
     @field_validator("prompt_template")
     @classmethod
@@ -231,6 +251,11 @@ def _duplicate_keys(root: yaml.MappingNode) -> list[PersonaProblem]:
     return problems
 
 
+def _avatar_missing(persona: Persona, path: Path) -> bool:
+    local = bool(persona.avatar) and not persona.avatar.startswith("https://")
+    return local and not (path.parent / persona.avatar).is_file()
+
+
 def load_persona_file(path: Path) -> Persona:
     """Parse and validate one persona file; raise `PersonaFileError` listing every problem."""
     root, data = _parse_yaml(path, _read_text(path))
@@ -245,6 +270,9 @@ def load_persona_file(path: Path) -> Persona:
     if persona is not None and persona.name != path.stem:
         message = f"{persona.name!r} must match the file name (expected {path.stem!r})"
         problems.append(PersonaProblem(_line_for(root, ("name",)), "name", message))
+    if persona is not None and _avatar_missing(persona, path):
+        message = f"no picture {persona.avatar!r} beside the persona file"
+        problems.append(PersonaProblem(_line_for(root, ("avatar",)), "avatar", message))
     if problems or persona is None:
         problems.sort(key=lambda problem: problem.line or 0)
         raise PersonaFileError(path, problems)
