@@ -7,11 +7,13 @@ Secrets are `SecretStr` so that `repr()`, logs and error messages never show the
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
+from dotenv import dotenv_values
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -95,6 +97,11 @@ class Settings(BaseSettings):
     backend_breaker_base: float = Field(default=5.0, gt=0)
     backend_breaker_max: float = Field(default=300.0, gt=0)
     backend_queue_wait: float = Field(default=600.0, gt=0)  # persona fallback "queue"
+    backend_bad_key_rest: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds an OpenAI-compatible backend rests after refusing its key (401/403)",
+    )
     fly_api_url: str = "https://api.machines.dev"
 
     # Long-term memory (issue 5): facts per user in pgvector, recalled into the prompt
@@ -212,6 +219,14 @@ class Settings(BaseSettings):
     discord_rate_burst: int = Field(default=5, ge=0)
     discord_admin_channel: int | None = Field(default=None, description="admin notices go here")
     discord_shutdown_grace: float = Field(default=15.0, ge=0, le=18, description="runner: 20 s")
+
+    def api_key(self, variable: str) -> SecretStr | None:
+        """The value of the variable a backend's `api_key_env` names: the environment first,
+        then `.env`. Only the variable's name is ever configured, logged or shown."""
+        value = os.environ.get(variable)
+        if value is None and Path(".env").is_file():
+            value = dotenv_values(".env").get(variable)
+        return SecretStr(value) if value else None
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redaction filter."""
