@@ -66,7 +66,7 @@ def build_driver(spec: BackendSpec, settings: Settings) -> WakeDriver:
     return NoWake()
 
 
-def _api_key(spec: BackendSpec, settings: Settings) -> SecretStr | None:
+def api_key_for(spec: BackendSpec, settings: Settings) -> SecretStr | None:
     if spec.api_key_env is None:
         return None
     key = settings.api_key(spec.api_key_env)
@@ -85,7 +85,7 @@ def build_brain(
         return OpenAIBrain(
             spec.url,
             name=spec.name,
-            api_key=_api_key(spec, settings),
+            api_key=api_key_for(spec, settings),
             key_source=spec.api_key_env,
             model_ids={normalize_model(tag): served for tag, served in spec.model_ids().items()},
             usd_per_token=spec.cost.usd_per_token(),
