@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
+import yaml
 from dotenv import dotenv_values
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -228,9 +229,28 @@ class Settings(BaseSettings):
             value = dotenv_values(".env").get(variable)
         return SecretStr(value) if value else None
 
+    def _backend_key_variables(self) -> list[str]:
+        """The variables the backends' `api_key_env` name (BACKENDS or BACKENDS_FILE)."""
+        entries: Any = self.backends
+        if not entries and self.backends_file is not None:
+            try:
+                entries = yaml.safe_load(self.backends_file.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                return []  # the pool reports the file's problem when it is built
+        if isinstance(entries, dict):
+            entries = entries.get("backends")
+        if not isinstance(entries, list):
+            return []
+        names = [e.get("api_key_env") for e in entries if isinstance(e, dict)]
+        return [n for n in names if isinstance(n, str)]
+
     def secret_values(self) -> list[str]:
-        """Every configured secret, for the log redaction filter."""
+        """Every configured secret (backends' API keys too), for the log redaction filter."""
         values: list[str] = []
+        for variable in self._backend_key_variables():
+            key = self.api_key(variable)
+            if key is not None:
+                values.append(key.get_secret_value())
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):

@@ -126,9 +126,20 @@ def test_spec_kind_openai_and_its_errors(tmp_path: Path, monkeypatch: pytest.Mon
     assert not backend.free and backend.max_context == 8192 and backend.driver.always_on
     assert backend.brain.label("llama3.2") == f"{SERVED} on api (OpenAI-compatible API)"
 
+    assert KEY in settings.secret_values(), "the log filter redacts the backend's key"
+
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ConfigError, match=f"api_key_env names {KEY_ENV}, which is not set"):
         build_pool(settings)
+    monkeypatch.chdir(tmp_path)  # the key may also come from .env, like every setting
+    (tmp_path / ".env").write_text(f"{KEY_ENV}=sk-from-dotenv\n")
+    from_file = make_settings(tmp_path, "postgresql://x/y", "http://h", backends_file=None)
+    assert from_file.api_key(KEY_ENV) is not None
+    assert from_file.api_key(KEY_ENV).get_secret_value() == "sk-from-dotenv"  # type: ignore[union-attr]
+    path = tmp_path / "backends.yaml"
+    path.write_text(f"- {{name: api, kind: openai, url: x, api_key_env: {KEY_ENV}}}\n")
+    in_file = make_settings(tmp_path, "postgresql://x/y", "http://h", backends_file=path)
+    assert "sk-from-dotenv" in in_file.secret_values()
     wrong: list[tuple[dict[str, Any], str]] = [
         ({"url": "x", "models": {"a": "b"}}, "a mapping of model ids is for kind: openai"),
         ({"url": "x", "api_key_env": "K"}, "api_key_env: is for kind: openai"),
