@@ -422,3 +422,22 @@ async def test_max_context_skips_a_backend_the_prompt_does_not_fit(
             assert not answer.failures and len(small.chat_requests()) == 1
         finally:
             await router.aclose()
+
+
+async def test_the_app_tells_its_admins_once_about_a_refused_key(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-revoked-0a9b")
+    async with FakeOpenAI(key=KEY) as api:
+        settings = settings_for(tmp_path, database_url, [api_backend(api)])
+        async with running_app(settings) as app:
+            notices: list[str] = []
+
+            async def admin_room(text: str) -> None:
+                notices.append(text)
+
+            app.notifier.register("test", admin_room)
+            events = await collect(app, say("hello?"))
+            assert isinstance(events[-1], Failed) and events[-1].text == ModelError.user_message
+            assert "sk-revoked" not in events[-1].text
+    assert len(notices) == 1 and KEY_ENV in notices[0] and "sk-revoked" not in notices[0]
