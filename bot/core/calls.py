@@ -83,8 +83,11 @@ class CallLog:
             kind = "embed_tokens"
         elif "guard" in purpose or "moderat" in purpose:
             kind = "moderation_tokens"
-        who: dict[str, Any] = {"user_key": context.user_key, "platform": context.platform}
-        who["persona"] = context.persona
+        who: dict[str, Any] = {
+            "user_key": context.user_key,
+            "platform": context.platform,
+            "persona": context.persona,
+        }
         if stats.priced:  # a backend billed per token: input and output at their own prices
             for part, units, price in (
                 ("input", stats.prompt_tokens, stats.usd_per_input_token),

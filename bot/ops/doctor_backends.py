@@ -121,33 +121,31 @@ async def check_backends(settings: Settings) -> list[Check]:
             checks.append(check)
             if served is not None:
                 pulled[target.name] = served
-        elif isinstance(result, set):
-            pulled[target.name] = result
-            checks.append(
-                Check("ok", f"backend {target.name}", f"answers; {len(result)} models pulled")
-            )
-        elif target.wakes:
-            checks.append(
-                Check(
-                    "warn",
-                    f"backend {target.name}",
-                    f"{result}: probably asleep "
-                    "(it is woken on demand), so its models were not checked",
-                    "wake it and run the doctor again to check its models",
-                )
-            )
         else:
-            checks.append(
-                Check(
-                    "FAIL",
-                    f"backend {target.name}",
-                    result,
-                    f"start Ollama at {redact_host(target.url)} (`ollama serve`) or fix its URL",
-                )
-            )
+            if isinstance(result, set):
+                pulled[target.name] = result
+            checks.append(_ollama_check(target, result))
     checks += _model_checks(settings, targets, pulled)
     checks.append(_local_model(settings))
     return checks
+
+
+def _ollama_check(target: _Target, result: set[str] | str) -> Check:
+    if isinstance(result, set):
+        return Check("ok", f"backend {target.name}", f"answers; {len(result)} models pulled")
+    if target.wakes:
+        return Check(
+            "warn",
+            f"backend {target.name}",
+            f"{result}: probably asleep (it is woken on demand), so its models were not checked",
+            "wake it and run the doctor again to check its models",
+        )
+    return Check(
+        "FAIL",
+        f"backend {target.name}",
+        result,
+        f"start Ollama at {redact_host(target.url)} (`ollama serve`) or fix its URL",
+    )
 
 
 def _model_checks(
