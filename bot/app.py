@@ -115,7 +115,9 @@ async def running_app(
     ledger = Ledger(pool, Prices(pool), budgets=budgets, notifier=notifier)
     # Tests may pass their own brains; otherwise the backend pool (issue 6), then the local model.
     sessions = SessionBook(pool, ledger)
-    backends = build_pool(settings, sessions=sessions) if brains is None else None
+    backends = (
+        build_pool(settings, sessions=sessions, alert=notifier.send) if brains is None else None
+    )
     router = BrainRouter(
         brains if brains is not None else build_brains(settings, with_ollama=False),
         backends,

@@ -8,11 +8,14 @@ Secrets are `SecretStr` so that `repr()`, logs and error messages never show the
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
+import yaml
+from dotenv import dotenv_values
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -134,6 +137,11 @@ class Settings(BaseSettings):
     """the longest rest"""
     backend_queue_wait: float = Field(default=600.0, gt=0)  # persona fallback "queue"
     """how long a reply for a persona with `fallback: queue` waits for a backend to come back"""
+    backend_bad_key_rest: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds an OpenAI-compatible backend rests after refusing its key (401/403)",
+    )
     fly_api_url: str = "https://api.machines.dev"
     """Fly Machines API base URL"""
 
@@ -362,9 +370,36 @@ class Settings(BaseSettings):
     runner gives each adapter 20)
     """
 
+    def api_key(self, variable: str) -> SecretStr | None:
+        """The value of the variable a backend's `api_key_env` names: the environment first,
+        then `.env`. Only the variable's name is ever configured, logged or shown."""
+        value = os.environ.get(variable)
+        if value is None and Path(".env").is_file():
+            value = dotenv_values(".env").get(variable)
+        return SecretStr(value) if value else None
+
+    def _backend_key_variables(self) -> list[str]:
+        """The variables the backends' `api_key_env` name (BACKENDS or BACKENDS_FILE)."""
+        entries: Any = self.backends
+        if not entries and self.backends_file is not None:
+            try:
+                entries = yaml.safe_load(self.backends_file.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                return []  # the pool reports the file's problem when it is built
+        if isinstance(entries, dict):
+            entries = entries.get("backends")
+        if not isinstance(entries, list):
+            return []
+        names = [e.get("api_key_env") for e in entries if isinstance(e, dict)]
+        return [n for n in names if isinstance(n, str)]
+
     def secret_values(self) -> list[str]:
-        """Every configured secret, for the log redaction filter."""
+        """Every configured secret (backends' API keys too), for the log redaction filter."""
         values: list[str] = []
+        for variable in self._backend_key_variables():
+            key = self.api_key(variable)
+            if key is not None:
+                values.append(key.get_secret_value())
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
+
+from bot.errors import ModelUnavailable
+
+_CHARS_PER_TOKEN = 4  # the rough rule of bot/core/prompts.estimate_tokens
+_TOKENS_PER_MESSAGE = 4  # role and separators
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,15 @@ class ChatRequest:
             "repeat_penalty": self.repeat_penalty,
         }
 
+    def context_needed(self) -> int:
+        """Tokens this request needs: its prompt (estimated from characters) and the reply."""
+        prompt = 0
+        for message in self.messages:
+            content = message.get("content") or ""
+            text = content if isinstance(content, str) else str(content)
+            prompt += len(text) // _CHARS_PER_TOKEN + _TOKENS_PER_MESSAGE
+        return prompt + self.max_tokens
+
 
 @dataclass
 class CallStats:
@@ -43,6 +58,13 @@ class CallStats:
     eval_ms: float | None = None
     done_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # A backend billed per token (kind: openai with a cost): dollars per input/output token.
+    usd_per_input_token: Decimal | None = None
+    usd_per_output_token: Decimal | None = None
+
+    @property
+    def priced(self) -> bool:
+        return bool(self.usd_per_input_token or self.usd_per_output_token)
 
 
 @dataclass(frozen=True)
@@ -75,3 +97,13 @@ class Brain(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class BackendRefused(ModelUnavailable):
+    """The backend refused before the first token for a reason that says how long to leave it
+    alone: a bad key (401/403: long, and the admins are told) or a rate limit (429: as long as
+    its Retry-After says). `rest` is seconds; None means the breaker's usual back-off."""
+
+    def __init__(self, message: str, *, rest: float | None = None) -> None:
+        super().__init__(message)
+        self.rest = rest

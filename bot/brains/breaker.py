@@ -46,6 +46,11 @@ class CircuitBreaker:
         self.open_until = self._clock() + delay
         return delay
 
+    def rest(self, seconds: float) -> None:
+        """Record a failure whose rest the backend named (e.g. Retry-After): exactly that long."""
+        self.failures += 1
+        self.open_until = self._clock() + max(0.0, seconds)
+
     def success(self) -> None:
         self.failures = 0
         self.open_until = 0.0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from pydantic import SecretStr
+
 from bot.brains.breaker import CircuitBreaker
 from bot.brains.ollama_brain import OllamaBrain
-from bot.brains.pool import Backend, BackendPool
+from bot.brains.openai_brain import Alert, OpenAIBrain
+from bot.brains.pool import Backend, BackendPool, PoolBrain, normalize_model
 from bot.brains.sessions import SessionSink
 from bot.brains.spec import (
     BackendSpec,
@@ -63,13 +66,37 @@ def build_driver(spec: BackendSpec, settings: Settings) -> WakeDriver:
     return NoWake()
 
 
-def build_backend(
-    spec: BackendSpec, settings: Settings, clock: Callable[[], float] = time.monotonic
-) -> Backend:
-    driver = build_driver(spec, settings)
+def api_key_for(spec: BackendSpec, settings: Settings) -> SecretStr | None:
+    if spec.api_key_env is None:
+        return None
+    key = settings.api_key(spec.api_key_env)
+    if key is None:
+        raise ConfigError(
+            f"backend {spec.name or spec.url}: api_key_env names {spec.api_key_env},"
+            " which is not set"
+        )
+    return key
+
+
+def build_brain(
+    spec: BackendSpec, settings: Settings, *, always_on: bool, alert: Alert | None = None
+) -> PoolBrain:
+    if spec.kind == "openai":
+        return OpenAIBrain(
+            spec.url,
+            name=spec.name,
+            api_key=api_key_for(spec, settings),
+            key_source=spec.api_key_env,
+            model_ids={normalize_model(tag): served for tag, served in spec.model_ids().items()},
+            usd_per_token=spec.cost.usd_per_token(),
+            connect_timeout=settings.ollama_connect_timeout,
+            read_timeout=settings.ollama_read_timeout,
+            bad_key_rest=settings.backend_bad_key_rest,
+            alert=alert,
+        )
     keep_alive = spec.keep_alive
     if keep_alive is None:
-        keep_alive = settings.ollama_keep_alive if driver.always_on else _KEEP_LOADED
+        keep_alive = settings.ollama_keep_alive if always_on else _KEEP_LOADED
     brain = OllamaBrain(
         spec.url,
         connect_timeout=settings.ollama_connect_timeout,
@@ -78,12 +105,27 @@ def build_backend(
     )
     if spec.name:
         brain.name = spec.name
+    return brain
+
+
+def build_backend(
+    spec: BackendSpec,
+    settings: Settings,
+    clock: Callable[[], float] = time.monotonic,
+    alert: Alert | None = None,
+) -> Backend:
+    driver = build_driver(spec, settings)
+    brain = build_brain(spec, settings, always_on=driver.always_on, alert=alert)
+    per_in, per_out = spec.cost.usd_per_token()
     return Backend(
         name=brain.name,
         brain=brain,
         driver=driver,
-        models=frozenset(spec.models),
+        models=frozenset(spec.model_ids()),
         usd_per_second=spec.cost.usd_per_second(),
+        usd_per_input_token=per_in,
+        usd_per_output_token=per_out,
+        max_context=spec.max_context,
         idle_stop=_idle_stop(spec.idle_stop or settings.backend_idle_stop),
         breaker=CircuitBreaker(
             base=settings.backend_breaker_base, cap=settings.backend_breaker_max, clock=clock
@@ -96,8 +138,11 @@ def build_pool(
     *,
     sessions: SessionSink | None = None,
     clock: Callable[[], float] = time.monotonic,
+    alert: Alert | None = None,
 ) -> BackendPool:
-    backends = [build_backend(spec, settings, clock) for spec in backend_specs(settings)]
+    """The pool; `alert` reaches the admins (a backend refused its API key)."""
+    specs = backend_specs(settings)
+    backends = [build_backend(spec, settings, clock, alert) for spec in specs]
     names = [b.name for b in backends]
     if len(set(names)) != len(names):
         raise ConfigError("BACKENDS: two backends share a name; give each a `name`")

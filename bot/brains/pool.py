@@ -59,6 +59,9 @@ class Backend:
     driver: WakeDriver
     models: frozenset[str] = frozenset()  # normalised; empty serves any model
     usd_per_second: Decimal = Decimal(0)
+    usd_per_input_token: Decimal = Decimal(0)  # kind: openai, billed per token
+    usd_per_output_token: Decimal = Decimal(0)
+    max_context: int | None = None  # tokens; a request needing more skips this backend
     idle_stop: float | None = 300.0  # None: "auto", see idle_limit()
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     state: str = "asleep"  # asleep | waking | up | stopping
@@ -90,9 +93,17 @@ class Backend:
     def serves(self, model: str) -> bool:
         return not self.models or normalize_model(model) in self.models
 
+    def fits(self, context_needed: int | None) -> bool:
+        return (
+            self.max_context is None
+            or context_needed is None
+            or (context_needed <= self.max_context)
+        )
+
     @property
     def free(self) -> bool:
-        return self.usd_per_second == 0
+        """Costs nothing to use: neither GPU time nor tokens are billed (the degrade ladder)."""
+        return not (self.usd_per_second or self.usd_per_input_token or self.usd_per_output_token)
 
 
 class BackendPool:
@@ -113,9 +124,16 @@ class BackendPool:
         self.wake_timeout = wake_timeout
         self.poll_interval = poll_interval
 
-    def route(self, model: str, *, free_only: bool = False) -> tuple[list[Backend], list[Backend]]:
-        """(backends to try in order, backends serving the model but resting after failures)."""
-        serving = [b for b in self.backends if b.serves(model) and (b.free or not free_only)]
+    def route(
+        self, model: str, *, free_only: bool = False, context_needed: int | None = None
+    ) -> tuple[list[Backend], list[Backend]]:
+        """(backends to try in order, backends serving the model but resting after failures).
+        A backend whose `max_context` is below `context_needed` tokens is left out."""
+        serving = [
+            b
+            for b in self.backends
+            if b.serves(model) and (b.free or not free_only) and b.fits(context_needed)
+        ]
         resting = [b for b in serving if not b.breaker.allows()]
         usable = [b for b in serving if b.breaker.allows()]
         usable.sort(key=lambda b: b.state != "up")  # stable: configured order within each group
@@ -139,13 +157,18 @@ class BackendPool:
         backend.in_flight = max(0, backend.in_flight - 1)
         backend.last_used = self._clock()
 
-    async def failed(self, backend: Backend) -> None:
-        """A request failed before its first token: rest the backend (circuit breaker).
+    async def failed(self, backend: Backend, rest: float | None = None) -> None:
+        """A request failed before its first token: rest the backend (circuit breaker), for
+        `rest` seconds when the backend said how long (429's Retry-After, a bad key).
 
         A woken backend that stopped answering is put to sleep too, so the next request after
         the rest wakes it again instead of trusting a machine that may have gone away.
         """
-        self._rest(backend)
+        if rest is None:
+            self._rest(backend)
+        else:
+            backend.breaker.rest(rest)
+            log.warning("%s refused; resting it for %.0fs", backend.name, rest)
         if not backend.driver.always_on and backend.state == "up" and backend.in_flight == 0:
             await self._sleep(backend, "failed")
 

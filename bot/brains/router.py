@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.brains.base import Brain, CallStats, ChatRequest, Chunk, ToolCall
+from bot.brains.base import BackendRefused, Brain, CallStats, ChatRequest, Chunk, ToolCall
 from bot.brains.local import LOCAL_MODEL_NAME, LocalBrain
 from bot.brains.pool import Backend, BackendPool
 from bot.errors import ModelError, ModelInterrupted, ModelUnavailable
@@ -190,7 +190,9 @@ class BrainRouter:
         if notify is not None:
             notify(QUEUED_NOTICE.format(minutes=max(1, round(self.queue_wait / 60))))
         while (left := deadline - loop.time()) > 0:
-            usable, resting = pool.route(request.model, free_only=free_only)
+            usable, resting = pool.route(
+                request.model, free_only=free_only, context_needed=request.context_needed()
+            )
             if not usable and not resting:
                 return None
             soonest = min((b.breaker.remaining() for b in resting), default=0.0)
@@ -212,7 +214,9 @@ class BrainRouter:
         notify: Notify | None,
         free_only: bool,
     ) -> Answer | None:
-        usable, resting = pool.route(request.model, free_only=free_only)
+        usable, resting = pool.route(
+            request.model, free_only=free_only, context_needed=request.context_needed()
+        )
         for backend in resting:
             failures.append(Failure(backend.name, request.model, _RESTING))
         for backend in usable:
@@ -221,12 +225,12 @@ class BrainRouter:
             except ModelUnavailable as exc:
                 failures.append(Failure(backend.name, request.model, _reason(exc)))
                 continue
-            stream = backend.brain.stream(request)
+            stream = backend.brain.stream(_fitted(request, backend))
             try:
                 first = await anext(stream)
             except (ModelUnavailable, StopAsyncIteration) as exc:
                 pool.release(backend)
-                await pool.failed(backend)
+                await pool.failed(backend, exc.rest if isinstance(exc, BackendRefused) else None)
                 failures.append(Failure(backend.name, request.model, _reason(exc)))
                 await stream.aclose()  # type: ignore[attr-defined]
                 continue
@@ -256,6 +260,13 @@ def _without_tools(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             plain.append(message)
     return plain
+
+
+def _fitted(request: ChatRequest, backend: Backend) -> ChatRequest:
+    """The request within the backend's `max_context` (Ollama's num_ctx is sized from it)."""
+    if backend.max_context is None or request.context_window <= backend.max_context:
+        return request
+    return replace(request, context_window=backend.max_context)
 
 
 def _reason(exc: BaseException) -> str:

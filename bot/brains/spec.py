@@ -6,6 +6,14 @@
       cost: {usd_per_gpu_hour: 0.70}      # or {watts: 250, usd_per_kwh: 0.30}
       wake: {driver: fly, app: my-ollama, machine: 3d8d9…}
       idle_stop: auto                     # seconds idle before it is stopped, or auto
+      max_context: 8192                   # prompts (plus the reply) longer than this skip it
+
+    - name: api                           # any OpenAI-compatible server (vLLM, llama.cpp's
+      kind: openai                        #   server, LM Studio, a hosted API)
+      url: https://api.example.net/v1     # the base URL, /v1 included
+      api_key_env: MY_API_KEY             # the variable holding the key (never the key itself)
+      models: {llama3.2:3b: meta-llama/llama-3.2-3b-instruct}   # persona tag -> server's id
+      cost: {usd_per_million_input_tokens: 0.05, usd_per_million_output_tokens: 0.08}
 
 Unset, the pool is one always-on backend at `OLLAMA_HOST`: the behaviour before pools existed.
 """
@@ -24,6 +32,7 @@ from bot.errors import ConfigError
 
 _SECONDS_PER_HOUR = Decimal(3600)
 _WATTS_PER_KW = Decimal(1000)
+_MILLION = Decimal(1_000_000)
 
 
 class Cost(BaseModel):
@@ -32,6 +41,8 @@ class Cost(BaseModel):
     usd_per_gpu_hour: Decimal | None = Field(default=None, ge=0)
     watts: Decimal | None = Field(default=None, ge=0)
     usd_per_kwh: Decimal | None = Field(default=None, ge=0)
+    usd_per_million_input_tokens: Decimal | None = Field(default=None, ge=0)
+    usd_per_million_output_tokens: Decimal | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _one_way(self) -> Cost:
@@ -40,7 +51,18 @@ class Cost(BaseModel):
             raise ValueError("give usd_per_gpu_hour, or watts with usd_per_kwh, not both")
         if by_power and (self.watts is None or self.usd_per_kwh is None):
             raise ValueError("watts and usd_per_kwh go together")
+        by_token = (self.usd_per_million_input_tokens, self.usd_per_million_output_tokens)
+        if (by_token[0] is None) != (by_token[1] is None):
+            raise ValueError(
+                "usd_per_million_input_tokens and usd_per_million_output_tokens go together"
+            )
         return self
+
+    def usd_per_token(self) -> tuple[Decimal, Decimal]:
+        """(input, output) dollars per token; zero for a backend not billed per token."""
+        per_in = self.usd_per_million_input_tokens or Decimal(0)
+        per_out = self.usd_per_million_output_tokens or Decimal(0)
+        return per_in / _MILLION, per_out / _MILLION
 
     def usd_per_second(self) -> Decimal:
         if self.usd_per_gpu_hour is not None:
@@ -89,12 +111,35 @@ class BackendSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
+    kind: Literal["ollama", "openai"] = "ollama"
     url: str
-    models: list[str] = Field(default_factory=list)
+    # A list of persona model tags; for `openai`, also a mapping tag -> the server's model id.
+    models: list[str] | dict[str, str] = Field(default_factory=list)
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     cost: Cost = Field(default_factory=Cost)
     wake: WakeSpec = Field(default_factory=NoWakeSpec)
     idle_stop: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None  # None: setting
     keep_alive: str | float | None = None
+    max_context: int | None = Field(default=None, gt=0)  # tokens: longer requests skip it
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> BackendSpec:
+        if self.kind == "ollama":
+            if isinstance(self.models, dict):
+                raise ValueError("models: a mapping of model ids is for kind: openai")
+            if self.api_key_env is not None:
+                raise ValueError("api_key_env: is for kind: openai")
+            if self.cost.usd_per_million_input_tokens is not None:
+                raise ValueError("cost: per-token prices are for kind: openai")
+        elif self.keep_alive is not None:
+            raise ValueError("keep_alive: is for kind: ollama")
+        return self
+
+    def model_ids(self) -> dict[str, str]:
+        """Persona model tag -> the id the server knows it by (the tag itself from a list)."""
+        if isinstance(self.models, dict):
+            return dict(self.models)
+        return {m: m for m in self.models}
 
 
 def parse_backends(raw: Any, source: str) -> list[BackendSpec]:

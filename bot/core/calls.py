@@ -83,13 +83,31 @@ class CallLog:
             kind = "embed_tokens"
         elif "guard" in purpose or "moderat" in purpose:
             kind = "moderation_tokens"
+        who: dict[str, Any] = {
+            "user_key": context.user_key,
+            "platform": context.platform,
+            "persona": context.persona,
+        }
+        if stats.priced:  # a backend billed per token: input and output at their own prices
+            for part, units, price in (
+                ("input", stats.prompt_tokens, stats.usd_per_input_token),
+                ("output", stats.completion_tokens, stats.usd_per_output_token),
+            ):
+                await ledger.record(
+                    kind=kind,
+                    provider=stats.backend,
+                    model=stats.model,
+                    units=Decimal(units or 0),
+                    unit_price=price or Decimal(0),
+                    request_id=f"model_call:{call_id}:{part}",
+                    **who,
+                )
+            return
         await ledger.record(
             kind=kind,
             provider=stats.backend,
             model=stats.model,
             units=Decimal(tokens),
             request_id=f"model_call:{call_id}",
-            user_key=context.user_key,
-            platform=context.platform,
-            persona=context.persona,
+            **who,
         )

@@ -1,5 +1,7 @@
 """Doctor checks for the models: each Ollama backend answers, the models the personas (and
 memory, and the guard) need are pulled on a backend that serves them, and the local fallback.
+An OpenAI-compatible backend (`kind: openai`) is asked `GET /v1/models` with its key: the key
+works, each mapped model id is listed, and the row says which persona models it can serve.
 
 Backends come from `BACKENDS` / `BACKENDS_FILE` (issue 6) when set, else `OLLAMA_HOST`. A
 backend woken on demand that does not answer is only a warning: it is probably asleep.
@@ -15,9 +17,11 @@ import ollama
 
 from bot.brains.local import LocalBrain
 from bot.brains.ollama_brain import redact_host
+from bot.brains.spec import BackendSpec
 from bot.config import Settings
 from bot.errors import BotError
 from bot.ops.diagnostics import Check
+from bot.ops.doctor_openai import openai_check, served_models
 
 LIST_TIMEOUT = 5.0
 
@@ -28,6 +32,7 @@ class _Target:
     url: str
     models: frozenset[str]  # empty: serves any model
     driver: str  # wake driver: none, fly, wol, command
+    spec: BackendSpec | None = None  # set for kind: openai
 
     def serves(self, model: str) -> bool:
         return not self.models or normalize(model) in self.models
@@ -51,9 +56,10 @@ def _targets(settings: Settings) -> list[_Target]:
         return [_Target(f"ollama:{redact_host(host)}", host, frozenset(), "none")]
     targets = []
     for spec in backend_specs(settings):
-        name = spec.name or f"ollama:{redact_host(spec.url)}"
-        models = frozenset(normalize(m) for m in spec.models)
-        targets.append(_Target(name, spec.url, models, spec.wake.driver))
+        name = spec.name or f"{spec.kind}:{redact_host(spec.url)}"
+        models = frozenset(normalize(m) for m in spec.model_ids())
+        openai = spec if spec.kind == "openai" else None
+        targets.append(_Target(name, spec.url, models, spec.wake.driver, openai))
     return targets
 
 
@@ -94,7 +100,9 @@ async def check_backends(settings: Settings) -> list[Check]:
         return [
             Check("FAIL", "backends", str(exc), "fix BACKENDS or BACKENDS_FILE (see the README)")
         ]
-    results = await asyncio.gather(*(_pulled(t.url) for t in targets))
+    results = await asyncio.gather(
+        *(_pulled(t.url) if t.spec is None else served_models(t.spec, settings) for t in targets)
+    )
     pulled: dict[str, set[str]] = {}
     checks: list[Check] = []
     if settings.fly_api_token is None and any(t.driver == "fly" for t in targets):
@@ -106,34 +114,38 @@ async def check_backends(settings: Settings) -> list[Check]:
                 "set FLY_API_TOKEN (`fly tokens create deploy -a APP`), as a secret",
             )
         )
+    needed = required_models(settings)
     for target, result in zip(targets, results, strict=True):
-        if isinstance(result, set):
-            pulled[target.name] = result
-            checks.append(
-                Check("ok", f"backend {target.name}", f"answers; {len(result)} models pulled")
-            )
-        elif target.wakes:
-            checks.append(
-                Check(
-                    "warn",
-                    f"backend {target.name}",
-                    f"{result}: probably asleep "
-                    "(it is woken on demand), so its models were not checked",
-                    "wake it and run the doctor again to check its models",
-                )
-            )
+        if target.spec is not None:
+            check, served = openai_check(target.name, target.spec, result, needed)
+            checks.append(check)
+            if served is not None:
+                pulled[target.name] = served
         else:
-            checks.append(
-                Check(
-                    "FAIL",
-                    f"backend {target.name}",
-                    result,
-                    f"start Ollama at {redact_host(target.url)} (`ollama serve`) or fix its URL",
-                )
-            )
+            if isinstance(result, set):
+                pulled[target.name] = result
+            checks.append(_ollama_check(target, result))
     checks += _model_checks(settings, targets, pulled)
     checks.append(_local_model(settings))
     return checks
+
+
+def _ollama_check(target: _Target, result: set[str] | str) -> Check:
+    if isinstance(result, set):
+        return Check("ok", f"backend {target.name}", f"answers; {len(result)} models pulled")
+    if target.wakes:
+        return Check(
+            "warn",
+            f"backend {target.name}",
+            f"{result}: probably asleep (it is woken on demand), so its models were not checked",
+            "wake it and run the doctor again to check its models",
+        )
+    return Check(
+        "FAIL",
+        f"backend {target.name}",
+        result,
+        f"start Ollama at {redact_host(target.url)} (`ollama serve`) or fix its URL",
+    )
 
 
 def _model_checks(
@@ -159,12 +171,15 @@ def _model_checks(
             )
         elif asked:
             where = asked[0]
+            fix = f"`ollama pull {model}` on {redact_host(where.url)}"
+            if where.spec is not None:
+                fix = f"map {model} to a model id {where.name} lists, in its `models`"
             checks.append(
                 Check(
                     "FAIL",
                     f"model {model}",
                     f"not pulled on {', '.join(t.name for t in asked)} (needed by {user})",
-                    f"`ollama pull {model}` on {redact_host(where.url)}",
+                    fix,
                 )
             )
         else:

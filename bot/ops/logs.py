@@ -112,5 +112,5 @@ def setup_logging(settings: Settings, *, stderr_level: str | None = None) -> Non
         root.addHandler(file)
         level = min(level, file.level)
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "asyncio", "pgserver"):
+    for noisy in ("httpx", "httpcore", "asyncio", "pgserver", "openai"):  # openai: prompts at DEBUG
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 GROUPS = {
     "kind": "kind",
+    "provider": "provider",  # the backend's name: its tokens and dollars
     "user": "COALESCE(user_key, '-')",
     "persona": "COALESCE(persona, '-')",
     "day": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
