@@ -148,12 +148,14 @@ async def running_app(
         scheduler.every(600, memory.resume, name="memory-jobs")
     if backends is not None and not all(b.driver.always_on for b in backends.backends):
         engine.spawn(sessions.push_pending())  # GPU time a failed ledger write left unbooked
-        scheduler.every(  # local: each process stops the backends it woke (its own timers)
+        scheduler.every(  # local: each process renews its own leases; stops need a claim
             settings.backend_idle_check_interval,
             backends.idle_check,
             name="backends-idle-stop",
             local=True,
         )
+        scheduler.every(60, backends.book, name="backends-book")  # GPU time while it runs
+        scheduler.every(300, backends.reconcile, name="backends-reconcile")
     scheduler.start()
     try:
         yield App(

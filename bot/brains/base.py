@@ -6,6 +6,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bot.errors import ModelUnavailable
+
+
+class RequestRejected(ModelUnavailable):
+    """The backend is fine but refused this request (HTTP 400, the model not pulled there):
+    try the next backend, but neither rest nor stop this one."""
+
 
 @dataclass(frozen=True)
 class ChatRequest:

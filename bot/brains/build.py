@@ -8,7 +8,7 @@ from collections.abc import Callable
 from bot.brains.breaker import CircuitBreaker
 from bot.brains.ollama_brain import OllamaBrain
 from bot.brains.pool import Backend, BackendPool
-from bot.brains.sessions import SessionSink
+from bot.brains.sessions import SessionStore
 from bot.brains.spec import (
     BackendSpec,
     CommandWakeSpec,
@@ -47,6 +47,7 @@ def build_driver(spec: BackendSpec, settings: Settings) -> WakeDriver:
             machine=wake.machine,
             token=settings.fly_api_token,
             api_url=wake.api_url or settings.fly_api_url,
+            suspend=wake.suspend,
         )
     if isinstance(wake, WolWakeSpec):
         try:
@@ -94,7 +95,7 @@ def build_backend(
 def build_pool(
     settings: Settings,
     *,
-    sessions: SessionSink | None = None,
+    sessions: SessionStore | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> BackendPool:
     backends = [build_backend(spec, settings, clock) for spec in backend_specs(settings)]
