@@ -81,6 +81,7 @@ _FLY_STATES = {
     "destroyed": DOWN,
 }
 _FLY_SETTLING = ("stopping", "suspending", "replacing", "destroying")
+_STOP_ROUNDS = 5  # waits of Fly's (at most 60 s each) for a stop before it counts as failed
 
 
 class FlyWake:
@@ -145,15 +146,19 @@ class FlyWake:
         fly = await self.fly_state()
         return _FLY_STATES.get(fly, CHANGING)
 
-    async def _wait(self, state: str) -> None:
-        """Wait for `state`; Fly answers 408 after its own timeout, so ask again (the pool's
-        wake deadline, or the stop's caller, bounds the whole wait)."""
-        while True:
+    async def _wait(self, state: str, rounds: int | None = None) -> None:
+        """Wait for `state`; Fly answers 408 after its own timeout (60 s at most), so ask
+        again: for ever when starting (the pool's wake deadline cancels it), `rounds` times
+        when stopping."""
+        asked = 0
+        while rounds is None or asked < rounds:
+            asked += 1
             response = await self._call(
                 "GET", f"{self._path}/wait", (408,), state=state, timeout=self._wait_timeout
             )
             if response.status_code != 408:
                 return
+        raise WakeFailed(f"fly: the machine did not reach {state} in time")
 
     async def start(self) -> None:
         for _ in range(5):
@@ -179,12 +184,12 @@ class FlyWake:
         if self.suspends:
             response = await self._call("POST", f"{self._path}/suspend", (400, 412))
             if response.status_code < 400:
-                await self._wait("suspended")
+                await self._wait("suspended", _STOP_ROUNDS)
                 log.info("fly machine %s/%s suspended", self.app, self.machine)
                 return
             log.info("fly machine %s/%s cannot suspend; stopping it", self.app, self.machine)
         await self._call("POST", f"{self._path}/stop")
-        await self._wait("stopped")
+        await self._wait("stopped", _STOP_ROUNDS)
         log.info("fly machine %s/%s stopped", self.app, self.machine)
 
     async def aclose(self) -> None:
