@@ -4,7 +4,10 @@
       → Fal queue (bot/images/fal.py: submit, position/progress, result) → safety flag
       → download (Fal's addresses expire) → file in DATA_DIR/images → ledger.settle
 
-Any failure after the reservation releases it, so a failed picture costs the user nothing.
+Any failure after the reservation releases it, so a failed picture costs the member nothing.
+What Fal bills all the same (it ran: a download or result that fails after COMPLETED, a time-out
+while IN_PROGRESS, a flagged picture) is booked as a settled row without a member
+(`<request id>:failed`, `:flagged`), so the month's spend matches Fal's invoice.
 Every request leaves a row in `images` (prompt, seed, model, size, cost, outcome).
 
 Flagged pictures (`has_nsfw_concepts`): spoilered where the channel is marked NSFW, refused
@@ -113,6 +116,10 @@ class _Job:
     fal_request_id: str | None = None
     reserved: bool = field(default=False)
     finished: bool = field(default=False)  # its row in `images` has its outcome
+    platform: str | None = None
+    guild: str | None = None
+    persona: str | None = None
+    billed_units: int | None = None  # Fal drew it (so bills it) and it is not yet booked
 
 
 class ImageService:
@@ -180,6 +187,9 @@ class ImageService:
             full_prompt=with_style(request.prompt, request.persona.image_style),
             seed=seed,
             units=megapixels(preset.width, preset.height),
+            platform=request.platform,
+            guild=request.guild,
+            persona=request.persona.name,
         )
 
     def _row(self, request: ImageRequest, job: _Job) -> dict[str, Any]:
@@ -246,6 +256,7 @@ class ImageService:
         drawn = await fal.draw(job.model, arguments, request.progress)
         job.fal_request_id = drawn.fal_request_id
         units = megapixels(drawn.width, drawn.height)
+        job.billed_units = units  # Fal has drawn it: from here on Fal bills it, whatever happens
         if drawn.nsfw and not request.nsfw_allowed:
             await self._refuse_flagged(request, job, drawn, units)
         image = await fal.download(drawn.url)
@@ -254,6 +265,7 @@ class ImageService:
         cost = units * job.unit_price
         await self.ledger.settle(job.request_id, Decimal(units))
         job.reserved = False
+        job.billed_units = None  # booked, to the member
         await self.store.finish(
             job.request_id,
             "ok",
@@ -294,17 +306,8 @@ class ImageService:
     ) -> None:
         """Not posted, not charged to the user; Fal's bill for it is booked without a user."""
         await self._release(job)
-        await self.ledger.record(
-            kind="image",
-            provider="fal",
-            model=job.model,
-            units=Decimal(units),
-            request_id=f"{job.request_id}:flagged",
-            unit_price=job.unit_price,
-            platform=request.platform,
-            guild=request.guild,
-            persona=request.persona.name,
-        )
+        await self._book_unbilled(job, units, "flagged")
+        job.billed_units = None  # booked
         await self.store.finish(
             job.request_id,
             "refused_nsfw",
@@ -321,6 +324,21 @@ class ImageService:
             "You weren't charged for it.",
         )
 
+    async def _book_unbilled(self, job: _Job, units: int, why: str) -> None:
+        """Fal's bill for a picture the member was not charged for: a settled row without a
+        user, so the month's spend still matches Fal's invoice."""
+        await self.ledger.record(
+            kind="image",
+            provider="fal",
+            model=job.model,
+            units=Decimal(units),
+            request_id=f"{job.request_id}:{why}",
+            unit_price=job.unit_price,
+            platform=job.platform,
+            guild=job.guild,
+            persona=job.persona,
+        )
+
     async def _release(self, job: _Job) -> None:
         if job.reserved:
             await self.ledger.release(job.request_id)
@@ -329,6 +347,10 @@ class ImageService:
     async def _fail(self, job: _Job, exc: BaseException) -> None:
         try:
             await self._release(job)
+            if job.billed_units is None and isinstance(exc, ImageError) and exc.billed:
+                job.billed_units = job.units  # it ran at Fal (a time-out while drawing, …)
+            if job.billed_units is not None:
+                await self._book_unbilled(job, job.billed_units, "failed")
         finally:
             if not job.finished:
                 status = "refused_prompt" if isinstance(exc, ImageRefused) else "failed"

@@ -16,8 +16,13 @@ The wire protocol, as the client sends and parses it:
 * ``GET /files/{name}`` → the image bytes (a real PNG), as Fal's CDN serves them, without auth.
 
 Errors: a wrong key answers 401 ``{"detail": …}``; `fail_submit`/`fail_result` make a 500 with
-``x-fal-request-id`` (so the client does not retry it); `hang` keeps a request queued forever.
-It remembers what it was asked: `submissions`, `polls`, `cancels`, `downloads`.
+``x-fal-request-id`` (so the client does not retry it); `hang` keeps a request queued forever,
+`hang_running` keeps it IN_PROGRESS forever (Fal's cancel only removes queued requests, so a
+running one is billed: fal.ai/docs/model-endpoints/queue, "Cancelling a request");
+`exhausted_balance` answers the submit with 403 ``{"detail": "User is locked. Reason: Exhausted
+balance…"}`` as Fal does for an account out of credit.
+It remembers what it was asked: `submissions` (with the ``X-Fal-Request-Timeout`` header, the
+client's `start_timeout`), `polls`, `cancels`, `downloads`.
 """
 
 from __future__ import annotations
@@ -138,6 +143,8 @@ class FakeFal:
     progress_logs: list[str] = field(default_factory=lambda: ["step 1/4", "step 4/4"])
     nsfw: bool = False
     hang: bool = False
+    hang_running: bool = False
+    exhausted_balance: bool = False
     fail_submit: int | None = None
     fail_result: int | None = None
     fail_download: int | None = None
@@ -154,7 +161,8 @@ class FakeFal:
     def reset(self) -> None:
         fresh = FakeFal(self.cert, self.key_file)
         for name in (
-            "key", "queue_positions", "progress_logs", "nsfw", "hang", "fail_submit",
+            "key", "queue_positions", "progress_logs", "nsfw", "hang", "hang_running",
+            "exhausted_balance", "fail_submit",
             "fail_result", "fail_download", "submissions", "polls", "cancels", "downloads",
             "_requests",
         ):  # fmt: skip
@@ -202,7 +210,13 @@ class FakeFal:
             return self._unauthorized()
         endpoint = request.match_info["endpoint"]
         arguments = await request.json()
-        self.submissions.append({"endpoint": endpoint, "arguments": arguments})
+        timeout = request.headers.get("X-Fal-Request-Timeout")
+        self.submissions.append(
+            {"endpoint": endpoint, "arguments": arguments, "start_timeout": timeout}
+        )
+        if self.exhausted_balance:
+            detail = "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai."
+            return web.json_response({"detail": detail}, status=403)
         if self.fail_submit is not None:
             return _server_error(self.fail_submit)
         rid = str(uuid.uuid4())
@@ -235,6 +249,8 @@ class FakeFal:
         with_logs = request.query.get("logs", "").lower() in ("true", "1")
         if self.hang:
             step: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 5}
+        elif self.hang_running:
+            step = {"status": "IN_PROGRESS", "log_count": 1}
         else:
             step = found.steps[min(found.polls, len(found.steps) - 1)]
             found.polls += 1
@@ -256,7 +272,9 @@ class FakeFal:
             return web.json_response({"detail": "Request not found"}, status=404)
         if self.fail_result is not None:
             return _server_error(self.fail_result, found.id)
-        if self.hang or found.polls < len(found.steps):  # COMPLETED not yet reported
+        if (
+            self.hang or self.hang_running or found.polls < len(found.steps)
+        ):  # COMPLETED not yet reported
             return web.json_response({"detail": "Request is still in progress"}, status=400)
         width, height = _SIZES[found.arguments.get("image_size", "landscape_4_3")]
         seed = found.arguments.get("seed", 1234)

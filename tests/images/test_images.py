@@ -21,7 +21,13 @@ from bot.core.commands import CommandContext, CommandResult
 from bot.core.prompts import user_seed
 from bot.errors import BotError, CommandError
 from bot.images.commands import parse_imagine_args
-from bot.images.fal import ImageKeyRejected, ImageRefused, ImageTimeout, ImageUnavailable
+from bot.images.fal import (
+    ImageBalanceExhausted,
+    ImageKeyRejected,
+    ImageRefused,
+    ImageTimeout,
+    ImageUnavailable,
+)
 from bot.images.service import megapixels, with_style
 from bot.images.store import ImageLimited
 from bot.spend.ledger import BudgetExceeded
@@ -192,15 +198,16 @@ async def test_global_budget_spent_refuses(
 
 
 @pytest.mark.parametrize(
-    ("setup", "error", "words"),
+    ("setup", "error", "words", "fal_billed"),
     [
-        ("fail_submit", ImageUnavailable, "isn't working right now"),
-        ("fail_result", ImageUnavailable, "isn't working right now"),
-        ("fail_download", ImageUnavailable, "isn't working right now"),
-        ("hang", ImageTimeout, "took too long"),
+        ("fail_submit", ImageUnavailable, "isn't working right now", False),
+        ("fail_result", ImageUnavailable, "isn't working right now", True),
+        ("fail_download", ImageUnavailable, "isn't working right now", True),
+        ("hang", ImageTimeout, "took too long", False),
+        ("hang_running", ImageTimeout, "took too long", True),
     ],
 )
-async def test_failures_charge_nothing(
+async def test_failures_charge_the_member_nothing_and_book_what_fal_bills(
     tmp_path: Path,
     database_url: str,
     fake_ollama: FakeOllama,
@@ -208,9 +215,10 @@ async def test_failures_charge_nothing(
     setup: str,
     error: type[BotError],
     words: str,
+    fal_billed: bool,
 ) -> None:
-    if setup == "hang":
-        fake_fal.hang = True
+    if setup in ("hang", "hang_running"):
+        setattr(fake_fal, setup, True)
     else:
         setattr(fake_fal, setup, 500 if setup != "fail_download" else 404)
     async with await start_app(tmp_path, database_url, fake_ollama, image_timeout=0.5) as app:
@@ -219,15 +227,40 @@ async def test_failures_charge_nothing(
         assert words in failed.value.user_message
         assert "500" not in failed.value.user_message and "http" not in failed.value.user_message
         assert await charged(app) == 0
-        ledger = await app.pool.fetch("SELECT status, cost FROM ledger WHERE kind = 'image'")
-        assert [(r["status"], r["cost"]) for r in ledger] == [("released", 0)]
+        ledger = await app.pool.fetch(
+            "SELECT status, cost, user_key, request_id FROM ledger WHERE kind = 'image' ORDER BY id"
+        )
+        assert (ledger[0]["status"], ledger[0]["cost"]) == ("released", 0)
+        if fal_billed:  # Fal ran it, so Fal bills it: booked, without the member
+            assert [(r["status"], r["user_key"]) for r in ledger[1:]] == [("settled", None)]
+            assert ledger[1]["cost"] == Decimal("0.003")
+            assert ledger[1]["request_id"] == f"{ledger[0]['request_id']}:failed"
+        else:
+            assert len(ledger) == 1
         [row] = await image_rows(app)
         assert row["status"] == "failed" and row["cost"] == 0 and row["file_path"] is None
         assert not list((app.settings.data_dir / "images").glob("*"))
         if setup != "fail_submit":
             assert row["fal_request_id"] in fake_fal.polls, "Fal's id is kept for support"
+            assert fake_fal.submissions[0]["start_timeout"] == "2.0"  # Fal's least
         if setup == "hang":
             assert fake_fal.cancels == [row["fal_request_id"]], "a timed-out request is cancelled"
+
+
+async def test_an_exhausted_fal_balance_is_its_own_message(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    fake_fal: FakeFal,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_fal.exhausted_balance = True
+    async with await start_app(tmp_path, database_url, fake_ollama) as app:
+        with pytest.raises(ImageBalanceExhausted) as failed:
+            await imagine(app, "a picture on credit")
+        assert "run out of credit" in failed.value.user_message
+        assert "Exhausted balance" in caplog.text  # Fal's own words reach the log
+        assert await charged(app) == 0
 
 
 async def test_bad_key_is_plain_and_never_logged(
