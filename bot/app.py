@@ -141,6 +141,7 @@ async def running_app(
     register_spend_command(commands, ledger, settings.data_dir / "reports")
     images = build_images(settings, pool, ledger, guard=moderation.guard)
     register_imagine_command(commands, images)
+    scheduler.every(600, images.sweep, name="spend-sweep")  # what a crash left reserved
     engine.drawing = DrawTool(images)  # the chat model's draw_image tool, when FAL_KEY is set
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
     if memory.enabled:  # exchanges a stopped process left unprocessed, then every 10 min

@@ -115,10 +115,17 @@ class FalFlux:
             self._client = fal_client.AsyncClient(key=self._key, default_timeout=self._timeout)
         return self._client
 
-    async def draw(self, model: str, arguments: dict[str, Any], progress: Progress | None) -> Drawn:
+    async def draw(
+        self,
+        model: str,
+        arguments: dict[str, Any],
+        progress: Progress | None,
+        submitted: Progress | None = None,
+    ) -> Drawn:
         """Submit, follow the queue until done, and return the result. Raises ImageError,
         with `billed` set when Fal had started running the request (its cancel only removes
-        queued requests, so Fal bills a started one whatever becomes of it)."""
+        queued requests, so Fal bills a started one whatever becomes of it). `submitted` hears
+        Fal's request id as soon as there is one."""
         handle: AsyncRequestHandle | None = None
         seen: set[str] = set()
         try:
@@ -128,6 +135,8 @@ class FalFlux:
                 start_timeout = max(self._timeout, _MIN_START_TIMEOUT)
                 handle = await self._fal().submit(model, arguments, start_timeout=start_timeout)
                 log.info("fal request %s submitted to %s", handle.request_id, model)
+                if submitted is not None:  # kept at once: a crash after this is billed
+                    await submitted(handle.request_id)
                 await _say(progress, "Sent to the image service…")
                 await self._follow(handle, progress, seen)
                 result = await handle.get(interval=self._poll_interval)

@@ -23,6 +23,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from bot.spend.ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 MODELS = {"schnell": "fal-ai/flux/schnell", "dev": "fal-ai/flux/dev"}
+SWEEP_AFTER = timedelta(minutes=30)  # longer than any draw and download
 MEGAPIXEL = 1024 * 1024  # Fal bills a 1024x1024 picture as one megapixel
 
 
@@ -166,6 +168,17 @@ class ImageService:
             await self._fail(job, exc)
             raise
 
+    async def sweep(self, older_than: timedelta = SWEEP_AFTER) -> tuple[int, int]:
+        """A crash mid-draw leaves nothing counting: `pending` rows older than `older_than`
+        become `failed` ("abandoned"), and the ledger's reservations that old are released;
+        those Fal had accepted (it has a request id for them) are booked as Fal's bill, without
+        the member. A scheduled job. Returns the ledger's (booked, released)."""
+        before = self.ledger.now() - older_than
+        abandoned = await self.store.abandon(before)
+        if abandoned:
+            log.warning("%d pictures were left pending by a crash; marked failed", abandoned)
+        return await self.ledger.expire_reservations(before, billed=self.store.submitted)
+
     async def close(self) -> None:
         if self.fal is not None:
             await self.fal.close()
@@ -253,7 +266,12 @@ class ImageService:
             "num_images": 1,
             "enable_safety_checker": True,
         }
-        drawn = await fal.draw(job.model, arguments, request.progress)
+
+        async def submitted(fal_request_id: str) -> None:
+            job.fal_request_id = fal_request_id
+            await self.store.submitted_as(job.request_id, fal_request_id)
+
+        drawn = await fal.draw(job.model, arguments, request.progress, submitted)
         job.fal_request_id = drawn.fal_request_id
         units = megapixels(drawn.width, drawn.height)
         job.billed_units = units  # Fal has drawn it: from here on Fal bills it, whatever happens

@@ -429,3 +429,42 @@ async def test_monthly_cap_holds_under_concurrent_requests(
         assert (len(made), len(capped)) == (2, 4), outcomes
         assert len(fake_fal.submissions) == 2
         assert await charged(app) == Decimal("0.006")
+
+
+async def test_a_crash_mid_draw_leaves_nothing_counting(image_app: App) -> None:
+    """What a process that died mid-draw leaves: `pending` rows and `reserved` ledger rows,
+    one that Fal had accepted (it has Fal's request id) and one that never got there."""
+    from datetime import timedelta
+
+    app = image_app
+    assert app.ledger is not None
+    for rid, fal_id in (("img-accepted", "fal-123"), ("img-never-sent", None)):
+        await app.pool.execute(
+            "INSERT INTO images (request_id, fal_request_id, platform, user_key, conversation,"
+            " persona, prompt, full_prompt, model, size, seed, megapixels)"
+            " VALUES ($1, $2, 'test', 'test:alice', 'c1', 'aria', 'a cat', 'a cat',"
+            " 'fal-ai/flux/schnell', 'square', 1, 1)",
+            rid,
+            fal_id,
+        )
+        await app.ledger.reserve(
+            kind="image",
+            provider="fal",
+            model="fal-ai/flux/schnell",
+            units=Decimal(1),
+            request_id=rid,
+            user_key="test:alice",
+        )
+    assert await charged(app) == Decimal("0.006")  # the crash's reservations count …
+    assert await app.images.sweep(timedelta(hours=1)) == (0, 0)  # … until they are stale
+    assert await app.images.sweep(timedelta(0)) == (1, 2)
+    assert await charged(app) == 0
+    rows = await app.pool.fetch("SELECT request_id, status, user_key, cost FROM ledger ORDER BY id")
+    assert [(r["request_id"], r["status"], r["user_key"]) for r in rows] == [
+        ("img-accepted", "released", "test:alice"),
+        ("img-never-sent", "released", "test:alice"),
+        ("img-accepted:swept", "settled", None),  # Fal's bill, booked without the member
+    ]
+    assert {r["status"] for r in await image_rows(app)} == {"failed"}
+    assert await app.images.sweep(timedelta(0)) == (0, 0)
+    assert "spend-sweep" in app.scheduler.jobs()
