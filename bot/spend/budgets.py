@@ -111,10 +111,10 @@ class Budgets:
                     f"{name.upper()}: no such kind {', '.join(unknown)}; kinds are"
                     f" {', '.join(NOUNS)}"
                 )
-            refused = sorted(kinds - ENFORCED[scope])
-            if refused:
-                why = UNENFORCEABLE[refused[0], scope]
-                raise ConfigError(f"{name.upper()}: a cap on {refused[0]} {why}")
+            unenforced = sorted(kinds - ENFORCED[scope])
+            if unenforced:
+                why = UNENFORCEABLE[unenforced[0], scope]
+                raise ConfigError(f"{name.upper()}: a cap on {unenforced[0]} {why}")
         free, local, refused = sorted(settings.budget_degrade_at)
         return cls(
             monthly_usd=settings.budget_monthly_usd,
