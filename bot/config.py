@@ -169,6 +169,11 @@ class Settings(BaseSettings):
     image_rate_per_minute: float = Field(default=2.0, ge=0, description="per user; 0: no limit")
     image_rate_burst: int = Field(default=3, ge=0)
     image_monthly_cap: int = Field(default=50, ge=0, description="per user per month; 0: none")
+    image_nsfw_safety_checker_off: bool = Field(
+        default=False,
+        description="in channels marked NSFW, draw with Fal's safety checker off (pictures"
+        " posted spoilered); otherwise a flagged picture comes back black and is refused",
+    )
 
     # Matrix adapter (issue 9); login is MATRIX_HOMESERVER/_USER_ID/_PASSWORD/_ACCESS_TOKEN above
     matrix_device_name: str = "personabot"

@@ -10,10 +10,12 @@ while IN_PROGRESS, a flagged picture) is booked as a settled row without a membe
 (`<request id>:failed`, `:flagged`), so the month's spend matches Fal's invoice.
 Every request leaves a row in `images` (prompt, seed, model, size, cost, outcome).
 
-Flagged pictures (`has_nsfw_concepts`): spoilered where the channel is marked NSFW, refused
-elsewhere. Fal bills a flagged picture all the same, so a refused one is released from the
-user's reservation (the user is not charged and it does not count against their cap) and the
-money is booked to the ledger without a user, so the budget still matches Fal's bill.
+Flagged pictures (`has_nsfw_concepts`): Fal's safety checker replaces them with a black square,
+so they are refused everywhere. Fal bills a flagged picture all the same, so a refused one is
+released from the member's reservation (the member is not charged and it does not count
+against their cap) and the money is booked without a member, so the budget matches Fal's bill.
+With IMAGE_NSFW_SAFETY_CHECKER_OFF an admin turns the checker off in channels marked NSFW:
+there pictures are drawn unchecked and always posted spoilered.
 """
 
 from __future__ import annotations
@@ -136,8 +138,10 @@ class ImageService:
         monthly_cap: int = 0,
         rate: RateLimiter | None = None,
         guard: Guard | None = None,
+        checker_off_in_nsfw: bool = False,
     ) -> None:
         self.store = ImageStore(pool)
+        self.checker_off_in_nsfw = checker_off_in_nsfw
         self.fal = fal
         self.ledger = ledger
         self.image_dir = image_dir
@@ -259,12 +263,15 @@ class ImageService:
         job.unit_price = reservation.unit_price
 
     async def _draw(self, fal: FalFlux, request: ImageRequest, job: _Job) -> ImageResult:
+        # Fal's safety checker answers a flagged picture with a black one: it is refused
+        # everywhere, unless an admin turned the checker off for channels marked NSFW.
+        checker = not (request.nsfw_allowed and self.checker_off_in_nsfw)
         arguments = {
             "prompt": job.full_prompt,
             "image_size": SIZES[job.size].fal_name,
             "seed": job.seed,
             "num_images": 1,
-            "enable_safety_checker": True,
+            "enable_safety_checker": checker,
         }
 
         async def submitted(fal_request_id: str) -> None:
@@ -275,11 +282,18 @@ class ImageService:
         job.fal_request_id = drawn.fal_request_id
         units = megapixels(drawn.width, drawn.height)
         job.billed_units = units  # Fal has drawn it: from here on Fal bills it, whatever happens
-        if drawn.nsfw and not request.nsfw_allowed:
+        if drawn.nsfw and checker:
             await self._refuse_flagged(request, job, drawn, units)
         image = await fal.download(drawn.url)
         path = self.image_dir / f"{job.request_id}{image.suffix}"
         await asyncio.to_thread(_write, path, image.data)
+        return await self._keep(request, job, drawn, path, spoiler=drawn.nsfw or not checker)
+
+    async def _keep(
+        self, request: ImageRequest, job: _Job, drawn: Drawn, path: Path, *, spoiler: bool
+    ) -> ImageResult:
+        """The picture is on disk: charge the member and close its row."""
+        units = job.billed_units or job.units
         cost = units * job.unit_price
         await self.ledger.settle(job.request_id, Decimal(units))
         job.reserved = False
@@ -293,7 +307,7 @@ class ImageService:
             megapixels=units,
             cost=cost,
             nsfw=drawn.nsfw,
-            spoiler=drawn.nsfw,
+            spoiler=spoiler,
             file_path=str(path),
         )
         job.finished = True
@@ -307,7 +321,7 @@ class ImageService:
         )
         return ImageResult(
             path=path,
-            spoiler=drawn.nsfw,
+            spoiler=spoiler,
             prompt=job.full_prompt,
             model=job.model,
             size=job.size,
@@ -408,4 +422,5 @@ def build_images(
         monthly_cap=settings.image_monthly_cap,
         rate=RateLimiter(pool, settings.image_rate_per_minute, settings.image_rate_burst),
         guard=guard,
+        checker_off_in_nsfw=settings.image_nsfw_safety_checker_off,
     )

@@ -51,10 +51,13 @@ _SIZES = {
 }
 
 
-def make_png(width: int = 8, height: int = 8) -> bytes:
-    """A real PNG (an RGB gradient), built by hand so no imaging library is needed."""
+def make_png(width: int = 8, height: int = 8, *, black: bool = False) -> bytes:
+    """A real PNG (an RGB gradient, or all black), built by hand: no imaging library needed."""
     rows = b"".join(
-        b"\x00" + b"".join(bytes((x * 32 % 256, y * 32 % 256, 128)) for x in range(width))
+        b"\x00"
+        + b"".join(
+            bytes((0, 0, 0) if black else (x * 32 % 256, y * 32 % 256, 128)) for x in range(width)
+        )
         for y in range(height)
     )
 
@@ -69,6 +72,9 @@ def make_png(width: int = 8, height: int = 8) -> bytes:
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
+
+
+BLACK_PNG = make_png(black=True)  # what Fal's safety checker sends for a flagged picture
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -155,6 +161,7 @@ class FakeFal:
     cancels: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
     _requests: dict[str, _Request] = field(default_factory=dict)
+    _flagged: dict[str, bool] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -164,7 +171,7 @@ class FakeFal:
             "key", "queue_positions", "progress_logs", "nsfw", "hang", "hang_running",
             "exhausted_balance", "fail_submit",
             "fail_result", "fail_download", "submissions", "polls", "cancels", "downloads",
-            "_requests",
+            "_requests", "_flagged",
         ):  # fmt: skip
             setattr(self, name, getattr(fresh, name))
 
@@ -278,6 +285,12 @@ class FakeFal:
             return web.json_response({"detail": "Request is still in progress"}, status=400)
         width, height = _SIZES[found.arguments.get("image_size", "landscape_4_3")]
         seed = found.arguments.get("seed", 1234)
+        # With the safety checker on (Fal's default), a flagged picture is replaced by a black
+        # one and flagged; with it off nothing is checked (fal.ai/models/fal-ai/flux/dev/api,
+        # enable_safety_checker, has_nsfw_concepts).
+        checked = found.arguments.get("enable_safety_checker", True)
+        flagged = self.nsfw and checked
+        self._flagged[found.id] = flagged
         return web.json_response(
             {
                 "images": [
@@ -290,7 +303,7 @@ class FakeFal:
                 ],
                 "timings": {"inference": 0.42},
                 "seed": seed,
-                "has_nsfw_concepts": [self.nsfw],
+                "has_nsfw_concepts": [flagged],
                 "prompt": found.arguments.get("prompt", ""),
             },
             headers={"x-fal-request-id": found.id},
@@ -313,7 +326,8 @@ class FakeFal:
             return web.Response(status=self.fail_download, text="gone")
         if name.removesuffix(".png") not in self._requests:
             return web.Response(status=404, text="not found")
-        return web.Response(body=self.png, content_type="image/png")
+        black = self._flagged.get(name.removesuffix(".png"), False)
+        return web.Response(body=BLACK_PNG if black else self.png, content_type="image/png")
 
 
 def _server_error(status: int, rid: str | None = None) -> web.Response:

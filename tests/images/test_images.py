@@ -294,15 +294,37 @@ async def test_no_key_means_no_pictures(
 # -- safety --------------------------------------------------------------------------------------
 
 
-async def test_flagged_picture_is_spoilered_in_an_nsfw_channel(
+async def test_a_flagged_picture_is_a_black_square_refused_even_in_an_nsfw_channel(
     image_app: App, fake_fal: FakeFal
 ) -> None:
     fake_fal.nsfw = True
-    result = await imagine(image_app, "a bath painting", nsfw=True)
-    assert result.spoiler and result.attachment is not None and result.attachment.exists()
-    assert await charged(image_app) == Decimal("0.003")
+    with pytest.raises(ImageRefused) as refused:
+        await imagine(image_app, "a bath painting", nsfw=True)
+    assert "weren't charged" in refused.value.user_message
+    assert fake_fal.submissions[0]["arguments"]["enable_safety_checker"] is True
+    assert fake_fal.downloads == [], "the black square is not even fetched"
+    assert await charged(image_app) == 0
     [row] = await image_rows(image_app)
-    assert row["nsfw"] and row["spoiler"] and row["status"] == "ok"
+    assert row["status"] == "refused_nsfw" and row["cost"] == 0
+
+
+async def test_an_admin_may_turn_the_checker_off_in_nsfw_channels(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, fake_fal: FakeFal
+) -> None:
+    from tests.fakes.fal import BLACK_PNG
+
+    fake_fal.nsfw = True
+    overrides = {"image_nsfw_safety_checker_off": True}
+    async with await start_app(tmp_path, database_url, fake_ollama, **overrides) as app:
+        result = await imagine(app, "a bath painting", nsfw=True)
+        assert result.spoiler and result.attachment is not None
+        assert result.attachment.read_bytes() != BLACK_PNG
+        assert fake_fal.submissions[0]["arguments"]["enable_safety_checker"] is False
+        assert await charged(app) == Decimal("0.003")
+        # Elsewhere the checker stays on, and a flagged picture is refused.
+        with pytest.raises(ImageRefused):
+            await imagine(app, "a bath painting")
+        assert fake_fal.submissions[1]["arguments"]["enable_safety_checker"] is True
 
 
 async def test_flagged_picture_is_refused_elsewhere_and_not_charged(
