@@ -35,7 +35,7 @@ from bot.core.events import user_key
 from bot.core.personas import Persona
 from bot.core.prompts import user_seed
 from bot.errors import CommandError
-from bot.images.fal import Drawn, FalFlux, ImageError, ImageRefused, Progress
+from bot.images.fal import Drawn, FalFlux, ImageError, ImageRefused, ImageUnavailable, Progress
 from bot.images.store import ImageLimited, ImageStore
 from bot.safety.guard import Guard
 from bot.spend.ledger import Ledger
@@ -243,6 +243,11 @@ class ImageService:
                 request.user_key,
                 ",".join(verdict.blocking) or verdict.reason or "no verdict",
             )
+            if verdict.unknown:  # the guard is down or too slow: say so, blame nobody
+                raise ImageUnavailable(
+                    "the guard gave no verdict",
+                    "I can't check prompts right now, so I can't draw. Please try again later.",
+                )
             raise ImageRefused(
                 "the guard refused the prompt", "I can't draw that: it's against the rules here."
             )

@@ -132,6 +132,13 @@ def test_parse_and_price_helpers() -> None:
     options = parse_imagine_args(["prompt:a cat", "on a mat", "size=landscape", "seed:3"])
     assert (options.prompt, options.size, options.seed) == ("a cat on a mat", "landscape", 3)
     assert parse_imagine_args(["a", "dog"]).size == "square"
+    # The prompt is kept as written, and ordinary words are not options.
+    assert parse_imagine_args(["prompt:E=mc2", "on a blackboard"]).prompt == (
+        "E=mc2 on a blackboard"
+    )
+    assert parse_imagine_args(["E=mc2"]).prompt == "E=mc2"
+    shoe = parse_imagine_args(["a", "shoe,", "size:", "10", "model=", "T"])
+    assert (shoe.prompt, shoe.size, shoe.model) == ("a shoe, size: 10 model= T", "square", None)
     with pytest.raises(CommandError, match="what to draw"):
         parse_imagine_args(["size:square"])
     with pytest.raises(CommandError, match="Size must be one of"):
@@ -376,6 +383,20 @@ async def test_guard_refused_prompt_never_reaches_fal(
             assert len(fake_fal.submissions) == 1
             assert any("a knife fight" in text for text in judged)
             assert any("a kitten asleep" in text for text in judged)
+
+
+async def test_a_guard_outage_is_not_called_against_the_rules(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, fake_fal: FakeFal
+) -> None:
+    from tests.fakes.loopback import dead_url
+
+    on = {"guard_enabled": True, "guard_host": dead_url(), "guard_timeout": 1.0}
+    async with await start_app(tmp_path, database_url, fake_ollama, **on) as app:
+        with pytest.raises(ImageUnavailable) as failed:  # platform "test": fails closed
+            await imagine(app, "a kitten asleep on a rug")
+        assert "can't check prompts right now" in failed.value.user_message
+        assert "rules" not in failed.value.user_message
+        assert fake_fal.submissions == [] and await charged(app) == 0
 
 
 # -- limits --------------------------------------------------------------------------------------
