@@ -2,7 +2,8 @@
 
 Arguments are words of the prompt plus optional `size:`, `model:` and `seed:` words (Discord's
 options arrive as `prompt:…`, `size:…`). The result carries the picture as a file attachment,
-spoilered when Fal flagged it in a channel marked NSFW.
+spoilered when it was drawn without Fal's safety checker (IMAGE_NSFW_SAFETY_CHECKER_OFF in a
+channel marked NSFW).
 """
 
 from __future__ import annotations
