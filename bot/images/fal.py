@@ -165,10 +165,11 @@ class FalFlux:
                 seen.add("running")
                 text = "Drawing…" + _last_log(status.logs)
             elif isinstance(status, Completed):
-                seen.add("running")
-                if status.error:
+                if status.error:  # it failed at Fal: no picture, nothing billed per megapixel
+                    seen.discard("running")
                     log.warning("fal request %s failed: %s", handle.request_id, status.error_type)
                     raise ImageUnavailable(f"fal reported {status.error_type or 'an error'}")
+                seen.add("running")
                 text = "Fetching the picture…"
             else:  # pragma: no cover - the client knows no other status
                 continue

@@ -19,6 +19,10 @@ Errors: a wrong key answers 401 ``{"detail": …}``; `fail_submit`/`fail_result`
 ``x-fal-request-id`` (so the client does not retry it); `hang` keeps a request queued forever,
 `hang_running` keeps it IN_PROGRESS forever (Fal's cancel only removes queued requests, so a
 running one is billed: fal.ai/docs/model-endpoints/queue, "Cancelling a request");
+`complete_with_error` ends a request COMPLETED with `error` and `error_type` (a runner that
+failed); a status poll answers 202 while the request is queued or running and 200 once it is
+completed; a cancel answers 202 CANCELLATION_REQUESTED, or 400 ALREADY_COMPLETED for a finished
+request (fal.ai/docs/inference-api/queue/cancel);
 `exhausted_balance` answers the submit with 403 ``{"detail": "User is locked. Reason: Exhausted
 balance…"}`` as Fal does for an account out of credit.
 It remembers what it was asked: `submissions` (with the ``X-Fal-Request-Timeout`` header, the
@@ -150,6 +154,7 @@ class FakeFal:
     nsfw: bool = False
     hang: bool = False
     hang_running: bool = False
+    complete_with_error: bool = False
     exhausted_balance: bool = False
     fail_submit: int | None = None
     fail_result: int | None = None
@@ -169,6 +174,7 @@ class FakeFal:
         fresh = FakeFal(self.cert, self.key_file)
         for name in (
             "key", "queue_positions", "progress_logs", "nsfw", "hang", "hang_running",
+            "complete_with_error",
             "exhausted_balance", "fail_submit",
             "fail_result", "fail_download", "submissions", "polls", "cancels", "downloads",
             "_requests", "_flagged",
@@ -269,7 +275,11 @@ class FakeFal:
         else:
             body["logs"] = self._logs(len(self.progress_logs)) if with_logs else None
             body["metrics"] = {"inference_time": 0.42}
-        return web.json_response(body)
+            if self.complete_with_error:
+                body["error"] = "The runner crashed while generating."
+                body["error_type"] = "runner_error"
+        # Fal answers 202 while a request is queued or running, 200 once it is completed.
+        return web.json_response(body, status=200 if step["status"] == "COMPLETED" else 202)
 
     async def _result(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -315,8 +325,10 @@ class FakeFal:
         found = self._requests.get(request.match_info["rid"])
         if found is None:
             return web.json_response({"detail": "Request not found"}, status=404)
-        found.cancelled = True
         self.cancels.append(found.id)
+        if not self.hang and found.polls >= len(found.steps):
+            return web.json_response({"status": "ALREADY_COMPLETED"}, status=400)
+        found.cancelled = True
         return web.json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
 
     async def _file(self, request: web.Request) -> web.Response:

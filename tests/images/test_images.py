@@ -212,6 +212,9 @@ async def test_global_budget_spent_refuses(
         ("fail_download", ImageUnavailable, "isn't working right now", True),
         ("hang", ImageTimeout, "took too long", False),
         ("hang_running", ImageTimeout, "took too long", True),
+        ("complete_with_error", ImageUnavailable, "isn't working right now", False),
+        # fal-client retries a 429 with back-off, so our deadline ends it: nothing was sent.
+        ("rate_limited", ImageTimeout, "took too long", False),
     ],
 )
 async def test_failures_charge_the_member_nothing_and_book_what_fal_bills(
@@ -224,8 +227,10 @@ async def test_failures_charge_the_member_nothing_and_book_what_fal_bills(
     words: str,
     fal_billed: bool,
 ) -> None:
-    if setup in ("hang", "hang_running"):
+    if setup in ("hang", "hang_running", "complete_with_error"):
         setattr(fake_fal, setup, True)
+    elif setup == "rate_limited":
+        fake_fal.fail_submit = 429
     else:
         setattr(fake_fal, setup, 500 if setup != "fail_download" else 404)
     async with await start_app(tmp_path, database_url, fake_ollama, image_timeout=0.5) as app:
@@ -247,7 +252,7 @@ async def test_failures_charge_the_member_nothing_and_book_what_fal_bills(
         [row] = await image_rows(app)
         assert row["status"] == "failed" and row["cost"] == 0 and row["file_path"] is None
         assert not list((app.settings.data_dir / "images").glob("*"))
-        if setup != "fail_submit":
+        if setup not in ("fail_submit", "rate_limited"):
             assert row["fal_request_id"] in fake_fal.polls, "Fal's id is kept for support"
             assert fake_fal.submissions[0]["start_timeout"] == "2.0"  # Fal's least
         if setup == "hang":
