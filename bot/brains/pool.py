@@ -37,11 +37,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from types import TracebackType
 from typing import Protocol
 
 from bot.brains.base import Brain, RequestRejected
 from bot.brains.breaker import CircuitBreaker
+from bot.brains.lease import Lease
 from bot.brains.sessions import MemorySessions, SessionStore
 from bot.brains.wake import WakeDriver, WakeFailed
 
@@ -112,32 +112,6 @@ class Backend:
         return self.usd_per_second == 0
 
 
-class Lease:
-    """One request in flight on a backend; `await lease.release()` (or `async with`) ends it."""
-
-    def __init__(self, pool: BackendPool, backend: Backend) -> None:
-        self.pool = pool
-        self.backend = backend
-        self.touched = pool._clock()
-        self.probe = False  # the half-open breaker's one trial request
-        self.released = False
-
-    def touch(self) -> None:
-        """A chunk arrived: the request is alive."""
-        self.touched = self.pool._clock()
-
-    async def release(self) -> None:
-        await self.pool.release(self)
-
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.release()
-
-
 def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -166,6 +140,9 @@ class BackendPool:
         self.holder = holder or _holder()
         self.lease_ttl = lease_ttl
 
+    def now(self) -> float:
+        return self._clock()
+
     def route(self, model: str, *, free_only: bool = False) -> tuple[list[Backend], list[Backend]]:
         """(backends to try in order, backends serving the model but resting after failures)."""
         serving = [b for b in self.backends if b.serves(model) and (b.free or not free_only)]
@@ -182,8 +159,8 @@ class BackendPool:
         backend.leases.add(lease)
         lease.probe = backend.breaker.begin()
         try:
-            state = await self.sessions.hold(backend.name, self.holder, 1, self._wall())
-            if not backend.driver.always_on:
+            if not backend.driver.always_on:  # an always-on backend is never stopped
+                state = await self.sessions.hold(backend.name, self.holder, 1, self._wall())
                 await self._sync(backend, state)
             if backend.state != "up":
                 if notify is not None:
@@ -215,6 +192,8 @@ class BackendPool:
         backend.last_used = self._clock()
         if lease.probe:
             backend.breaker.abandon()
+        if backend.driver.always_on:
+            return
         try:
             await self.sessions.hold(backend.name, self.holder, -1, self._wall())
         except Exception:
@@ -254,9 +233,10 @@ class BackendPool:
         if not usable:
             return False
         backend = usable[0]
-        state = await self.sessions.hold(backend.name, self.holder, 0, self._wall())
-        if not backend.driver.always_on and state == "closed" and backend.state == "up":
-            backend.state = "asleep"
+        if not backend.driver.always_on:
+            state = await self.sessions.hold(backend.name, self.holder, 0, self._wall())
+            if state == "closed" and backend.state == "up":
+                backend.state = "asleep"
         if backend.state == "up":
             backend.last_used = max(backend.last_used, self._clock())
             return False
