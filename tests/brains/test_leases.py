@@ -422,3 +422,26 @@ def test_wall_clock_follows_an_injected_clock() -> None:
     clock = Clock()
     pool = BackendPool([], clock=clock)
     assert pool._wall() == datetime.fromtimestamp(1000.0, UTC)
+
+
+async def test_fly_suspend_instead_of_stop(machine: tuple[FakeFly, MachineOllama]) -> None:
+    from pydantic import SecretStr
+
+    from bot.brains.wake import FlyWake
+
+    fly, _ = machine
+    fly.stop_seconds = 0.2
+    driver = FlyWake(
+        app=fly.app, machine=fly.machine, token=SecretStr(fly.token), api_url=fly.url,
+        suspend=True,
+    )  # fmt: skip
+    try:
+        await driver.start()
+        await driver.stop()  # returns once Fly reports it suspended: billing has stopped
+        assert fly.state == "suspended" and fly.count("POST", "suspend") == 1
+        assert fly.count("POST", "stop") == 0 and fly.wait_calls[-1] == "suspended"
+        assert await driver.state() == "down"
+        await driver.start()  # resumes
+        assert fly.state == "started"
+    finally:
+        await driver.aclose()
