@@ -145,6 +145,7 @@ async def running_app(
     register_spend_command(commands, ledger, settings.data_dir / "reports")
     images = build_images(settings, pool, ledger, guard=moderation.guard)
     register_imagine_command(commands, images)
+    scheduler.every(600, images.sweep, name="spend-sweep")  # what a crash left reserved
     engine.drawing = DrawTool(images)  # the chat model's draw_image tool, when FAL_KEY is set
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
     if memory.enabled:  # exchanges a stopped process left unprocessed, then every 10 min
@@ -152,12 +153,14 @@ async def running_app(
         scheduler.every(600, memory.resume, name="memory-jobs")
     if backends is not None and not all(b.driver.always_on for b in backends.backends):
         engine.spawn(sessions.push_pending())  # GPU time a failed ledger write left unbooked
-        scheduler.every(  # local: each process stops the backends it woke (its own timers)
+        scheduler.every(  # local: each process renews its own leases; stops need a claim
             settings.backend_idle_check_interval,
             backends.idle_check,
             name="backends-idle-stop",
             local=True,
         )
+        scheduler.every(60, backends.book, name="backends-book")  # GPU time while it runs
+        scheduler.every(300, backends.reconcile, name="backends-reconcile")
     scheduler.start()
     try:
         yield App(

@@ -175,11 +175,10 @@ class Settings(BaseSettings):
     """the whole bot's monthly budget in US dollars, for paid actions; drives the alert and the
     degrade ladder; unset: no cap
     """
-    budget_kind_caps: dict[str, Decimal] = Field(
-        default_factory=dict,
-    )
-    """monthly cap in units per kind for the whole bot, JSON, e.g. `{"image": 300}` (images count
-    megapixels: one 1024x1024 picture is 1)
+    budget_kind_caps: dict[str, Decimal] = Field(default_factory=dict)
+    """monthly cap in units per kind for the whole bot, JSON, e.g. `{"image": 300, "gpu_seconds":
+    36000}` (images count megapixels: one 1024x1024 picture is 1; GPU seconds of paid backends, at
+    the cap only free backends answer); token caps are refused at start-up, they cannot be enforced
     """
     budget_user_caps: dict[str, Decimal] = Field(
         default_factory=dict,
@@ -281,6 +280,9 @@ class Settings(BaseSettings):
     """pictures a user may ask for at once before the rate applies (0: no rate limit)"""
     image_monthly_cap: int = Field(default=50, ge=0)
     """pictures per user per UTC month (0: no cap)"""
+    image_nsfw_safety_checker_off: bool = False
+    """in channels marked NSFW, draw with Fal's safety checker off (pictures posted spoilered);
+    otherwise a flagged picture comes back black and is refused"""
 
     # Matrix adapter (issue 9); login is MATRIX_HOMESERVER/_USER_ID/_PASSWORD/_ACCESS_TOKEN above
     matrix_device_name: str = "personabot"

@@ -13,6 +13,11 @@ _CHARS_PER_TOKEN = 4  # the rough rule of bot/core/prompts.estimate_tokens
 _TOKENS_PER_MESSAGE = 4  # role and separators
 
 
+class RequestRejected(ModelUnavailable):
+    """The backend is fine but refused this request (HTTP 400, the model not pulled there):
+    try the next backend, but neither rest nor stop this one."""
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     model: str

@@ -2,7 +2,10 @@
 
     closed ──failure──▶ open (for base * factor^(n-1) seconds, at most `cap`)
       ▲                   │ the rest is over
-      └──success── half-open: the next request tries it; a failure opens it again, for longer
+      └──success── half-open: one request (the probe) tries it; a failure opens it again,
+                   for longer. Others see it resting until the probe is decided.
+
+Failures while it is already open (concurrent requests that failed together) count once.
 
 The clock is injected so tests (and the cost simulator) can move time by hand.
 """
@@ -28,19 +31,34 @@ class CircuitBreaker:
         self._clock = clock
         self.failures = 0
         self.open_until = 0.0
+        self.probing = False
 
     def allows(self) -> bool:
-        """True unless the backend is resting after a failure."""
-        return self._clock() >= self.open_until
+        """True unless the backend is resting after a failure (or its probe is under way)."""
+        return self._clock() >= self.open_until and not self.probing
+
+    def begin(self) -> bool:
+        """A request starts on the backend; True if it is the half-open probe."""
+        if self.failures and self.allows():
+            self.probing = True
+            return True
+        return False
+
+    def abandon(self) -> None:
+        """The probe ended without a verdict (cancelled, or the request's own fault)."""
+        self.probing = False
 
     @property
     def state(self) -> str:
         if self.failures == 0:
             return "closed"
-        return "half-open" if self.allows() else "open"
+        return "half-open" if self._clock() >= self.open_until else "open"
 
     def failure(self) -> float:
         """Record a failure; returns how many seconds the backend now rests."""
+        self.probing = False
+        if self._clock() < self.open_until:  # it failed together with others: count once
+            return self.remaining()
         self.failures += 1
         delay = min(self.cap, self.base * self.factor ** (self.failures - 1))
         self.open_until = self._clock() + delay
@@ -52,6 +70,7 @@ class CircuitBreaker:
         self.open_until = self._clock() + max(0.0, seconds)
 
     def success(self) -> None:
+        self.probing = False
         self.failures = 0
         self.open_until = 0.0
 

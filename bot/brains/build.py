@@ -11,7 +11,7 @@ from bot.brains.breaker import CircuitBreaker
 from bot.brains.ollama_brain import OllamaBrain
 from bot.brains.openai_brain import Alert, OpenAIBrain
 from bot.brains.pool import Backend, BackendPool, PoolBrain, normalize_model
-from bot.brains.sessions import SessionSink
+from bot.brains.sessions import SessionStore
 from bot.brains.spec import (
     BackendSpec,
     CommandWakeSpec,
@@ -50,6 +50,7 @@ def build_driver(spec: BackendSpec, settings: Settings) -> WakeDriver:
             machine=wake.machine,
             token=settings.fly_api_token,
             api_url=wake.api_url or settings.fly_api_url,
+            suspend=wake.suspend,
         )
     if isinstance(wake, WolWakeSpec):
         try:
@@ -136,7 +137,7 @@ def build_backend(
 def build_pool(
     settings: Settings,
     *,
-    sessions: SessionSink | None = None,
+    sessions: SessionStore | None = None,
     clock: Callable[[], float] = time.monotonic,
     alert: Alert | None = None,
 ) -> BackendPool:

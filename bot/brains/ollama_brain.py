@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import ollama
 
-from bot.brains.base import CallStats, ChatRequest, Chunk, ToolCall
+from bot.brains.base import CallStats, ChatRequest, Chunk, RequestRejected, ToolCall
 from bot.errors import ModelInterrupted, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ def _tool_calls(message: ollama.Message) -> tuple[ToolCall, ...]:
 def _lacks_tools(exc: ollama.ResponseError) -> bool:
     """Ollama's 400 for tools sent to a model whose template has none."""
     return exc.status_code == 400 and "does not support tools" in str(exc.error)
+
+
+def _request_fault(exc: BaseException) -> bool:
+    """An answer that blames the request, not the machine: 400, or 404 (model not pulled)."""
+    return isinstance(exc, ollama.ResponseError) and exc.status_code in (400, 404)
 
 
 # What a call to Ollama can fail with: its HTTP errors, the transport's, and a body that is
@@ -135,6 +140,8 @@ class OllamaBrain:
             log.warning("%s failed for model %s: %s", self.name, request.model, reason)
             if started:
                 raise ModelInterrupted(f"{self.name}: {reason}") from exc
+            if _request_fault(exc):
+                raise RequestRejected(f"{self.name}: {reason}") from exc
             raise ModelUnavailable(f"{self.name}: {reason}") from exc
         finally:
             await parts.aclose()

@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.brains.base import BackendRefused, Brain, CallStats, ChatRequest, Chunk, ToolCall
+from bot.brains.base import Brain, CallStats, ChatRequest, Chunk, ToolCall
 from bot.brains.local import LOCAL_MODEL_NAME, LocalBrain
-from bot.brains.pool import Backend, BackendPool
+from bot.brains.pool import Backend, BackendPool, Lease
 from bot.errors import ModelError, ModelInterrupted, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class BrainRouter:
         """`open()` as a stream: notices (e.g. "waking up…") as they happen, the Answer last."""
         notices: asyncio.Queue[str] = asyncio.Queue()
         task = asyncio.create_task(self.open(request, fallback=fallback, notify=notices.put_nowait))
+        handed = False
         try:
             while not task.done():
                 getter = asyncio.ensure_future(notices.get())
@@ -133,12 +134,16 @@ class BrainRouter:
                     getter.cancel()
             while not notices.empty():
                 yield notices.get_nowait()
-            yield task.result()
+            answer = task.result()
+            handed = True
+            yield answer
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            elif not handed and not task.cancelled() and task.exception() is None:
+                await task.result().aclose()  # opened, but the caller left before taking it
 
     def _request_for(self, brain: Brain, request: ChatRequest) -> ChatRequest:
         if isinstance(brain, LocalBrain):  # no tools for the small local model
@@ -221,25 +226,41 @@ class BrainRouter:
             failures.append(Failure(backend.name, request.model, _RESTING))
         for backend in usable:
             try:
-                await pool.acquire(backend, request.model, notify)
+                lease = await pool.acquire(backend, request.model, notify)
             except ModelUnavailable as exc:
                 failures.append(Failure(backend.name, request.model, _reason(exc)))
                 continue
-            stream = backend.brain.stream(_fitted(request, backend))
-            try:
-                first = await anext(stream)
-            except (ModelUnavailable, StopAsyncIteration) as exc:
-                pool.release(backend)
-                await pool.failed(backend, exc.rest if isinstance(exc, BackendRefused) else None)
-                failures.append(Failure(backend.name, request.model, _reason(exc)))
-                await stream.aclose()  # type: ignore[attr-defined]
-                continue
-            backend.breaker.success()
-            label = backend.brain.label(request.model)
-            log.info("answering with %s", label)
-            rest = _Leased(stream, pool, backend)
-            return Answer(backend.brain, request, label, failures, first, rest)
+            answer = await self._first_token(pool, backend, lease, request, failures)
+            if answer is not None:
+                return answer
         return None
+
+    async def _first_token(
+        self,
+        pool: BackendPool,
+        backend: Backend,
+        lease: Lease,
+        request: ChatRequest,
+        failures: list[Failure],
+    ) -> Answer | None:
+        """The backend's first chunk, with the lease; on every way out before it (a failure,
+        a cancellation, an error of any kind) the lease is released."""
+        stream = backend.brain.stream(_fitted(request, backend))
+        try:
+            first = await anext(stream)
+        except BaseException as exc:
+            await lease.release()
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+            if not isinstance(exc, (ModelUnavailable, StopAsyncIteration)):
+                raise
+            await pool.failed(backend, exc)
+            failures.append(Failure(backend.name, request.model, _reason(exc)))
+            return None
+        backend.breaker.success()
+        label = backend.brain.label(request.model)
+        log.info("answering with %s", label)
+        return Answer(backend.brain, request, label, failures, first, _Leased(stream, lease))
 
     async def aclose(self) -> None:
         for brain in self.brains:
@@ -274,34 +295,35 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Leased:
-    """The rest of a pooled reply. The backend counts as in flight (so it is never stopped)
-    until the stream ends, fails or is closed, even if it was never read (a class, not an
-    async generator, because closing a generator that never started skips its `finally`)."""
+    """The rest of a pooled reply, holding its lease until the stream ends, fails or is
+    closed, even if it was never read (a class, not an async generator, because closing a
+    generator that never started skips its `finally`)."""
 
-    def __init__(self, stream: AsyncIterator[Chunk], pool: BackendPool, backend: Backend) -> None:
+    def __init__(self, stream: AsyncIterator[Chunk], lease: Lease) -> None:
         self._stream = stream
-        self._pool = pool
-        self._backend = backend
-        self._released = False
+        self._lease = lease
 
     def __aiter__(self) -> _Leased:
         return self
 
     async def __anext__(self) -> Chunk:
         try:
-            return await anext(self._stream)
+            chunk = await anext(self._stream)
         except BaseException:
             await self.aclose()
             raise
+        self._lease.touch()
+        return chunk
 
     async def aclose(self) -> None:
-        if self._released:
+        if self._lease.released:
             return
-        self._released = True
-        self._pool.release(self._backend)
-        closer = getattr(self._stream, "aclose", None)
-        if closer is not None:
-            await closer()
+        try:
+            closer = getattr(self._stream, "aclose", None)
+            if closer is not None:
+                await closer()
+        finally:
+            await self._lease.release()
 
 
 class NoBackend(ModelUnavailable):

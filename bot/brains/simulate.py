@@ -96,6 +96,9 @@ class _SimGpu:
     async def stop(self) -> None:
         self.up = self.loaded = False
 
+    async def state(self) -> str:
+        return "unknown"  # the pool's reconciliation is not simulated
+
     def label(self, model: str) -> str:
         return f"{model} on the simulated GPU"
 

@@ -83,6 +83,7 @@ class FlyWakeSpec(BaseModel):
     app: str
     machine: str
     api_url: str | None = None  # default: the FLY_API_URL setting
+    suspend: bool = False  # suspend instead of stop (resumes in well under a second)
 
 
 class WolWakeSpec(BaseModel):

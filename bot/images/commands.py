@@ -2,7 +2,8 @@
 
 Arguments are words of the prompt plus optional `size:`, `model:` and `seed:` words (Discord's
 options arrive as `prompt:…`, `size:…`). The result carries the picture as a file attachment,
-spoilered when Fal flagged it in a channel marked NSFW.
+spoilered when it was drawn without Fal's safety checker (IMAGE_NSFW_SAFETY_CHECKER_OFF in a
+channel marked NSFW).
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ def parse_imagine_args(args: list[str]) -> ImagineOptions:
     words: list[str] = []
     options: dict[str, str] = {}
     for arg in args:
-        key, sep, value = arg.replace("=", ":", 1).partition(":")
-        if sep and key.lower() in ("size", "model", "seed", "prompt"):
-            if key.lower() == "prompt":
-                words.append(value)
-            else:
-                options[key.lower()] = value.strip().lower()
+        key, value = _option(arg)
+        if key == "prompt":
+            words.append(value)  # as written: "prompt:E=mc2" draws "E=mc2"
+        elif key is not None:
+            options[key] = value.strip().lower()
         else:
             words.append(arg)
     prompt = " ".join(w for w in words if w.strip()).strip()
@@ -57,6 +57,18 @@ def parse_imagine_args(args: list[str]) -> ImagineOptions:
         if not 0 <= seed < 2**31:
             raise CommandError("The seed must be between 0 and 2147483647.")
     return ImagineOptions(prompt, size, model, seed)
+
+
+def _option(word: str) -> tuple[str | None, str]:
+    """("size", "portrait") for `size:portrait` or `size=portrait`; (None, word) for a word
+    of the prompt, such as "E=mc2" or a bare "size:" ("shoe size: 10")."""
+    cut = min((i for i in (word.find(":"), word.find("=")) if i >= 0), default=-1)
+    if cut < 0:
+        return None, word
+    key, value = word[:cut].lower(), word[cut + 1 :]
+    if key not in ("size", "model", "seed", "prompt") or not value.strip():
+        return None, word
+    return key, value
 
 
 def register_imagine_command(commands: Commands, images: ImageService) -> None:

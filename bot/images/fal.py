@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], Awaitable[None]]
 
+_MIN_START_TIMEOUT = 2.0  # seconds; fal-client refuses 1 s or less
 _IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
@@ -36,6 +37,7 @@ class ImageError(BotError):
 
     user_message = "I couldn't draw that just now. Please try again in a moment."
     fal_request_id: str | None = None  # Fal's id, when the request got as far as its queue
+    billed = False  # Fal ran it (IN_PROGRESS or COMPLETED was seen): Fal bills it all the same
 
     def __init__(self, reason: str, user_message: str | None = None) -> None:
         super().__init__(reason)
@@ -55,6 +57,13 @@ class ImageKeyRejected(ImageError):
     user_message = (
         "The image service refused my key, so I can't draw right now; an admin needs to "
         "check FAL_KEY."
+    )
+
+
+class ImageBalanceExhausted(ImageError):
+    user_message = (
+        "The image service account has run out of credit, so I can't draw right now; "
+        "an admin needs to top it up."
     )
 
 
@@ -106,28 +115,46 @@ class FalFlux:
             self._client = fal_client.AsyncClient(key=self._key, default_timeout=self._timeout)
         return self._client
 
-    async def draw(self, model: str, arguments: dict[str, Any], progress: Progress | None) -> Drawn:
-        """Submit, follow the queue until done, and return the result. Raises ImageError."""
+    async def draw(
+        self,
+        model: str,
+        arguments: dict[str, Any],
+        progress: Progress | None,
+        submitted: Progress | None = None,
+    ) -> Drawn:
+        """Submit, follow the queue until done, and return the result. Raises ImageError,
+        with `billed` set when Fal had started running the request (its cancel only removes
+        queued requests, so Fal bills a started one whatever becomes of it). `submitted` hears
+        Fal's request id as soon as there is one."""
         handle: AsyncRequestHandle | None = None
+        seen: set[str] = set()
         try:
             async with asyncio.timeout(self._timeout):
-                handle = await self._fal().submit(model, arguments)
+                # start_timeout: Fal drops a request that has not started by then, even if
+                # our cancel below never reaches it.
+                start_timeout = max(self._timeout, _MIN_START_TIMEOUT)
+                handle = await self._fal().submit(model, arguments, start_timeout=start_timeout)
                 log.info("fal request %s submitted to %s", handle.request_id, model)
+                if submitted is not None:  # kept at once: a crash after this is billed
+                    await submitted(handle.request_id)
                 await _say(progress, "Sent to the image service…")
-                await self._follow(handle, progress)
+                await self._follow(handle, progress, seen)
                 result = await handle.get(interval=self._poll_interval)
         except BaseException as exc:
             error = translate(exc)
-            if handle is not None:
+            if handle is not None and "running" not in seen:
                 await _cancel(handle)
             if error is None:
                 raise
             if handle is not None:
                 error.fal_request_id = handle.request_id
+                error.billed = "running" in seen
             raise error from exc
         return parse_result(handle.request_id, result)
 
-    async def _follow(self, handle: AsyncRequestHandle, progress: Progress | None) -> None:
+    async def _follow(
+        self, handle: AsyncRequestHandle, progress: Progress | None, seen: set[str]
+    ) -> None:
         from fal_client import Completed, InProgress, Queued
 
         last = ""
@@ -135,11 +162,14 @@ class FalFlux:
             if isinstance(status, Queued):
                 text = f"Waiting in the image service's queue: {status.position} ahead of you…"
             elif isinstance(status, InProgress):
+                seen.add("running")
                 text = "Drawing…" + _last_log(status.logs)
             elif isinstance(status, Completed):
-                if status.error:
+                if status.error:  # it failed at Fal: no picture, nothing billed per megapixel
+                    seen.discard("running")
                     log.warning("fal request %s failed: %s", handle.request_id, status.error_type)
                     raise ImageUnavailable(f"fal reported {status.error_type or 'an error'}")
+                seen.add("running")
                 text = "Fetching the picture…"
             else:  # pragma: no cover - the client knows no other status
                 continue
@@ -194,8 +224,9 @@ def translate(exc: BaseException) -> ImageError | None:
     if isinstance(exc, TimeoutError | fal_client.FalClientTimeoutError | httpx.TimeoutException):
         return ImageTimeout("fal did not finish in time")
     if isinstance(exc, fal_client.FalClientHTTPError):
-        log.warning("fal answered HTTP %s (%s)", exc.status_code, exc.error_type)
-        return _http_error(exc.status_code)
+        detail = " ".join(str(exc.message or "").split())[:200]  # Fal's words, shortened
+        log.warning("fal answered HTTP %s (%s): %s", exc.status_code, exc.error_type, detail)
+        return _http_error(exc.status_code, detail)
     if isinstance(exc, httpx.HTTPError | fal_client.FalClientError | OSError):
         return ImageUnavailable(f"fal could not be reached ({type(exc).__name__})")
     if isinstance(exc, KeyError | ValueError | TypeError):
@@ -203,7 +234,9 @@ def translate(exc: BaseException) -> ImageError | None:
     return None
 
 
-def _http_error(status: int) -> ImageError:
+def _http_error(status: int, detail: str = "") -> ImageError:
+    if status == 403 and "balance" in detail.lower():  # Fal's "Exhausted balance"
+        return ImageBalanceExhausted(f"fal: {detail}")
     if status in (401, 403):
         return ImageKeyRejected(f"fal refused the key (HTTP {status})")
     if status in (400, 422):

@@ -4,13 +4,18 @@
       → Fal queue (bot/images/fal.py: submit, position/progress, result) → safety flag
       → download (Fal's addresses expire) → file in DATA_DIR/images → ledger.settle
 
-Any failure after the reservation releases it, so a failed picture costs the user nothing.
+Any failure after the reservation releases it, so a failed picture costs the member nothing.
+What Fal bills all the same (it ran: a download or result that fails after COMPLETED, a time-out
+while IN_PROGRESS, a flagged picture) is booked as a settled row without a member
+(`<request id>:failed`, `:flagged`), so the month's spend matches Fal's invoice.
 Every request leaves a row in `images` (prompt, seed, model, size, cost, outcome).
 
-Flagged pictures (`has_nsfw_concepts`): spoilered where the channel is marked NSFW, refused
-elsewhere. Fal bills a flagged picture all the same, so a refused one is released from the
-user's reservation (the user is not charged and it does not count against their cap) and the
-money is booked to the ledger without a user, so the budget still matches Fal's bill.
+Flagged pictures (`has_nsfw_concepts`): Fal's safety checker replaces them with a black square,
+so they are refused everywhere. Fal bills a flagged picture all the same, so a refused one is
+released from the member's reservation (the member is not charged and it does not count
+against their cap) and the money is booked without a member, so the budget matches Fal's bill.
+With IMAGE_NSFW_SAFETY_CHECKER_OFF an admin turns the checker off in channels marked NSFW:
+there pictures are drawn unchecked and always posted spoilered.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from bot.core.events import user_key
 from bot.core.personas import Persona
 from bot.core.prompts import user_seed
 from bot.errors import CommandError
-from bot.images.fal import Drawn, FalFlux, ImageError, ImageRefused, Progress
+from bot.images.fal import Drawn, FalFlux, ImageError, ImageRefused, ImageUnavailable, Progress
 from bot.images.store import ImageLimited, ImageStore
 from bot.safety.guard import Guard
 from bot.spend.ledger import Ledger
@@ -38,6 +44,7 @@ from bot.spend.ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 MODELS = {"schnell": "fal-ai/flux/schnell", "dev": "fal-ai/flux/dev"}
+SWEEP_AFTER = timedelta(minutes=30)  # longer than any draw and download
 MEGAPIXEL = 1024 * 1024  # Fal bills a 1024x1024 picture as one megapixel
 
 
@@ -113,6 +120,10 @@ class _Job:
     fal_request_id: str | None = None
     reserved: bool = field(default=False)
     finished: bool = field(default=False)  # its row in `images` has its outcome
+    platform: str | None = None
+    guild: str | None = None
+    persona: str | None = None
+    billed_units: int | None = None  # Fal drew it (so bills it) and it is not yet booked
 
 
 class ImageService:
@@ -127,8 +138,10 @@ class ImageService:
         monthly_cap: int = 0,
         rate: RateLimiter | None = None,
         guard: Guard | None = None,
+        checker_off_in_nsfw: bool = False,
     ) -> None:
         self.store = ImageStore(pool)
+        self.checker_off_in_nsfw = checker_off_in_nsfw
         self.fal = fal
         self.ledger = ledger
         self.image_dir = image_dir
@@ -159,6 +172,17 @@ class ImageService:
             await self._fail(job, exc)
             raise
 
+    async def sweep(self, older_than: timedelta = SWEEP_AFTER) -> tuple[int, int]:
+        """A crash mid-draw leaves nothing counting: `pending` rows older than `older_than`
+        become `failed` ("abandoned"), and the ledger's reservations that old are released;
+        those Fal had accepted (it has a request id for them) are booked as Fal's bill, without
+        the member. A scheduled job. Returns the ledger's (booked, released)."""
+        before = self.ledger.now() - older_than
+        abandoned = await self.store.abandon(before)
+        if abandoned:
+            log.warning("%d pictures were left pending by a crash; marked failed", abandoned)
+        return await self.ledger.expire_reservations(before, billed=self.store.submitted)
+
     async def close(self) -> None:
         if self.fal is not None:
             await self.fal.close()
@@ -180,6 +204,9 @@ class ImageService:
             full_prompt=with_style(request.prompt, request.persona.image_style),
             seed=seed,
             units=megapixels(preset.width, preset.height),
+            platform=request.platform,
+            guild=request.guild,
+            persona=request.persona.name,
         )
 
     def _row(self, request: ImageRequest, job: _Job) -> dict[str, Any]:
@@ -216,6 +243,11 @@ class ImageService:
                 request.user_key,
                 ",".join(verdict.blocking) or verdict.reason or "no verdict",
             )
+            if verdict.unknown:  # the guard is down or too slow: say so, blame nobody
+                raise ImageUnavailable(
+                    "the guard gave no verdict",
+                    "I can't check prompts right now, so I can't draw. Please try again later.",
+                )
             raise ImageRefused(
                 "the guard refused the prompt", "I can't draw that: it's against the rules here."
             )
@@ -236,24 +268,41 @@ class ImageService:
         job.unit_price = reservation.unit_price
 
     async def _draw(self, fal: FalFlux, request: ImageRequest, job: _Job) -> ImageResult:
+        # Fal's safety checker answers a flagged picture with a black one: it is refused
+        # everywhere, unless an admin turned the checker off for channels marked NSFW.
+        checker = not (request.nsfw_allowed and self.checker_off_in_nsfw)
         arguments = {
             "prompt": job.full_prompt,
             "image_size": SIZES[job.size].fal_name,
             "seed": job.seed,
             "num_images": 1,
-            "enable_safety_checker": True,
+            "enable_safety_checker": checker,
         }
-        drawn = await fal.draw(job.model, arguments, request.progress)
+
+        async def submitted(fal_request_id: str) -> None:
+            job.fal_request_id = fal_request_id
+            await self.store.submitted_as(job.request_id, fal_request_id)
+
+        drawn = await fal.draw(job.model, arguments, request.progress, submitted)
         job.fal_request_id = drawn.fal_request_id
         units = megapixels(drawn.width, drawn.height)
-        if drawn.nsfw and not request.nsfw_allowed:
+        job.billed_units = units  # Fal has drawn it: from here on Fal bills it, whatever happens
+        if drawn.nsfw and checker:
             await self._refuse_flagged(request, job, drawn, units)
         image = await fal.download(drawn.url)
         path = self.image_dir / f"{job.request_id}{image.suffix}"
         await asyncio.to_thread(_write, path, image.data)
+        return await self._keep(request, job, drawn, path, spoiler=drawn.nsfw or not checker)
+
+    async def _keep(
+        self, request: ImageRequest, job: _Job, drawn: Drawn, path: Path, *, spoiler: bool
+    ) -> ImageResult:
+        """The picture is on disk: charge the member and close its row."""
+        units = job.billed_units or job.units
         cost = units * job.unit_price
         await self.ledger.settle(job.request_id, Decimal(units))
         job.reserved = False
+        job.billed_units = None  # booked, to the member
         await self.store.finish(
             job.request_id,
             "ok",
@@ -263,7 +312,7 @@ class ImageService:
             megapixels=units,
             cost=cost,
             nsfw=drawn.nsfw,
-            spoiler=drawn.nsfw,
+            spoiler=spoiler,
             file_path=str(path),
         )
         job.finished = True
@@ -277,7 +326,7 @@ class ImageService:
         )
         return ImageResult(
             path=path,
-            spoiler=drawn.nsfw,
+            spoiler=spoiler,
             prompt=job.full_prompt,
             model=job.model,
             size=job.size,
@@ -294,17 +343,8 @@ class ImageService:
     ) -> None:
         """Not posted, not charged to the user; Fal's bill for it is booked without a user."""
         await self._release(job)
-        await self.ledger.record(
-            kind="image",
-            provider="fal",
-            model=job.model,
-            units=Decimal(units),
-            request_id=f"{job.request_id}:flagged",
-            unit_price=job.unit_price,
-            platform=request.platform,
-            guild=request.guild,
-            persona=request.persona.name,
-        )
+        await self._book_unbilled(job, units, "flagged")
+        job.billed_units = None  # booked
         await self.store.finish(
             job.request_id,
             "refused_nsfw",
@@ -321,6 +361,21 @@ class ImageService:
             "You weren't charged for it.",
         )
 
+    async def _book_unbilled(self, job: _Job, units: int, why: str) -> None:
+        """Fal's bill for a picture the member was not charged for: a settled row without a
+        user, so the month's spend still matches Fal's invoice."""
+        await self.ledger.record(
+            kind="image",
+            provider="fal",
+            model=job.model,
+            units=Decimal(units),
+            request_id=f"{job.request_id}:{why}",
+            unit_price=job.unit_price,
+            platform=job.platform,
+            guild=job.guild,
+            persona=job.persona,
+        )
+
     async def _release(self, job: _Job) -> None:
         if job.reserved:
             await self.ledger.release(job.request_id)
@@ -329,6 +384,10 @@ class ImageService:
     async def _fail(self, job: _Job, exc: BaseException) -> None:
         try:
             await self._release(job)
+            if job.billed_units is None and isinstance(exc, ImageError) and exc.billed:
+                job.billed_units = job.units  # it ran at Fal (a time-out while drawing, …)
+            if job.billed_units is not None:
+                await self._book_unbilled(job, job.billed_units, "failed")
         finally:
             if not job.finished:
                 status = "refused_prompt" if isinstance(exc, ImageRefused) else "failed"
@@ -368,4 +427,5 @@ def build_images(
         monthly_cap=settings.image_monthly_cap,
         rate=RateLimiter(pool, settings.image_rate_per_minute, settings.image_rate_burst),
         guard=guard,
+        checker_off_in_nsfw=settings.image_nsfw_safety_checker_off,
     )

@@ -6,6 +6,7 @@ so two requests at once (from two shards or processes) cannot both slip under it
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from bot.images.fal import ImageError
@@ -62,3 +63,28 @@ class ImageStore:
     async def get(self, request_id: str) -> dict[str, Any] | None:
         row = await self.pool.fetchrow("SELECT * FROM images WHERE request_id = $1", request_id)
         return dict(row) if row is not None else None
+
+    async def abandon(self, before: datetime) -> int:
+        """Pending rows created before `before` (their process died): marked failed."""
+        result = await self.pool.execute(
+            "UPDATE images SET status = 'failed', finished_at = now(), error = 'abandoned'"
+            " WHERE status = 'pending' AND created_at < $1",
+            before,
+        )
+        return int(result.split()[-1])
+
+    async def submitted(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests Fal accepted (it gave a request id): Fal may bill them."""
+        rows = await self.pool.fetch(
+            "SELECT request_id FROM images WHERE request_id = ANY($1::text[])"
+            " AND fal_request_id IS NOT NULL",
+            request_ids,
+        )
+        return {r["request_id"] for r in rows}
+
+    async def submitted_as(self, request_id: str, fal_request_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE images SET fal_request_id = $2 WHERE request_id = $1",
+            request_id,
+            fal_request_id,
+        )

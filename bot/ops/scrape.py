@@ -160,7 +160,8 @@ async def _ledger(conn: Any) -> list[Metric]:
 async def _backend_sessions(conn: Any) -> list[Metric]:
     rows = await conn.fetch(
         "SELECT backend, reason, count(*) AS n, coalesce(sum(gpu_seconds), 0) AS seconds"
-        " FROM backend_sessions GROUP BY backend, reason ORDER BY backend, reason"
+        " FROM backend_sessions WHERE stopped_at IS NOT NULL"  # open ones are still counting
+        " GROUP BY backend, reason ORDER BY backend, reason"
     )
     wakes = CounterMetricFamily(
         "personabot_backend_sessions",

@@ -5,9 +5,13 @@ caps apply (`scopes_for`), whether one would be passed (`caps_for` + `refusal`) 
 degrade ladder stands (`Budgets.level`).
 
     money     BUDGET_MONTHLY_USD            the whole bot, in dollars, paid actions only
-    units     BUDGET_KIND_CAPS              per kind, the whole bot   e.g. {"image": 300}
+    units     BUDGET_KIND_CAPS              per kind, the whole bot   e.g. {"image": 300,
+                                                                            "gpu_seconds": 36000}
               BUDGET_USER_CAPS              per kind and user         e.g. {"image": 20}
               BUDGET_GUILD_CAPS             per kind and guild/server e.g. {"image": 100}
+
+A cap the bot cannot enforce (tokens, GPU seconds per user) is refused at start-up with the
+reason (`ENFORCED`), never silently ignored.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ NOUNS = {
     "chat_tokens": "chat tokens",
     "embed_tokens": "embedding tokens",
     "moderation_tokens": "moderation tokens",
+}
+# The caps the bot enforces. Images are reserved before Fal is asked (every scope); GPU seconds
+# of paid backends are counted as machines run (sessions booked every minute) and, at the cap,
+# only free backends answer (the degrade ladder's first step).
+ENFORCED = {"kind": {"image", "gpu_seconds"}, "user": {"image"}, "guild": {"image"}}
+_AFTER = "tokens are counted after each model call, never reserved before it, so a cap on them"
+UNENFORCEABLE = {
+    **{
+        (kind, scope): f"cannot be enforced: {_AFTER} could not hold; leave it out"
+        for kind in ("chat_tokens", "embed_tokens", "moderation_tokens")
+        for scope in ("kind", "user", "guild")
+    },
+    **{
+        ("gpu_seconds", scope): "cannot be enforced: a machine's time is shared by everyone"
+        f" using it, not counted per {scope}; cap it for the whole bot (BUDGET_KIND_CAPS)"
+        for scope in ("user", "guild")
+    },
 }
 GLOBAL_REFUSAL = (
     "The bot's budget for this month is spent, so paid features are paused until the 1st."
@@ -76,14 +97,24 @@ class Budgets:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Budgets:
-        """The caps in the settings; a cap on a kind that does not exist is a ConfigError."""
-        for name in ("budget_kind_caps", "budget_user_caps", "budget_guild_caps"):
-            unknown = sorted(set(getattr(settings, name)) - set(NOUNS))
+        """The caps in the settings; a cap on a kind that does not exist, or one the bot
+        cannot enforce (see ENFORCED), is a ConfigError that says why: never ignored."""
+        for name, scope in (
+            ("budget_kind_caps", "kind"),
+            ("budget_user_caps", "user"),
+            ("budget_guild_caps", "guild"),
+        ):
+            kinds = set(getattr(settings, name))
+            unknown = sorted(kinds - set(NOUNS))
             if unknown:
                 raise ConfigError(
                     f"{name.upper()}: no such kind {', '.join(unknown)}; kinds are"
                     f" {', '.join(NOUNS)}"
                 )
+            unenforced = sorted(kinds - ENFORCED[scope])
+            if unenforced:
+                why = UNENFORCEABLE[unenforced[0], scope]
+                raise ConfigError(f"{name.upper()}: a cap on {unenforced[0]} {why}")
         free, local, refused = sorted(settings.budget_degrade_at)
         return cls(
             monthly_usd=settings.budget_monthly_usd,

@@ -19,7 +19,7 @@ local model only), 3 (paid actions refused) from the fractions in `BUDGET_DEGRAD
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.errors import BotError
 from bot.spend.budgets import (
+    FREE_ONLY,
     LADDER,
     NORMAL,
     BudgetExceeded,
@@ -34,6 +35,7 @@ from bot.spend.budgets import (
     Cap,
     caps_for,
     month_of,
+    num,
     refusal,
     scopes_for,
     usd,
@@ -244,11 +246,49 @@ class Ledger:
         if done is None and await self._status(request_id) == "settled":
             log.warning("release of %s ignored: it was already settled", request_id)
 
+    async def expire_reservations(
+        self, before: datetime, billed: Callable[[list[str]], Awaitable[set[str]]] | None = None
+    ) -> tuple[int, int]:
+        """Reservations never settled nor released (a crash between `reserve` and `settle`)
+        and made before `before`: the ones `billed` says the provider has a request id for are
+        booked as the provider's bill without the member (`<request id>:swept`, settled), and
+        every one is released. Returns (booked, released). A scheduled job runs it."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM ledger WHERE status = 'reserved' AND at < $1 ORDER BY id", before
+        )
+        if not rows:
+            return 0, 0
+        charged = await billed([r["request_id"] for r in rows]) if billed else set()
+        booked = 0
+        for row in rows:
+            if row["request_id"] in charged:
+                await self.record(
+                    kind=row["kind"],
+                    provider=row["provider"],
+                    model=row["model"],
+                    units=row["units"],
+                    request_id=f"{row['request_id']}:swept",
+                    unit_price=row["unit_price"],
+                    platform=row["platform"],
+                    guild=row["guild"],
+                    persona=row["persona"],
+                )
+                booked += 1
+            await self.release(row["request_id"])
+        log.warning(
+            "swept %d abandoned reservations (%d booked as the provider's bill)", len(rows), booked
+        )
+        return booked, len(rows)
+
     async def degrade_level(self) -> int:
-        """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused."""
+        """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused.
+        At the GPU-seconds cap (BUDGET_KIND_CAPS), free backends only, whatever the money."""
+        gpu = await self._gpu_cap_level()
         if not self.budgets.monthly_usd:
-            return NORMAL
+            return gpu
         status = await self.status()
+        if gpu > status.level:
+            return gpu
         if status.level > NORMAL:
             text = (
                 f"Spend: {usd(status.spent)} of the {usd(status.cap)} monthly budget"
@@ -256,6 +296,22 @@ class Ledger:
             )
             await self._alert_once(status.month, f"degrade:{status.level}", text)
         return status.level
+
+    async def _gpu_cap_level(self) -> int:
+        cap = self.budgets.kind_caps.get("gpu_seconds")
+        if cap is None:
+            return NORMAL
+        month = month_of(self._clock())
+        used = await self.pool.fetchval(
+            "SELECT COALESCE(sum(units), 0) FROM ledger WHERE month = $1"
+            " AND kind = 'gpu_seconds' AND unit_price > 0 AND status <> 'released'",
+            month,
+        )
+        if used < cap:
+            return NORMAL
+        text = f"GPU time: {num(used)} of the {num(cap)} GPU seconds for the month are used;"
+        await self._alert_once(month, "gpu-cap", f"{text} {LADDER[FREE_ONLY]}.")
+        return FREE_ONLY
 
     async def status(self, month: date | None = None) -> BudgetStatus:
         month = month or month_of(self._clock())

@@ -16,8 +16,17 @@ The wire protocol, as the client sends and parses it:
 * ``GET /files/{name}`` → the image bytes (a real PNG), as Fal's CDN serves them, without auth.
 
 Errors: a wrong key answers 401 ``{"detail": …}``; `fail_submit`/`fail_result` make a 500 with
-``x-fal-request-id`` (so the client does not retry it); `hang` keeps a request queued forever.
-It remembers what it was asked: `submissions`, `polls`, `cancels`, `downloads`.
+``x-fal-request-id`` (so the client does not retry it); `hang` keeps a request queued forever,
+`hang_running` keeps it IN_PROGRESS forever (Fal's cancel only removes queued requests, so a
+running one is billed: fal.ai/docs/model-endpoints/queue, "Cancelling a request");
+`complete_with_error` ends a request COMPLETED with `error` and `error_type` (a runner that
+failed); a status poll answers 202 while the request is queued or running and 200 once it is
+completed; a cancel answers 202 CANCELLATION_REQUESTED, or 400 ALREADY_COMPLETED for a finished
+request (fal.ai/docs/inference-api/queue/cancel);
+`exhausted_balance` answers the submit with 403 ``{"detail": "User is locked. Reason: Exhausted
+balance…"}`` as Fal does for an account out of credit.
+It remembers what it was asked: `submissions` (with the ``X-Fal-Request-Timeout`` header, the
+client's `start_timeout`), `polls`, `cancels`, `downloads`.
 """
 
 from __future__ import annotations
@@ -46,10 +55,13 @@ _SIZES = {
 }
 
 
-def make_png(width: int = 8, height: int = 8) -> bytes:
-    """A real PNG (an RGB gradient), built by hand so no imaging library is needed."""
+def make_png(width: int = 8, height: int = 8, *, black: bool = False) -> bytes:
+    """A real PNG (an RGB gradient, or all black), built by hand: no imaging library needed."""
     rows = b"".join(
-        b"\x00" + b"".join(bytes((x * 32 % 256, y * 32 % 256, 128)) for x in range(width))
+        b"\x00"
+        + b"".join(
+            bytes((0, 0, 0) if black else (x * 32 % 256, y * 32 % 256, 128)) for x in range(width)
+        )
         for y in range(height)
     )
 
@@ -64,6 +76,9 @@ def make_png(width: int = 8, height: int = 8) -> bytes:
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
+
+
+BLACK_PNG = make_png(black=True)  # what Fal's safety checker sends for a flagged picture
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -138,6 +153,9 @@ class FakeFal:
     progress_logs: list[str] = field(default_factory=lambda: ["step 1/4", "step 4/4"])
     nsfw: bool = False
     hang: bool = False
+    hang_running: bool = False
+    complete_with_error: bool = False
+    exhausted_balance: bool = False
     fail_submit: int | None = None
     fail_result: int | None = None
     fail_download: int | None = None
@@ -148,15 +166,18 @@ class FakeFal:
     cancels: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
     _requests: dict[str, _Request] = field(default_factory=dict)
+    _flagged: dict[str, bool] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     port: int = 0
 
     def reset(self) -> None:
         fresh = FakeFal(self.cert, self.key_file)
         for name in (
-            "key", "queue_positions", "progress_logs", "nsfw", "hang", "fail_submit",
+            "key", "queue_positions", "progress_logs", "nsfw", "hang", "hang_running",
+            "complete_with_error",
+            "exhausted_balance", "fail_submit",
             "fail_result", "fail_download", "submissions", "polls", "cancels", "downloads",
-            "_requests",
+            "_requests", "_flagged",
         ):  # fmt: skip
             setattr(self, name, getattr(fresh, name))
 
@@ -202,7 +223,13 @@ class FakeFal:
             return self._unauthorized()
         endpoint = request.match_info["endpoint"]
         arguments = await request.json()
-        self.submissions.append({"endpoint": endpoint, "arguments": arguments})
+        timeout = request.headers.get("X-Fal-Request-Timeout")
+        self.submissions.append(
+            {"endpoint": endpoint, "arguments": arguments, "start_timeout": timeout}
+        )
+        if self.exhausted_balance:
+            detail = "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai."
+            return web.json_response({"detail": detail}, status=403)
         if self.fail_submit is not None:
             return _server_error(self.fail_submit)
         rid = str(uuid.uuid4())
@@ -235,6 +262,8 @@ class FakeFal:
         with_logs = request.query.get("logs", "").lower() in ("true", "1")
         if self.hang:
             step: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 5}
+        elif self.hang_running:
+            step = {"status": "IN_PROGRESS", "log_count": 1}
         else:
             step = found.steps[min(found.polls, len(found.steps) - 1)]
             found.polls += 1
@@ -246,7 +275,11 @@ class FakeFal:
         else:
             body["logs"] = self._logs(len(self.progress_logs)) if with_logs else None
             body["metrics"] = {"inference_time": 0.42}
-        return web.json_response(body)
+            if self.complete_with_error:
+                body["error"] = "The runner crashed while generating."
+                body["error_type"] = "runner_error"
+        # Fal answers 202 while a request is queued or running, 200 once it is completed.
+        return web.json_response(body, status=200 if step["status"] == "COMPLETED" else 202)
 
     async def _result(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -256,10 +289,18 @@ class FakeFal:
             return web.json_response({"detail": "Request not found"}, status=404)
         if self.fail_result is not None:
             return _server_error(self.fail_result, found.id)
-        if self.hang or found.polls < len(found.steps):  # COMPLETED not yet reported
+        if (
+            self.hang or self.hang_running or found.polls < len(found.steps)
+        ):  # COMPLETED not yet reported
             return web.json_response({"detail": "Request is still in progress"}, status=400)
         width, height = _SIZES[found.arguments.get("image_size", "landscape_4_3")]
         seed = found.arguments.get("seed", 1234)
+        # With the safety checker on (Fal's default), a flagged picture is replaced by a black
+        # one and flagged; with it off nothing is checked (fal.ai/models/fal-ai/flux/dev/api,
+        # enable_safety_checker, has_nsfw_concepts).
+        checked = found.arguments.get("enable_safety_checker", True)
+        flagged = self.nsfw and checked
+        self._flagged[found.id] = flagged
         return web.json_response(
             {
                 "images": [
@@ -272,7 +313,7 @@ class FakeFal:
                 ],
                 "timings": {"inference": 0.42},
                 "seed": seed,
-                "has_nsfw_concepts": [self.nsfw],
+                "has_nsfw_concepts": [flagged],
                 "prompt": found.arguments.get("prompt", ""),
             },
             headers={"x-fal-request-id": found.id},
@@ -284,8 +325,10 @@ class FakeFal:
         found = self._requests.get(request.match_info["rid"])
         if found is None:
             return web.json_response({"detail": "Request not found"}, status=404)
-        found.cancelled = True
         self.cancels.append(found.id)
+        if not self.hang and found.polls >= len(found.steps):
+            return web.json_response({"status": "ALREADY_COMPLETED"}, status=400)
+        found.cancelled = True
         return web.json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
 
     async def _file(self, request: web.Request) -> web.Response:
@@ -295,7 +338,8 @@ class FakeFal:
             return web.Response(status=self.fail_download, text="gone")
         if name.removesuffix(".png") not in self._requests:
             return web.Response(status=404, text="not found")
-        return web.Response(body=self.png, content_type="image/png")
+        black = self._flagged.get(name.removesuffix(".png"), False)
+        return web.Response(body=BLACK_PNG if black else self.png, content_type="image/png")
 
 
 def _server_error(status: int, rid: str | None = None) -> web.Response:

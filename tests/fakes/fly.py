@@ -4,12 +4,25 @@
 
     GET  /v1/apps/{app}/machines/{id}                      the machine (with its `state`)
     POST /v1/apps/{app}/machines/{id}/start                {"previous_state", "migrated", …}
-    GET  /v1/apps/{app}/machines/{id}/wait?state=started&timeout=N    {"ok": true} or 408
+    GET  /v1/apps/{app}/machines/{id}/wait?state=S&timeout=N    {"ok": true} or 408
     POST /v1/apps/{app}/machines/{id}/stop                 {"ok": true}
+    POST /v1/apps/{app}/machines/{id}/suspend              {"ok": true}
+
+Where its behaviour comes from:
+- states (created, started, stopped, suspended; starting, stopping, suspending transient):
+  fly.io/docs/machines/machine-states;
+- `/wait` blocks until the state is reached or its `timeout` (at most 60 s) passes, then
+  answers 408 (flyctl's internal/machine/wait.go calls it again in a loop until its own
+  deadline): `wait_calls` records the states waited for;
+- a start while the machine is stopping or suspending is refused with 412 (Fly's
+  `failed_precondition`; flyctl retries it): `start_refused` counts them;
+- a stop takes `stop_seconds` in `stopping`, a suspend `stop_seconds` in `suspending`.
 
 Requests need `Authorization: Bearer <token>` (401 otherwise); unknown apps or machines are 404.
 It records every call in `calls` as (method, path, query). A start takes `boot_seconds` before
 the machine reports `started`, and then brings up the `MachineOllama` attached to it.
+`garbage = True` makes `GET` of the machine answer 200 with a body that is not JSON (a broken
+proxy), for failures that are not HTTP errors.
 
 `MachineOllama` is the fake Ollama that answers 503 while its machine is down (as Fly's proxy
 does for a stopped machine) and serves normally once it is up.
@@ -71,10 +84,15 @@ class FakeFly:
         self.boot_seconds = boot_seconds
         self.ollama = ollama
         self.state = "stopped"
+        self.stop_seconds = 0.0
+        self.garbage = False
+        self.start_refused = 0
+        self.wait_calls: list[str] = []
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._booting: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
 
     def count(self, method: str, action: str) -> int:
         """How many calls of `method` went to the machine path ending in `action` ('' = GET)."""
@@ -89,13 +107,15 @@ class FakeFly:
         app.router.add_post(base + "/start", self._start)
         app.router.add_get(base + "/wait", self._wait)
         app.router.add_post(base + "/stop", self._stop)
+        app.router.add_post(base + "/suspend", self._suspend)
         self._runner, port = await serve(app, shutdown_timeout=1.0)
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     async def stop(self) -> None:
-        if self._booting is not None:
-            self._booting.cancel()
+        for task in (self._booting, self._stopping):
+            if task is not None:
+                task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -135,11 +155,18 @@ class FakeFly:
         }
 
     async def _get(self, request: web.Request) -> web.Response:
+        if self.garbage:
+            return web.Response(text="<html>bad gateway</html>", content_type="text/html")
         return web.json_response(self._machine())
 
     async def _start(self, request: web.Request) -> web.Response:
         previous = self.state
-        if previous == "stopped":
+        if previous in ("stopping", "suspending"):
+            self.start_refused += 1
+            return web.json_response(
+                {"error": f"failed_precondition: machine is {previous}"}, status=412
+            )
+        if previous in ("stopped", "suspended", "created"):
             self.state = "starting"
             self._booting = asyncio.create_task(self._boot())
         return web.json_response({"previous_state": previous, "migrated": False, "new_host": ""})
@@ -152,7 +179,8 @@ class FakeFly:
 
     async def _wait(self, request: web.Request) -> web.Response:
         wanted = request.query.get("state", "started")
-        timeout = float(request.query.get("timeout", "60"))
+        self.wait_calls.append(wanted)
+        timeout = min(60.0, float(request.query.get("timeout", "60")))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while True:
@@ -163,10 +191,25 @@ class FakeFly:
             return web.json_response({"error": "deadline_exceeded"}, status=408)
         return web.json_response({"ok": True})
 
-    async def _stop(self, request: web.Request) -> web.Response:
+    def _halt(self, final: str) -> None:
         if self._booting is not None:
             self._booting.cancel()
-        self.state = "stopped"
         if self.ollama is not None:
             self.ollama.up = False
+        if self.stop_seconds <= 0:
+            self.state = final
+            return
+        self.state = "stopping" if final == "stopped" else "suspending"
+        self._stopping = asyncio.create_task(self._settle(final))
+
+    async def _settle(self, final: str) -> None:
+        await asyncio.sleep(self.stop_seconds)
+        self.state = final
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        self._halt("stopped")
+        return web.json_response({"ok": True})
+
+    async def _suspend(self, request: web.Request) -> web.Response:
+        self._halt("suspended")
         return web.json_response({"ok": True})

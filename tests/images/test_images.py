@@ -21,7 +21,13 @@ from bot.core.commands import CommandContext, CommandResult
 from bot.core.prompts import user_seed
 from bot.errors import BotError, CommandError
 from bot.images.commands import parse_imagine_args
-from bot.images.fal import ImageKeyRejected, ImageRefused, ImageTimeout, ImageUnavailable
+from bot.images.fal import (
+    ImageBalanceExhausted,
+    ImageKeyRejected,
+    ImageRefused,
+    ImageTimeout,
+    ImageUnavailable,
+)
 from bot.images.service import megapixels, with_style
 from bot.images.store import ImageLimited
 from bot.spend.ledger import BudgetExceeded
@@ -126,6 +132,13 @@ def test_parse_and_price_helpers() -> None:
     options = parse_imagine_args(["prompt:a cat", "on a mat", "size=landscape", "seed:3"])
     assert (options.prompt, options.size, options.seed) == ("a cat on a mat", "landscape", 3)
     assert parse_imagine_args(["a", "dog"]).size == "square"
+    # The prompt is kept as written, and ordinary words are not options.
+    assert parse_imagine_args(["prompt:E=mc2", "on a blackboard"]).prompt == (
+        "E=mc2 on a blackboard"
+    )
+    assert parse_imagine_args(["E=mc2"]).prompt == "E=mc2"
+    shoe = parse_imagine_args(["a", "shoe,", "size:", "10", "model=", "T"])
+    assert (shoe.prompt, shoe.size, shoe.model) == ("a shoe, size: 10 model= T", "square", None)
     with pytest.raises(CommandError, match="what to draw"):
         parse_imagine_args(["size:square"])
     with pytest.raises(CommandError, match="Size must be one of"):
@@ -192,15 +205,19 @@ async def test_global_budget_spent_refuses(
 
 
 @pytest.mark.parametrize(
-    ("setup", "error", "words"),
+    ("setup", "error", "words", "fal_billed"),
     [
-        ("fail_submit", ImageUnavailable, "isn't working right now"),
-        ("fail_result", ImageUnavailable, "isn't working right now"),
-        ("fail_download", ImageUnavailable, "isn't working right now"),
-        ("hang", ImageTimeout, "took too long"),
+        ("fail_submit", ImageUnavailable, "isn't working right now", False),
+        ("fail_result", ImageUnavailable, "isn't working right now", True),
+        ("fail_download", ImageUnavailable, "isn't working right now", True),
+        ("hang", ImageTimeout, "took too long", False),
+        ("hang_running", ImageTimeout, "took too long", True),
+        ("complete_with_error", ImageUnavailable, "isn't working right now", False),
+        # fal-client retries a 429 with back-off, so our deadline ends it: nothing was sent.
+        ("rate_limited", ImageTimeout, "took too long", False),
     ],
 )
-async def test_failures_charge_nothing(
+async def test_failures_charge_the_member_nothing_and_book_what_fal_bills(
     tmp_path: Path,
     database_url: str,
     fake_ollama: FakeOllama,
@@ -208,9 +225,12 @@ async def test_failures_charge_nothing(
     setup: str,
     error: type[BotError],
     words: str,
+    fal_billed: bool,
 ) -> None:
-    if setup == "hang":
-        fake_fal.hang = True
+    if setup in ("hang", "hang_running", "complete_with_error"):
+        setattr(fake_fal, setup, True)
+    elif setup == "rate_limited":
+        fake_fal.fail_submit = 429
     else:
         setattr(fake_fal, setup, 500 if setup != "fail_download" else 404)
     async with await start_app(tmp_path, database_url, fake_ollama, image_timeout=0.5) as app:
@@ -219,15 +239,40 @@ async def test_failures_charge_nothing(
         assert words in failed.value.user_message
         assert "500" not in failed.value.user_message and "http" not in failed.value.user_message
         assert await charged(app) == 0
-        ledger = await app.pool.fetch("SELECT status, cost FROM ledger WHERE kind = 'image'")
-        assert [(r["status"], r["cost"]) for r in ledger] == [("released", 0)]
+        ledger = await app.pool.fetch(
+            "SELECT status, cost, user_key, request_id FROM ledger WHERE kind = 'image' ORDER BY id"
+        )
+        assert (ledger[0]["status"], ledger[0]["cost"]) == ("released", 0)
+        if fal_billed:  # Fal ran it, so Fal bills it: booked, without the member
+            assert [(r["status"], r["user_key"]) for r in ledger[1:]] == [("settled", None)]
+            assert ledger[1]["cost"] == Decimal("0.003")
+            assert ledger[1]["request_id"] == f"{ledger[0]['request_id']}:failed"
+        else:
+            assert len(ledger) == 1
         [row] = await image_rows(app)
         assert row["status"] == "failed" and row["cost"] == 0 and row["file_path"] is None
         assert not list((app.settings.data_dir / "images").glob("*"))
-        if setup != "fail_submit":
+        if setup not in ("fail_submit", "rate_limited"):
             assert row["fal_request_id"] in fake_fal.polls, "Fal's id is kept for support"
+            assert fake_fal.submissions[0]["start_timeout"] == "2.0"  # Fal's least
         if setup == "hang":
             assert fake_fal.cancels == [row["fal_request_id"]], "a timed-out request is cancelled"
+
+
+async def test_an_exhausted_fal_balance_is_its_own_message(
+    tmp_path: Path,
+    database_url: str,
+    fake_ollama: FakeOllama,
+    fake_fal: FakeFal,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_fal.exhausted_balance = True
+    async with await start_app(tmp_path, database_url, fake_ollama) as app:
+        with pytest.raises(ImageBalanceExhausted) as failed:
+            await imagine(app, "a picture on credit")
+        assert "run out of credit" in failed.value.user_message
+        assert "Exhausted balance" in caplog.text  # Fal's own words reach the log
+        assert await charged(app) == 0
 
 
 async def test_bad_key_is_plain_and_never_logged(
@@ -261,15 +306,37 @@ async def test_no_key_means_no_pictures(
 # -- safety --------------------------------------------------------------------------------------
 
 
-async def test_flagged_picture_is_spoilered_in_an_nsfw_channel(
+async def test_a_flagged_picture_is_a_black_square_refused_even_in_an_nsfw_channel(
     image_app: App, fake_fal: FakeFal
 ) -> None:
     fake_fal.nsfw = True
-    result = await imagine(image_app, "a bath painting", nsfw=True)
-    assert result.spoiler and result.attachment is not None and result.attachment.exists()
-    assert await charged(image_app) == Decimal("0.003")
+    with pytest.raises(ImageRefused) as refused:
+        await imagine(image_app, "a bath painting", nsfw=True)
+    assert "weren't charged" in refused.value.user_message
+    assert fake_fal.submissions[0]["arguments"]["enable_safety_checker"] is True
+    assert fake_fal.downloads == [], "the black square is not even fetched"
+    assert await charged(image_app) == 0
     [row] = await image_rows(image_app)
-    assert row["nsfw"] and row["spoiler"] and row["status"] == "ok"
+    assert row["status"] == "refused_nsfw" and row["cost"] == 0
+
+
+async def test_an_admin_may_turn_the_checker_off_in_nsfw_channels(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, fake_fal: FakeFal
+) -> None:
+    from tests.fakes.fal import BLACK_PNG
+
+    fake_fal.nsfw = True
+    overrides = {"image_nsfw_safety_checker_off": True}
+    async with await start_app(tmp_path, database_url, fake_ollama, **overrides) as app:
+        result = await imagine(app, "a bath painting", nsfw=True)
+        assert result.spoiler and result.attachment is not None
+        assert result.attachment.read_bytes() != BLACK_PNG
+        assert fake_fal.submissions[0]["arguments"]["enable_safety_checker"] is False
+        assert await charged(app) == Decimal("0.003")
+        # Elsewhere the checker stays on, and a flagged picture is refused.
+        with pytest.raises(ImageRefused):
+            await imagine(app, "a bath painting")
+        assert fake_fal.submissions[1]["arguments"]["enable_safety_checker"] is True
 
 
 async def test_flagged_picture_is_refused_elsewhere_and_not_charged(
@@ -321,6 +388,20 @@ async def test_guard_refused_prompt_never_reaches_fal(
             assert len(fake_fal.submissions) == 1
             assert any("a knife fight" in text for text in judged)
             assert any("a kitten asleep" in text for text in judged)
+
+
+async def test_a_guard_outage_is_not_called_against_the_rules(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, fake_fal: FakeFal
+) -> None:
+    from tests.fakes.loopback import dead_url
+
+    on = {"guard_enabled": True, "guard_host": dead_url(), "guard_timeout": 1.0}
+    async with await start_app(tmp_path, database_url, fake_ollama, **on) as app:
+        with pytest.raises(ImageUnavailable) as failed:  # platform "test": fails closed
+            await imagine(app, "a kitten asleep on a rug")
+        assert "can't check prompts right now" in failed.value.user_message
+        assert "rules" not in failed.value.user_message
+        assert fake_fal.submissions == [] and await charged(app) == 0
 
 
 # -- limits --------------------------------------------------------------------------------------
@@ -396,3 +477,42 @@ async def test_monthly_cap_holds_under_concurrent_requests(
         assert (len(made), len(capped)) == (2, 4), outcomes
         assert len(fake_fal.submissions) == 2
         assert await charged(app) == Decimal("0.006")
+
+
+async def test_a_crash_mid_draw_leaves_nothing_counting(image_app: App) -> None:
+    """What a process that died mid-draw leaves: `pending` rows and `reserved` ledger rows,
+    one that Fal had accepted (it has Fal's request id) and one that never got there."""
+    from datetime import timedelta
+
+    app = image_app
+    assert app.ledger is not None
+    for rid, fal_id in (("img-accepted", "fal-123"), ("img-never-sent", None)):
+        await app.pool.execute(
+            "INSERT INTO images (request_id, fal_request_id, platform, user_key, conversation,"
+            " persona, prompt, full_prompt, model, size, seed, megapixels)"
+            " VALUES ($1, $2, 'test', 'test:alice', 'c1', 'aria', 'a cat', 'a cat',"
+            " 'fal-ai/flux/schnell', 'square', 1, 1)",
+            rid,
+            fal_id,
+        )
+        await app.ledger.reserve(
+            kind="image",
+            provider="fal",
+            model="fal-ai/flux/schnell",
+            units=Decimal(1),
+            request_id=rid,
+            user_key="test:alice",
+        )
+    assert await charged(app) == Decimal("0.006")  # the crash's reservations count …
+    assert await app.images.sweep(timedelta(hours=1)) == (0, 0)  # … until they are stale
+    assert await app.images.sweep(timedelta(0)) == (1, 2)
+    assert await charged(app) == 0
+    rows = await app.pool.fetch("SELECT request_id, status, user_key, cost FROM ledger ORDER BY id")
+    assert [(r["request_id"], r["status"], r["user_key"]) for r in rows] == [
+        ("img-accepted", "released", "test:alice"),
+        ("img-never-sent", "released", "test:alice"),
+        ("img-accepted:swept", "settled", None),  # Fal's bill, booked without the member
+    ]
+    assert {r["status"] for r in await image_rows(app)} == {"failed"}
+    assert await app.images.sweep(timedelta(0)) == (0, 0)
+    assert "spend-sweep" in app.scheduler.jobs()

@@ -284,3 +284,50 @@ def test_month_boundary_helpers() -> None:
     tokyo = datetime(2026, 12, 1, 8, 0, tzinfo=ZoneInfo("Asia/Tokyo"))  # 23:00 UTC on the 30th
     assert month_of(tokyo) == date(2026, 11, 1)
     assert month_of(datetime(2026, 12, 1, 0, 0, tzinfo=UTC)) == date(2026, 12, 1)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        ("BUDGET_KIND_CAPS", '{"chat_tokens": 1000000}', "counted after each model call"),
+        ("BUDGET_USER_CAPS", '{"moderation_tokens": 5000}', "counted after each model call"),
+        ("BUDGET_USER_CAPS", '{"gpu_seconds": 3600}', "not counted per user"),
+        ("BUDGET_GUILD_CAPS", '{"gpu_seconds": 3600}', "not counted per guild"),
+    ],
+)
+def test_a_cap_that_cannot_be_enforced_is_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, why: str
+) -> None:
+    from bot.config import Settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}: a cap on .*{why}"):
+        Budgets.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
+
+
+async def test_the_gpu_seconds_cap_leaves_only_free_backends(pool: Any) -> None:
+    from bot.config import Settings
+
+    settings = Settings(_env_file=None, budget_kind_caps={"gpu_seconds": 600})  # type: ignore[call-arg]
+    clock, inbox = Clock(nov(10)), Inbox()
+    ledger = Ledger(
+        pool, Prices(pool), clock=clock, budgets=Budgets.from_settings(settings),
+        notifier=inbox.notifier,
+    )  # fmt: skip
+    price = Decimal("0.0002")
+    await ledger.record(
+        kind="gpu_seconds", provider="fly-a", model=None, units=Decimal(500),
+        unit_price=price, request_id="backend-session:1:0",
+    )  # fmt: skip
+    await ledger.record(  # a home GPU's seconds are free: they do not count
+        kind="gpu_seconds", provider="ollama:home", model=None, units=Decimal(5000),
+        unit_price=Decimal(0), request_id="backend-session:2:0",
+    )  # fmt: skip
+    assert await ledger.degrade_level() == NORMAL
+    await ledger.record(
+        kind="gpu_seconds", provider="fly-a", model=None, units=Decimal(100),
+        unit_price=price, request_id="backend-session:1:500",
+    )  # fmt: skip
+    assert await ledger.degrade_level() == FREE_ONLY
+    assert await ledger.degrade_level() == FREE_ONLY
+    assert len(inbox.texts) == 1 and "600 of the 600 GPU seconds" in inbox.texts[0]

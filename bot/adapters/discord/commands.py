@@ -8,6 +8,8 @@ the user as ephemeral messages in plain words. Nothing sent can mention anyone.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Commands whose answer only the caller should see.
 _PRIVATE = frozenset({"memories", "forget", "spend", "help"})
+PROGRESS_EVERY = 1.0  # seconds between progress edits of one answer, at most one each
+_TOO_BIG = "(The picture is over Discord's upload limit here, so I couldn't post it.)"
+_GONE = "(I couldn't post the picture: the message I was writing it into is gone.)"
 
 
 class SlashCommands:
@@ -158,11 +163,36 @@ class SlashCommands:
             log.exception("/%s failed", name)
             await self.fail(interaction, user_message(Exception()), deferred_private=private)
             return
+        await self.answer(interaction, name, result, progress, private=private)
+
+    async def answer(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        result: CommandResult,
+        progress: _Progress,
+        *,
+        private: bool,
+    ) -> None:
+        """Post the result; a post Discord refuses (the message was deleted, the file is over
+        the upload limit) is answered in words: whatever it cost is already booked."""
         file = _file_of(result)
-        if progress.used:
-            await progress.finish(result.text, file)
-            return
-        await self.respond(interaction, result.text, private=private, file=file)
+        try:
+            if progress.used:
+                await progress.finish(result.text, file)
+            else:
+                await self.respond(interaction, result.text, private=private, file=file)
+        except discord.HTTPException as exc:
+            log.warning(
+                "/%s: Discord refused the answer (HTTP %s, code %s)", name, exc.status, exc.code
+            )
+            why = _TOO_BIG if exc.status == 413 else _GONE
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.followup.send(
+                    f"{result.text}\n{why}" if file is not None else result.text,
+                    ephemeral=private,
+                    allowed_mentions=NO_MENTIONS,
+                )
 
     async def show_persona(self, interaction: discord.Interaction, name: str | None) -> None:
         engine = self.adapter.app.engine
@@ -235,11 +265,18 @@ def _is_nsfw(channel: Any) -> bool:
 
 
 class _Progress:
-    """Shows a long command's progress by editing its one deferred answer, then the result."""
+    """Shows a long command's progress by editing its one deferred answer, then the result.
+
+    Edits run in the background, never on the command's own (time-limited) path, at most one
+    per PROGRESS_EVERY seconds and always the latest text; the result's edit replaces any
+    still waiting."""
 
     def __init__(self, interaction: discord.Interaction) -> None:
         self._interaction = interaction
         self._last: str | None = None
+        self._shown: str | None = None
+        self._next_at = 0.0
+        self._task: asyncio.Task[None] | None = None
         self.used = False
 
     async def __call__(self, text: str) -> None:
@@ -247,14 +284,29 @@ class _Progress:
             return
         self._last = text
         self.used = True
-        try:
-            await self._interaction.edit_original_response(
-                content=text[:2000], allowed_mentions=NO_MENTIONS
-            )
-        except discord.HTTPException:
-            log.warning("could not show a command's progress")
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._show())
+
+    async def _show(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._last is not None and self._last != self._shown:
+            wait = self._next_at - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            text = self._shown = self._last
+            self._next_at = loop.time() + PROGRESS_EVERY
+            try:
+                await self._interaction.edit_original_response(
+                    content=text[:2000], allowed_mentions=NO_MENTIONS
+                )
+            except discord.HTTPException:
+                log.warning("could not show a command's progress")
 
     async def finish(self, text: str, file: discord.File | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         chunks = split_message(text) or ["Done."]
         await self._interaction.edit_original_response(
             content=chunks[0],
