@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     guard_timeout: float = Field(default=10.0, gt=0, description="seconds; slower is unknown")
     guard_fail_policy: GuardFailPolicy = Field(default_factory=GuardFailPolicy)
     guard_stream_mode: Literal["whole", "paragraph"] = "whole"
+    guard_context: int = Field(
+        default=8192,
+        ge=1024,
+        description="the guard's context in tokens (num_ctx): a longer text is judged in"
+        " windows, and the conversation before it is cut oldest first to fit",
+    )
     guard_keep_text: bool = False
     guard_alerts: bool = True
 

@@ -35,11 +35,11 @@ from bot.ops.metrics import Metrics, ReplyTimer
 from bot.safety.categories import describe
 from bot.safety.guard import UNCHECKED, Verdict, Where
 from bot.safety.moderation import (
-    INPUT_UNCHECKED,
-    UNMODERATED,
     Moderation,
     OutputScreen,
     gated,
+    input_unchecked,
+    unmoderated,
     withheld,
 )
 
@@ -137,7 +137,7 @@ class Engine:
         if answer.notice:
             log.warning("%s", answer.notice)
             yield Notice(answer.notice, user_text=_fallback_words(answer))
-        screen = self.moderation.output_screen(persona, where)
+        screen = self.moderation.output_screen(persona, where, incoming.text)
         turn = _Turn(answer, "")
         async for event in self._turn(incoming, persona, context, screen, turn):
             yield event
@@ -148,7 +148,7 @@ class Engine:
                 yield picture
             return
         if verdict.unmoderated or screen.unmoderated:
-            yield Notice(UNMODERATED)
+            yield Notice(unmoderated(verdict, screen.unchecked))
         reply = turn.text.strip()
         if not reply:
             yield Failed(f"{persona.display_name} drew a blank. Try saying that another way?")
@@ -183,7 +183,7 @@ class Engine:
                     yield Notice(item, user_text=item)  # "waking up…", while a backend wakes
                 elif isinstance(item, Verdict) and not item.safe:
                     if item.unknown:
-                        yield Failed(INPUT_UNCHECKED)
+                        yield Failed(input_unchecked(item))
                         return
                     refusal = self.moderation.refusal(persona, item, incoming.author_name)
                     yield Delta(refusal)
