@@ -107,6 +107,35 @@ LIMIT $7
 _COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by"
 
 
+async def _scrub(conn: Any, user_key: str) -> None:
+    """The user's words out of everything else kept: the logged prompts of model calls made
+    for them or in a conversation they spoke in (LOG_PROMPTS), the texts of their guard
+    verdicts (GUARD_KEEP_TEXT), and their messages in the conversation history."""
+    platform, _, author_id = user_key.partition(":")
+    spoke = (
+        "SELECT m.conversation_id FROM messages m JOIN conversations c"
+        " ON c.id = m.conversation_id WHERE c.platform = $2 AND m.author_id = $3"
+        " AND m.role = 'user'"
+    )
+    await conn.execute(
+        "UPDATE model_calls SET prompt = NULL WHERE prompt IS NOT NULL"
+        f" AND (user_key = $1 OR conversation_id IN ({spoke}))",
+        user_key,
+        platform,
+        author_id,
+    )
+    await conn.execute(
+        "UPDATE moderation_verdicts SET text = NULL WHERE user_key = $1 AND text IS NOT NULL",
+        user_key,
+    )
+    await conn.execute(
+        "DELETE FROM messages m USING conversations c WHERE c.id = m.conversation_id"
+        " AND c.platform = $1 AND m.author_id = $2 AND m.role = 'user'",
+        platform,
+        author_id,
+    )
+
+
 def _row(record: Any) -> MemoryRow:
     return MemoryRow(**{key: record[key] for key in _COLUMNS.split(", ")})
 
@@ -146,6 +175,37 @@ class MemoryStore:
             top_k,
         )
         return [Recalled(r["id"], r["text"], r["similarity"], r["score"]) for r in rows]
+
+    async def nearest(
+        self, user_key: str, vector: list[float], model: str, limit: int
+    ) -> list[MemoryRow]:
+        """The user's current facts nearest `vector` by cosine distance (no floor), oldest
+        first: what a new fact is compared with."""
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND embed_model = $3"
+            " AND superseded_by IS NULL ORDER BY embedding <=> $2::halfvec, id DESC LIMIT $4",
+            user_key,
+            HalfVector(vector),
+            model,
+            limit,
+        )
+        return sorted((_row(r) for r in rows), key=lambda m: m.id)
+
+    async def drop(self, user_key: str, ids: list[int], *, job_id: int | None = None) -> int:
+        """Delete the user's current facts `ids` (the message showed they no longer hold);
+        nothing when the job is gone (the user said "forget all" meanwhile)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if job_id is not None and not await conn.fetchval(
+                "SELECT id FROM memory_jobs WHERE id = $1 FOR UPDATE", job_id
+            ):
+                return 0
+            result = await conn.execute(
+                "DELETE FROM memories WHERE user_key = $1 AND id = ANY($2)"
+                " AND superseded_by IS NULL",
+                user_key,
+                ids,
+            )
+        return int(result.split()[-1])
 
     async def touch(self, user_key: str, ids: list[int]) -> None:
         """Mark memories as recalled now (off the reply's path: it waits for a commit)."""
@@ -226,8 +286,9 @@ class MemoryStore:
         return inserted
 
     async def forget(self, user_key: str, memory_id: int | None = None) -> int:
-        """Delete one memory (and the older versions it superseded) or all of the user's;
-        returns how many current memories were deleted."""
+        """Delete one memory, current or superseded (with the older versions it superseded),
+        or all of the user's, and then also their words wherever else they are kept (see
+        `_scrub`); returns how many current memories (for one id: rows) were deleted."""
         if memory_id is None:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("DELETE FROM memory_jobs WHERE user_key = $1", user_key)
@@ -236,11 +297,10 @@ class MemoryStore:
                     user_key,
                 )
                 await conn.execute("DELETE FROM memories WHERE user_key = $1", user_key)
+                await _scrub(conn, user_key)
                 return int(current)
         result = await self._pool.execute(
-            "DELETE FROM memories WHERE user_key = $1 AND id = $2 AND superseded_by IS NULL",
-            user_key,
-            memory_id,
+            "DELETE FROM memories WHERE user_key = $1 AND id = $2", user_key, memory_id
         )
         return int(result.split()[-1])
 

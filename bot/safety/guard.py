@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # Ollama's failures, and an answer whose shape pydantic rejects (a ValueError).
 _GUARD_ERRORS: tuple[type[BaseException], ...] = (*OLLAMA_ERRORS, ValueError)
 
-Kind = Literal["input", "output", "image_prompt"]
+Kind = Literal["input", "output", "image_prompt", "memory"]
 FailPolicy = Literal["open", "closed"]
 
 _FIRST_WORD = re.compile(r"[a-z]+")
@@ -446,4 +446,5 @@ _KIND_WORDS: dict[Kind, str] = {
     "input": "a message",
     "output": "a reply",
     "image_prompt": "an image prompt",
+    "memory": "a fact to remember",
 }

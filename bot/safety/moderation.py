@@ -18,13 +18,14 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import jinja2
 
 from bot.config import Settings
 from bot.core.calls import CallLog
 from bot.core.personas import Persona
+from bot.errors import ModelUnavailable
 from bot.ops.notify import AdminNotifier
 from bot.safety.categories import category_name, describe
 from bot.safety.guard import UNCHECKED, Guard, Verdict, Where
@@ -231,6 +232,32 @@ class Moderation:
     async def aclose(self) -> None:
         if self.guard is not None:
             await self.guard.aclose()
+
+
+class Said(Protocol):
+    """Where a fact was learned (memory's Exchange has these)."""
+
+    platform: str
+    conversation_id: int | None
+    user_key: str
+    persona: str
+
+
+def fact_vetter(
+    guard: Guard, persona_named: Callable[[str | None], Persona]
+) -> Callable[[str, Any], Awaitable[bool]]:
+    """Judges a fact extracted for memory as the user's input would be, for the persona that
+    heard it: True keeps it. No verdict raises ModelUnavailable, so the job waits for later."""
+
+    async def vet(text: str, exchange: Said) -> bool:
+        where = Where(exchange.platform, None, exchange.conversation_id, exchange.user_key)
+        persona = persona_named(exchange.persona)
+        verdict = await guard.judge("memory", text, persona=persona, where=where)
+        if verdict.unknown:
+            raise ModelUnavailable(f"the guard gave no verdict on a fact ({verdict.reason})")
+        return verdict.safe
+
+    return vet
 
 
 def build_moderation(
