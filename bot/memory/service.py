@@ -94,10 +94,17 @@ class Memory:
     # ------------------------------------------------------------------ recall
 
     async def recall(
-        self, user_key: str, text: str, *, context: CallContext, spawn: Spawn | None = None
+        self,
+        user_key: str,
+        text: str,
+        *,
+        context: CallContext,
+        spawn: Spawn | None = None,
+        scope: str | None = None,
     ) -> list[Recalled]:
-        """The speaking user's memories most related to `text`; never raises. With `spawn`
-        (the engine's), the call record is written in the background, off the reply's path."""
+        """The speaking user's memories most related to `text`, learned in `scope` (None: in
+        any); never raises. With `spawn` (the engine's), the call record is written in the
+        background, off the reply's path."""
         try:
             models = await self.store.models_of(user_key)
             if not models:
@@ -114,6 +121,7 @@ class Memory:
                 floor=self.min_similarity,
                 recency_weight=self.recency_weight,
                 half_life_days=self.half_life_days,
+                scope=scope,
             )
             if found:
                 touch = self.store.touch(user_key, [m.id for m in found])
@@ -218,7 +226,11 @@ class Memory:
         if embedded.model not in models:
             return await self.store.recent(exchange.user_key, _KNOWN_IN_PROMPT)
         return await self.store.nearest(
-            exchange.user_key, embedded.vectors[0], embedded.model, _KNOWN_IN_PROMPT
+            exchange.user_key,
+            embedded.vectors[0],
+            embedded.model,
+            _KNOWN_IN_PROMPT,
+            exchange.scope,
         )
 
     async def _store_facts(
@@ -255,14 +267,24 @@ class Memory:
             for (text, replaces), vector in zip(cleaned, embedded.vectors, strict=True)
         ]
         ids = await self.store.add(
-            exchange.user_key, new, model=embedded.model, persona=exchange.persona, job_id=job_id
+            exchange.user_key,
+            new,
+            model=embedded.model,
+            persona=exchange.persona,
+            job_id=job_id,
+            scope=exchange.scope,
+            source_message_id=exchange.message_id,
         )
         log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
 
     # ------------------------------------------------------------------ user control
 
-    async def current(self, user_key: str) -> list[MemoryRow]:
-        return await self.store.current(user_key)
+    async def current(self, user_key: str, scope: str | None = None) -> list[MemoryRow]:
+        """The user's current memories, those learned in `scope` when it is given."""
+        return await self.store.current(user_key, scope=scope)
+
+    async def count(self, user_key: str) -> int:
+        return await self.store.count(user_key)
 
     async def forget(self, user_key: str, memory_id: int | None = None) -> int:
         return await self.store.forget(user_key, memory_id)

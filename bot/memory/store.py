@@ -61,6 +61,18 @@ class MemoryRow:
         }
 
 
+def scope_of(platform: str, conversation: str, guild: str | None) -> str:
+    """Where a fact learned here may be recalled: the terminal, a Matrix room (a DM is a room),
+    a Discord server, or else the conversation itself (a Discord DM)."""
+    if platform == "console":
+        return "console"
+    if platform == "matrix":
+        return f"matrix:room:{conversation}"
+    if guild:
+        return f"{platform}:guild:{guild}"
+    return f"{platform}:conv:{conversation}"
+
+
 @dataclass(frozen=True)
 class Exchange:
     """One answered message, as the engine hands it to memory."""
@@ -73,6 +85,8 @@ class Exchange:
     conversation_id: int | None
     message: str
     reply: str
+    scope: str | None = None  # scope_of() the place it was said; None: before scopes
+    message_id: int | None = None  # messages.id of the user's message in history
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ WITH scored AS (
     SELECT id, text, created_at, 1 - (embedding <=> $2::halfvec) AS similarity
     FROM memories
     WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL
+      AND ($8::text IS NULL OR scope = $8)
 )
 SELECT id, text, similarity,
        similarity - $5 * (1 - power(0.5,
@@ -163,7 +178,9 @@ class MemoryStore:
         floor: float,
         recency_weight: float,
         half_life_days: float,
+        scope: str | None = None,
     ) -> list[Recalled]:
+        """The user's facts nearest `vector`; with `scope`, only those learned there."""
         rows = await self._pool.fetch(
             _RECALL,
             user_key,
@@ -173,21 +190,24 @@ class MemoryStore:
             recency_weight,
             half_life_days,
             top_k,
+            scope,
         )
         return [Recalled(r["id"], r["text"], r["similarity"], r["score"]) for r in rows]
 
     async def nearest(
-        self, user_key: str, vector: list[float], model: str, limit: int
+        self, user_key: str, vector: list[float], model: str, limit: int, scope: str | None
     ) -> list[MemoryRow]:
         """The user's current facts nearest `vector` by cosine distance (no floor), oldest
-        first: what a new fact is compared with."""
+        first: what a new fact is compared with (in its scope)."""
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND embed_model = $3"
-            " AND superseded_by IS NULL ORDER BY embedding <=> $2::halfvec, id DESC LIMIT $4",
+            " AND superseded_by IS NULL AND ($5::text IS NULL OR scope = $5)"
+            " ORDER BY embedding <=> $2::halfvec, id DESC LIMIT $4",
             user_key,
             HalfVector(vector),
             model,
             limit,
+            scope,
         )
         return sorted((_row(r) for r in rows), key=lambda m: m.id)
 
@@ -215,15 +235,28 @@ class MemoryStore:
             ids,
         )
 
-    async def current(self, user_key: str, limit: int = 1000) -> list[MemoryRow]:
-        """The user's memories that are recalled (not superseded), oldest first."""
+    async def current(
+        self, user_key: str, limit: int = 1000, *, scope: str | None = None
+    ) -> list[MemoryRow]:
+        """The user's memories that are recalled (not superseded), oldest first; with `scope`,
+        only those learned there."""
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND superseded_by IS NULL"
-            " ORDER BY id LIMIT $2",
+            " AND ($3::text IS NULL OR scope = $3) ORDER BY id LIMIT $2",
             user_key,
             limit,
+            scope,
         )
         return [_row(r) for r in rows]
+
+    async def count(self, user_key: str) -> int:
+        """How many current memories the user has, in every scope."""
+        return int(
+            await self._pool.fetchval(
+                "SELECT count(*) FROM memories WHERE user_key = $1 AND superseded_by IS NULL",
+                user_key,
+            )
+        )
 
     async def recent(self, user_key: str, limit: int) -> list[MemoryRow]:
         rows = await self._pool.fetch(
@@ -249,6 +282,8 @@ class MemoryStore:
         model: str,
         persona: str | None,
         job_id: int | None = None,
+        scope: str | None = None,
+        source_message_id: int | None = None,
     ) -> list[int]:
         """Insert new facts (duplicates of current ones are skipped) and supersede what they
         contradict; returns the ids of the rows inserted. With `job_id`, nothing is stored if
@@ -262,7 +297,8 @@ class MemoryStore:
             for fact in facts:
                 new_id = await conn.fetchval(
                     "INSERT INTO memories (user_key, text, text_hash, embed_model, embedding,"
-                    " persona) VALUES ($1, $2, $3, $4, $5::halfvec, $6)"
+                    " persona, scope, source_message_id)"
+                    " VALUES ($1, $2, $3, $4, $5::halfvec, $6, $7, $8)"
                     " ON CONFLICT (user_key, text_hash) WHERE superseded_by IS NULL DO NOTHING"
                     " RETURNING id",
                     user_key,
@@ -271,6 +307,8 @@ class MemoryStore:
                     model,
                     HalfVector(fact.vector),
                     persona,
+                    scope,
+                    source_message_id,
                 )
                 if new_id is None:
                     continue
@@ -304,6 +342,29 @@ class MemoryStore:
         )
         return int(result.split()[-1])
 
+    async def message_deleted(self, message_rows: list[int]) -> int:
+        """Pending extractions of these history rows stop, and the facts drawn from them go
+        (what they had superseded is current again); returns how many facts were deleted."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM memory_jobs WHERE message_id = ANY($1)", message_rows)
+            drawn = await conn.fetch(
+                "SELECT id FROM memories WHERE source_message_id = ANY($1)", message_rows
+            )
+            ids = [r["id"] for r in drawn]
+            await conn.execute(
+                "UPDATE memories SET superseded_by = NULL WHERE superseded_by = ANY($1)"
+                " AND NOT (id = ANY($1))",
+                ids,
+            )
+            await conn.execute("DELETE FROM memories WHERE id = ANY($1)", ids)
+        return len(ids)
+
+    async def message_edited(self, message_rows: list[int], text: str) -> None:
+        """A pending extraction reads the edited text."""
+        await self._pool.execute(
+            "UPDATE memory_jobs SET message = $2 WHERE message_id = ANY($1)", message_rows, text
+        )
+
     async def stale(self, model: str, limit: int) -> list[tuple[int, str]]:
         """Rows embedded by another model than `model` (for reembed)."""
         rows = await self._pool.fetch(
@@ -326,7 +387,8 @@ class MemoryStore:
         return int(
             await self._pool.fetchval(
                 "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
-                " conversation_id, message, reply) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING id",
+                " conversation_id, message, reply, scope, message_id)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
                 exchange.user_key,
                 exchange.author_name,
                 exchange.persona,
@@ -335,6 +397,8 @@ class MemoryStore:
                 exchange.conversation_id,
                 exchange.message,
                 exchange.reply,
+                exchange.scope,
+                exchange.message_id,
             )
         )
 
@@ -357,6 +421,8 @@ class MemoryStore:
             row["conversation_id"],
             row["message"],
             row["reply"],
+            row["scope"],
+            row["message_id"],
         )
         return Job(row["id"], exchange, row["attempts"])
 
