@@ -266,11 +266,12 @@ class DiscordAdapter:
         await self._deleted(sorted(payload.message_ids))
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        content = payload.data.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return  # an embed appearing, a pin: not an edit of the text
+        if "content" not in payload.data or payload.message.author.bot:
+            return  # an embed appearing, a pin, our own streaming edits: not a user's edit
         try:
-            await self.app.engine.message_edited(PLATFORM, str(payload.message_id), content)
+            text = await self._text_of(payload.message)  # as the message was first stored
+            if text:
+                await self.app.engine.message_edited(PLATFORM, str(payload.message_id), text)
         except Exception:
             log.exception("honouring the edit of Discord message %s failed", payload.message_id)
 
