@@ -6,102 +6,33 @@ reachable through another user's key.
 
 from __future__ import annotations
 
-import hashlib
-import re
-import unicodedata
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from pgvector import HalfVector
 
-_SPACES = re.compile(r"\s+")
-_EDGE_PUNCTUATION = ".,;:!?\"'`()[]{} "
+from bot.memory.jobs import JobQueries
+from bot.memory.types import (
+    Exchange,
+    Job,
+    MemoryRow,
+    NewFact,
+    Recalled,
+    normalise,
+    scope_of,
+    text_hash,
+)
 
-
-def normalise(text: str) -> str:
-    """The form dedupe compares: NFKC, case-folded, single spaces, no edge punctuation."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    return _SPACES.sub(" ", folded).strip(_EDGE_PUNCTUATION)
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Recalled:
-    id: int
-    text: str
-    similarity: float
-    score: float
-
-
-@dataclass(frozen=True)
-class MemoryRow:
-    id: int
-    text: str
-    embed_model: str
-    persona: str | None
-    created_at: datetime
-    last_recalled_at: datetime | None
-    superseded_by: int | None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "text": self.text,
-            "embed_model": self.embed_model,
-            "persona": self.persona,
-            "created_at": self.created_at.isoformat(),
-            "last_recalled_at": self.last_recalled_at.isoformat()
-            if self.last_recalled_at
-            else None,
-            "superseded_by": self.superseded_by,
-        }
-
-
-def scope_of(platform: str, conversation: str, guild: str | None) -> str:
-    """Where a fact learned here may be recalled: the terminal, a Matrix room (a DM is a room),
-    a Discord server, or else the conversation itself (a Discord DM)."""
-    if platform == "console":
-        return "console"
-    if platform == "matrix":
-        return f"matrix:room:{conversation}"
-    if guild:
-        return f"{platform}:guild:{guild}"
-    return f"{platform}:conv:{conversation}"
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One answered message, as the engine hands it to memory."""
-
-    user_key: str
-    author_name: str
-    persona: str
-    model: str
-    platform: str
-    conversation_id: int | None
-    message: str
-    reply: str
-    scope: str | None = None  # scope_of() the place it was said; None: before scopes
-    message_id: int | None = None  # messages.id of the user's message in history
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    exchange: Exchange
-    attempts: int
-
-
-@dataclass(frozen=True)
-class NewFact:
-    text: str
-    vector: list[float]
-    replaces: tuple[int, ...] = ()
-
+__all__ = [
+    "Exchange",
+    "Job",
+    "MemoryRow",
+    "MemoryStore",
+    "NewFact",
+    "Recalled",
+    "normalise",
+    "scope_of",
+    "text_hash",
+]
 
 _RECALL = """
 WITH scored AS (
@@ -155,7 +86,7 @@ def _row(record: Any) -> MemoryRow:
     return MemoryRow(**{key: record[key] for key in _COLUMNS.split(", ")})
 
 
-class MemoryStore:
+class MemoryStore(JobQueries):
     def __init__(self, pool: Any) -> None:
         self._pool = pool
 
@@ -359,12 +290,6 @@ class MemoryStore:
             await conn.execute("DELETE FROM memories WHERE id = ANY($1)", ids)
         return len(ids)
 
-    async def message_edited(self, message_rows: list[int], text: str) -> None:
-        """A pending extraction reads the edited text."""
-        await self._pool.execute(
-            "UPDATE memory_jobs SET message = $2 WHERE message_id = ANY($1)", message_rows, text
-        )
-
     async def stale(self, model: str, limit: int) -> list[tuple[int, str]]:
         """Rows embedded by another model than `model` (for reembed)."""
         rows = await self._pool.fetch(
@@ -380,77 +305,3 @@ class MemoryStore:
                 "UPDATE memories SET embedding = $2::halfvec, embed_model = $3 WHERE id = $1",
                 [(memory_id, HalfVector(vector), model) for memory_id, vector in rows],
             )
-
-    # ------------------------------------------------------------------ extraction jobs
-
-    async def enqueue(self, exchange: Exchange) -> int:
-        return int(
-            await self._pool.fetchval(
-                "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
-                " conversation_id, message, reply, scope, message_id)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
-                exchange.user_key,
-                exchange.author_name,
-                exchange.persona,
-                exchange.model,
-                exchange.platform,
-                exchange.conversation_id,
-                exchange.message,
-                exchange.reply,
-                exchange.scope,
-                exchange.message_id,
-            )
-        )
-
-    async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
-        """Take a job for `lease_seconds` unless another worker holds it."""
-        row = await self._pool.fetchrow(
-            "UPDATE memory_jobs SET locked_until = now() + make_interval(secs => $2)"
-            " WHERE id = $1 AND (locked_until IS NULL OR locked_until < now()) RETURNING *",
-            job_id,
-            lease_seconds,
-        )
-        if row is None:
-            return None
-        exchange = Exchange(
-            row["user_key"],
-            row["author_name"],
-            row["persona"],
-            row["model"],
-            row["platform"],
-            row["conversation_id"],
-            row["message"],
-            row["reply"],
-            row["scope"],
-            row["message_id"],
-        )
-        return Job(row["id"], exchange, row["attempts"])
-
-    async def expire(self, days: float) -> int:
-        """Drop jobs that could not be extracted for `days` (a model that never came back)."""
-        result = await self._pool.execute(
-            "DELETE FROM memory_jobs WHERE created_at < now() - make_interval(days => $1)",
-            int(days),
-        )
-        return int(result.split()[-1])
-
-    async def pending(self, limit: int = 100) -> list[int]:
-        rows = await self._pool.fetch(
-            "SELECT id FROM memory_jobs WHERE locked_until IS NULL OR locked_until < now()"
-            " ORDER BY id LIMIT $1",
-            limit,
-        )
-        return [r["id"] for r in rows]
-
-    async def finish(self, job_id: int) -> None:
-        await self._pool.execute("DELETE FROM memory_jobs WHERE id = $1", job_id)
-
-    async def release(self, job_id: int) -> None:
-        """Give a job back for later (its model did not answer)."""
-        await self._pool.execute("UPDATE memory_jobs SET locked_until = NULL WHERE id = $1", job_id)
-
-    async def count_attempt(self, job_id: int) -> None:
-        """One more invalid answer for this job (the lease is kept)."""
-        await self._pool.execute(
-            "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = $1", job_id
-        )
