@@ -23,6 +23,7 @@ from tests.memory.test_memory import exchange, extraction_requests, facts, near,
 from tests.safety.llama_guard import GuardScript
 
 MODEL = "ollama:nomic-embed-text"
+HERE = "test:conv:c1"  # where say() speaks: facts are compared within their place
 
 
 @pytest.fixture
@@ -109,10 +110,16 @@ async def test_new_facts_are_compared_with_the_nearest_stored_facts(
     store, message = mapp.memory.store, "I moved to Porto last week"
     base = fake_ollama.embedding_for(message)
     [lisbon] = await store.add(
-        "test:alice", [NewFact("Lives in Lisbon.", near(base, 0.8, 1))], model=MODEL, persona="mimi"
+        "test:alice",
+        [NewFact("Lives in Lisbon.", near(base, 0.8, 1))],
+        model=MODEL,
+        persona="mimi",
+        scope=HERE,
     )
     others = [NewFact(f"Unrelated fact {n}.", near(base, 0.0, 100 + n)) for n in range(50)]
-    await store.add("test:alice", others, model=MODEL, persona="mimi")  # all newer than Lisbon
+    await store.add(
+        "test:alice", others, model=MODEL, persona="mimi", scope=HERE
+    )  # all newer than Lisbon
     await exchange(mapp, fake_ollama, say(message), facts(("Lives in Porto.", [lisbon])))
     shown = extraction_requests(fake_ollama)[-1]["messages"][0]["content"]
     assert f"{lisbon}: Lives in Lisbon." in shown, "the oldest fact, but the nearest"
