@@ -61,8 +61,8 @@ def scope_of(platform: str, conversation: str, guild: str | None) -> str:
     a Discord server, or else the conversation itself (a Discord DM)."""
     if platform == "console":
         return "console"
-    if platform == "matrix":
-        return f"matrix:room:{conversation}"
+    if platform == "matrix":  # a thread's conversation is "room|thread root": its room
+        return f"matrix:room:{conversation.split('|', 1)[0]}"
     if guild:
         return f"{platform}:guild:{guild}"
     return f"{platform}:conv:{conversation}"

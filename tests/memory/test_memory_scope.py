@@ -58,6 +58,7 @@ def test_scopes() -> None:
     assert scope_of("discord", "123", None) == "discord:conv:123", "a DM is its own place"
     assert scope_of("discord", "456", "9") == scope_of("discord", "789", "9"), "one server"
     assert scope_of("matrix", "!a:hs", "hs") != scope_of("matrix", "!b:hs", "hs"), "per room"
+    assert scope_of("matrix", "!a:hs|$root", "hs") == scope_of("matrix", "!a:hs", "hs"), "threads"
 
 
 async def test_a_fact_from_a_dm_stays_in_the_dm(mapp: App, fake_ollama: FakeOllama) -> None:
