@@ -226,12 +226,17 @@ class MemoryStore(JobQueries):
             ):
                 return []
             for fact in facts:
-                new_id = await conn.fetchval(
+                # Said again (in this place): not inserted, and no longer drawn from one
+                # message only (a deletion of either message leaves it).
+                row = await conn.fetchrow(
                     "INSERT INTO memories (user_key, text, text_hash, embed_model, embedding,"
                     " persona, scope, source_message_id)"
                     " VALUES ($1, $2, $3, $4, $5::halfvec, $6, $7, $8)"
-                    " ON CONFLICT (user_key, text_hash) WHERE superseded_by IS NULL DO NOTHING"
-                    " RETURNING id",
+                    " ON CONFLICT (user_key, (coalesce(scope, '')), text_hash)"
+                    " WHERE superseded_by IS NULL DO UPDATE SET source_message_id ="
+                    " CASE WHEN memories.source_message_id IS NOT DISTINCT FROM"
+                    " EXCLUDED.source_message_id THEN memories.source_message_id END"
+                    " RETURNING id, xmax = 0 AS inserted",
                     user_key,
                     fact.text,
                     text_hash(fact.text),
@@ -241,8 +246,9 @@ class MemoryStore(JobQueries):
                     scope,
                     source_message_id,
                 )
-                if new_id is None:
+                if not row["inserted"]:
                     continue
+                new_id = row["id"]
                 inserted.append(new_id)
                 if fact.replaces:
                     await conn.execute(

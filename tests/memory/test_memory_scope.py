@@ -155,3 +155,15 @@ async def test_an_edited_message_replaces_the_stored_text(
     conversation = await mapp.engine.conversation("test", "dm-alice")
     history = [t.content for t in await mapp.engine.history.recent(conversation.id)]
     assert history[0] == "I like coffee" and "I like cofee" not in history
+
+
+async def test_a_fact_said_twice_outlives_the_deletion_of_one_message(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, dm("I have a cat", "m1"), facts("Has a cat."))
+    await exchange(mapp, fake_ollama, dm("my cat, again", "m2"), facts("Has a cat."))
+    await exchange(mapp, fake_ollama, server("I have a cat"), facts("Has a cat."))
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memories") == 2, "one per place"
+    await mapp.engine.message_deleted("test", "m1")
+    rows = await mapp.pool.fetch("SELECT scope FROM memories ORDER BY scope")
+    assert [r["scope"] for r in rows] == ["test:conv:dm-alice", "test:guild:g1"]
