@@ -7,7 +7,8 @@ Runs the real engine on an embedded PostgreSQL against two fake Ollama servers o
 
 `--model` is the chat model's time to its first token, `--guard` the guard's time per check.
 The reply is two paragraphs, the first complete in the first streamed piece, so paragraph mode
-can show it as soon as it is checked.
+can show it as soon as it is checked. A second table shows what paragraph mode sends the guard
+(the raw Llama Guard prompt on /api/generate) as replies grow: it grows linearly.
 """
 
 from __future__ import annotations
@@ -43,9 +44,33 @@ class SlowGuard:
         self.output_delay = output_delay
 
     async def __call__(self, body: dict[str, Any]) -> str:
-        text = str(body["messages"][-1]["content"])
-        await asyncio.sleep(self.input_delay if text.startswith(QUESTION) else self.output_delay)
+        prompt = str(body["prompt"])  # the raw Llama Guard 3 prompt (bot/safety/prompt.py)
+        asks_input = prompt.rstrip().rsplit("ONLY THE LAST ", 1)[-1].startswith("User")
+        await asyncio.sleep(self.input_delay if asks_input else self.output_delay)
         return "safe"
+
+
+async def prompt_growth(settings: Settings, chat: FakeOllama, guard: FakeOllama) -> None:
+    """Bytes sent to the guard for one reply of n paragraphs, paragraph mode."""
+    print("\n## What paragraph mode sends the guard, by reply length\n")
+    print("| paragraphs | reply bytes | guard calls | conversation bytes sent | largest call |")
+    print("|---:|---:|---:|---:|---:|")
+    async with running_app(settings) as app:
+        for n in (5, 20, 80):
+            paragraph = "A paragraph of about a hundred words. " * 12 + "\n\n"
+            chat.queue_reply(paragraph * n, chunks=[paragraph] * n)
+            guard.requests.clear()
+            incoming = Incoming("bench", f"long{n}", "u1", "User", "tell me a long story")
+            async with contextlib.aclosing(app.engine.handle(incoming)) as events:
+                async for _ in events:
+                    pass
+            sent = [_conversation(b["prompt"]) for b in guard.generate_requests()]
+            print(f"| {n} | {len(paragraph * n)} | {len(sent)} | {sum(sent)} | {max(sent)} |")
+
+
+def _conversation(prompt: str) -> int:
+    start = prompt.index("<BEGIN CONVERSATION>")
+    return len(prompt[start : prompt.index("<END CONVERSATION>")].encode())
 
 
 async def first_shown(engine: Any, conversation: str) -> float:  # type: ignore[misc]
@@ -121,6 +146,9 @@ async def main() -> None:
             row("input and output checks, paragraph mode", on, base)
             on = await measure(settings(guard_stream_mode="whole"), chat, args.replies)
             row("input and output checks, whole mode (default)", on, base)
+            guard.responder = SlowGuard(0.0, 0.0)
+            chat.first_token_delay = chat.token_delay = 0.0
+            await prompt_growth(settings(guard_stream_mode="paragraph"), chat, guard)
         server.cleanup()
 
 

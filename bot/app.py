@@ -33,7 +33,7 @@ from bot.ops.metrics import Metrics
 from bot.ops.notify import AdminNotifier
 from bot.ops.scheduler import Scheduler
 from bot.safety.guard import Guard
-from bot.safety.moderation import build_moderation
+from bot.safety.moderation import build_moderation, fact_vetter
 from bot.spend.ledger import Budgets, Ledger
 from bot.spend.prices import Prices
 from bot.spend.report import register_spend_command, schedule_month_summary
@@ -138,6 +138,8 @@ async def running_app(
         memory=memory,
         moderation=moderation,
     )
+    if moderation.active and moderation.guard is not None:  # new facts pass the input guard
+        memory.vet = fact_vetter(moderation.guard, engine.persona_named)
     scheduler = Scheduler(pool, metrics=engine.metrics)  # pool: jobs run once across replicas
     schedule_month_summary(scheduler, ledger, notifier)
     commands = Commands(engine)

@@ -214,6 +214,9 @@ class Settings(BaseSettings):
     """`whole`: check the whole reply before showing it; `paragraph`: show each paragraph once
     checked
     """
+    guard_context: int = Field(default=8192, ge=1024)
+    """the guard's context in tokens (num_ctx): a longer text is judged in windows, and the
+    conversation before it is cut oldest first to fit"""
     guard_keep_text: bool = False
     """keep the user's text in `moderation_verdicts` and in alerts"""
     guard_alerts: bool = True

@@ -30,16 +30,16 @@ from bot.core.prompts import PromptBuilder, build_messages, user_seed
 from bot.errors import BotError, ModelError, user_message
 from bot.images.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
 from bot.memory.service import Memory
-from bot.memory.store import Exchange
+from bot.memory.store import Exchange, scope_of
 from bot.ops.metrics import Metrics, ReplyTimer
 from bot.safety.categories import describe
 from bot.safety.guard import UNCHECKED, Verdict, Where
 from bot.safety.moderation import (
-    INPUT_UNCHECKED,
-    UNMODERATED,
     Moderation,
     OutputScreen,
     gated,
+    input_unchecked,
+    unmoderated,
     withheld,
 )
 
@@ -137,7 +137,7 @@ class Engine:
         if answer.notice:
             log.warning("%s", answer.notice)
             yield Notice(answer.notice, user_text=_fallback_words(answer))
-        screen = self.moderation.output_screen(persona, where)
+        screen = self.moderation.output_screen(persona, where, incoming.text)
         turn = _Turn(answer, "")
         async for event in self._turn(incoming, persona, context, screen, turn):
             yield event
@@ -148,20 +148,21 @@ class Engine:
                 yield picture
             return
         if verdict.unmoderated or screen.unmoderated:
-            yield Notice(UNMODERATED)
+            yield Notice(unmoderated(verdict, screen.unchecked))
         reply = turn.text.strip()
         if not reply:
             yield Failed(f"{persona.display_name} drew a blank. Try saying that another way?")
             return
-        await self.history.append_exchange(
+        message_row = await self.history.append_exchange(
             conversation.id,
             author_id=incoming.author_id,
             author_name=incoming.author_name,
             text=incoming.text,
             persona=persona.name,
             reply=reply,
+            message_id=incoming.message_id,
         )
-        self._remember(incoming, conversation, persona, reply)
+        self._remember(incoming, conversation, persona, reply, message_row)
         log.info("%s answered %s with %s", persona.name, incoming.user_key, answer.label)
         yield Done(reply, persona, answer.label)
         for picture in pictures:
@@ -183,7 +184,7 @@ class Engine:
                     yield Notice(item, user_text=item)  # "waking up…", while a backend wakes
                 elif isinstance(item, Verdict) and not item.safe:
                     if item.unknown:
-                        yield Failed(INPUT_UNCHECKED)
+                        yield Failed(input_unchecked(item))
                         return
                     refusal = self.moderation.refusal(persona, item, incoming.author_name)
                     yield Delta(refusal)
@@ -362,13 +363,19 @@ class Engine:
         if self.memory is None or not self.memory.active(persona):
             return []
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
+        scope = None if persona.memory_scope == "user" else _scope(incoming)
         found = await self.memory.recall(
-            incoming.user_key, incoming.text, context=context, spawn=self.spawn
+            incoming.user_key, incoming.text, context=context, spawn=self.spawn, scope=scope
         )
         return [m.text for m in found]
 
     def _remember(
-        self, incoming: Incoming, conversation: Conversation, persona: Persona, reply: str
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        persona: Persona,
+        reply: str,
+        message_row: int | None = None,
     ) -> None:
         """Hand an answered exchange to memory extraction, in the background."""
         if self.memory is None or not self.memory.active(persona):
@@ -382,6 +389,8 @@ class Engine:
             conversation.id,
             incoming.text,
             reply,
+            _scope(incoming),
+            message_row,
         )
         self.spawn(self.memory.remember(exchange))
 
@@ -395,6 +404,24 @@ class Engine:
     ) -> None:
         self.spawn(self.calls.record(context, request, backend=backend, stats=stats, error=error))
         self.metrics.model_calls.inc(backend=backend, result="ok" if error is None else "error")
+
+    async def message_deleted(self, platform: str, message_id: str) -> None:
+        """A message deleted on the platform (by its author or a moderator): it and the reply
+        to it leave the history; its pending memory extraction stops, and the facts drawn from
+        it are deleted."""
+        rows = await self.history.delete_message(platform, message_id)
+        if rows and self.memory is not None:
+            facts = await self.memory.store.message_deleted(rows)
+            log.info(
+                "message %s deleted on %s: %d facts from it deleted", message_id, platform, facts
+            )
+
+    async def message_edited(self, platform: str, message_id: str, text: str) -> None:
+        """A message edited on the platform: the stored text becomes the new one (in history
+        and in a pending memory extraction)."""
+        rows = await self.history.edit_message(platform, message_id, text)
+        if rows and self.memory is not None:
+            await self.memory.store.message_edited(rows, text)
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run work after the reply without delaying it; `drain()` waits for it."""
@@ -427,6 +454,11 @@ class _Opened:
 
     answer: Answer
     context: CallContext
+
+
+def _scope(incoming: Incoming) -> str:
+    """Where a fact learned from this message may be recalled (bot/memory/store.py)."""
+    return scope_of(incoming.platform, incoming.conversation, incoming.guild)
 
 
 BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model is standing in."

@@ -28,6 +28,7 @@ class Incoming:
     addressed: bool = True
     guild: str | None = None  # Discord guild or Matrix server, for per-guild policy and budgets
     nsfw: bool = False  # the channel is marked NSFW (the guard may relax S12 for some personas)
+    message_id: str | None = None  # the platform's id of the message, to honour its deletion
 
     @property
     def user_key(self) -> str:

@@ -57,17 +57,45 @@ class History:
         text: str,
         persona: str,
         reply: str,
-    ) -> None:
-        """The user's message and the persona's reply, together or not at all."""
+        message_id: str | None = None,
+    ) -> int:
+        """The user's message (with the platform's id of it) and the persona's reply, together
+        or not at all; returns the user message's row id."""
+        insert = (
+            "INSERT INTO messages (conversation_id, role, author_id, author_name, persona,"
+            " content, platform_message_id) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id"
+        )
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                "INSERT INTO messages (conversation_id, role, author_id, author_name, persona,"
-                " content) VALUES ($1, $2, $3, $4, $5, $6)",
-                [
-                    (conversation_id, "user", author_id, author_name, persona, text),
-                    (conversation_id, "assistant", persona, persona, persona, reply),
-                ],
+            row_id = await conn.fetchval(
+                insert, conversation_id, "user", author_id, author_name, persona, text, message_id
             )
+            await conn.execute(
+                insert, conversation_id, "assistant", persona, persona, persona, reply, message_id
+            )
+        return int(row_id)
+
+    async def delete_message(self, platform: str, message_id: str) -> list[int]:
+        """A message deleted on the platform leaves the history, with the reply to it; returns
+        the row ids of the user's messages deleted (memory drops what came from them)."""
+        rows = await self._pool.fetch(
+            "DELETE FROM messages m USING conversations c WHERE c.id = m.conversation_id"
+            " AND c.platform = $1 AND m.platform_message_id = $2 RETURNING m.id, m.role",
+            platform,
+            message_id,
+        )
+        return [r["id"] for r in rows if r["role"] == "user"]
+
+    async def edit_message(self, platform: str, message_id: str, text: str) -> list[int]:
+        """An edited message replaces the stored text; returns the row ids changed."""
+        rows = await self._pool.fetch(
+            "UPDATE messages m SET content = $3 FROM conversations c"
+            " WHERE c.id = m.conversation_id AND c.platform = $1"
+            " AND m.platform_message_id = $2 AND m.role = 'user' RETURNING m.id",
+            platform,
+            message_id,
+            text,
+        )
+        return [r["id"] for r in rows]
 
     async def reset(self, conversation_id: int) -> int:
         """Forget this conversation's messages; returns how many were deleted."""

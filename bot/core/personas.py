@@ -52,6 +52,9 @@ class Persona(BaseModel):
     # Its face: a picture file in personas/ or an https URL (optional).
     avatar: str = ""
     memory: bool = True  # long-term memory (issue 5): recall and learn facts about users
+    # Where a fact is recalled (issue 15): "place", only where it was learned (a DM, a server,
+    # a Matrix room, the terminal); "user", wherever the user talks to this persona.
+    memory_scope: Literal["place", "user"] = "place"
     draw: bool = True  # images (issue 8): the model may call the draw_image tool in chat
     # Attention (issue 3): after being addressed, keep following the conversation with a
     # probability starting at attention_start and falling to 0 over attention_window seconds.

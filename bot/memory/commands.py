@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bot.errors import CommandError
+from bot.memory.store import scope_of
 
 if TYPE_CHECKING:
     from bot.core.commands import CommandContext, CommandResult, Commands
@@ -17,12 +18,23 @@ def register(commands: Commands, memory: Memory) -> None:
     from bot.core.commands import CommandResult
 
     async def memories(context: CommandContext, args: list[str]) -> CommandResult:
-        rows = await memory.current(context.user_key)
+        scope = scope_of(context.platform, context.conversation, context.guild)
+        rows = await memory.current(context.user_key, scope)
+        elsewhere = await memory.count(context.user_key) - len(rows)
+        more = (
+            f"I keep {elsewhere} more {'fact' if elsewhere == 1 else 'facts'} about you from"
+            " other places; ask there to see them."
+            if elsewhere
+            else ""
+        )
         if not rows:
-            return CommandResult("I don't remember anything about you.", private=True)
-        lines = [f"What I remember about you ({len(rows)}):"]
+            text = "I don't remember anything about you here."
+            return CommandResult(f"{text} {more}".strip(), private=True)
+        lines = [f"What I remember about you here ({len(rows)}):"]
         lines += [f"#{row.id} {row.text}" for row in rows]
-        lines.append("Use forget ID to delete one, or forget all.")
+        if more:
+            lines.append(more)
+        lines.append("Use forget ID to delete one, or forget all (everywhere).")
         return CommandResult("\n".join(lines), private=True)
 
     async def forget(context: CommandContext, args: list[str]) -> CommandResult:
@@ -31,7 +43,11 @@ def register(commands: Commands, memory: Memory) -> None:
         word = args[0].strip().lower()
         if word == "all":
             count = await memory.forget(context.user_key)
-            return CommandResult(f"Done: I deleted all {count} things I remembered.", private=True)
+            return CommandResult(
+                f"Done: I deleted all {count} things I remembered, and your messages in my"
+                " history and logs.",
+                private=True,
+            )
         try:
             memory_id = int(word.removeprefix("#"))
         except ValueError:

@@ -2,15 +2,19 @@
 the prompt. Private to the user they are about.
 
     engine reply ─ history appended ─→ remember(exchange)        (background, via engine.spawn)
-        memory_jobs row → extraction (chat model, Ollama `format` = JSON schema)
-        → embed the facts → insert (dedupe by normalised hash, supersede contradicted facts)
-        → job row deleted
+        memory_jobs row → the user's stored facts nearest the message, by embedding (as mem0
+        compares by meaning) → extraction (chat model, Ollama `format` = a bounded JSON schema:
+        add, update (`replaces`), delete (`drops`) or nothing) → each new fact through the
+        input guard → embed → insert (dedupe by normalised hash, supersede) → job row deleted
     next message ─→ recall(user_key, text)                       (concurrently with history)
         embed the message → exact cosine scan of this user's rows of the same embedding model
         → similarity floor → mild recency weight → top k → the prompt's `memories`
 
 A job row is written before extraction and deleted after it, so work cut short by a shutdown is
-picked up at the next start (`resume()`). Invalid model output is retried once, then dropped.
+picked up at the next start (`resume()`). The schema is bounded (`maxLength` on a fact,
+`maxItems` on the lists) so constrained decoding ends inside `_EXTRACTION_TOKENS`; the valid facts
+of a partly invalid answer are kept, ids that are not among the user's facts shown are ignored,
+and an answer that is not JSON of the schema at all is retried once, then dropped.
 """
 
 from __future__ import annotations
@@ -20,12 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import httpx
-import ollama
-from pydantic import BaseModel, Field, ValidationError
-
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import OLLAMA_ERRORS, call_stats, failure_reason, redact_host
 from bot.config import Settings
 from bot.core.calls import CallContext, CallLog
 from bot.core.personas import Persona
@@ -38,114 +37,27 @@ from bot.memory.embeddings import (
     OllamaEmbedder,
     Recorder,
 )
+from bot.memory.extract import (
+    EXTRACTION_SCHEMA,
+    MAX_FACT_CHARS,
+    Extracted,
+    Extractor,
+    InvalidExtraction,
+)
 from bot.memory.store import Exchange, MemoryRow, MemoryStore, NewFact, Recalled, normalise
+
+__all__ = ["EXTRACTION_SCHEMA", "Extractor", "InvalidExtraction", "Memory", "build_memory"]
 
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Awaitable[None]], None]
+# Judges a fact as the user's input would be (the guard, for the exchange's persona): True keeps it.
+Vet = Callable[[str, Exchange], Awaitable[bool]]
 
-_MAX_FACTS = 8
-_MAX_FACT_CHARS = 300
-_KNOWN_IN_PROMPT = 40
+_KNOWN_IN_PROMPT = 12  # the user's stored facts nearest the message, shown to the extractor
 _LEASE_SECONDS = 300.0
 _REEMBED_BATCH = 32
 _JOB_DAYS = 7  # a job whose model never answers is dropped after this many days
-
-
-class _Fact(BaseModel):
-    fact: str = Field(description="one durable fact about the user, a short sentence")
-    replaces: list[int] = Field(
-        default_factory=list, description="ids of known facts this one contradicts or updates"
-    )
-
-
-class _Extraction(BaseModel):
-    facts: list[_Fact] = Field(default_factory=list, max_length=_MAX_FACTS)
-
-
-EXTRACTION_SCHEMA: dict[str, Any] = _Extraction.model_json_schema()
-
-_INSTRUCTIONS = """You keep a private notebook of durable facts about one chat user, {name}.
-Read {name}'s latest message and list facts about {name} that will still be true and useful
-in later conversations: name, where they live, work, family, pets, likes and dislikes, plans,
-things they asked to be remembered. Only what {name} says about themselves: nothing about other
-people, the assistant, passing moods, questions, or small talk. Write each fact as a short
-sentence in the third person without the name, for example "Lives in Lisbon." or "Has a cat
-called Miso.". Do not repeat a known fact. If a new fact contradicts or updates a known fact,
-put the known fact's id in "replaces". Answer {{"facts": []}} when there is nothing durable.
-
-Known facts (id: fact):
-{known}"""
-
-
-class InvalidExtraction(Exception):
-    """The model's answer was not valid JSON of the schema."""
-
-
-class Extractor:
-    """Asks the persona's chat model for facts, with Ollama structured outputs."""
-
-    def __init__(
-        self, host: str, calls: CallLog, *, connect_timeout: float, read_timeout: float
-    ) -> None:
-        self.backend = f"ollama:{redact_host(host)}"
-        self._calls = calls
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout)
-
-    def request(self, exchange: Exchange, known: list[MemoryRow]) -> ChatRequest:
-        listed = "\n".join(f"{m.id}: {m.text}" for m in known) or "(none yet)"
-        system = _INSTRUCTIONS.format(name=exchange.author_name, known=listed)
-        user = (
-            f"{exchange.author_name}'s message:\n{exchange.message}\n\n"
-            f"The reply they got (context only):\n{exchange.reply}"
-        )
-        return ChatRequest(
-            model=exchange.model,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-            temperature=0.0,
-            seed=0,
-            max_tokens=400,
-            context_window=4096,
-            repeat_penalty=1.0,
-        )
-
-    async def extract(self, exchange: Exchange, request: ChatRequest) -> list[_Fact]:
-        """One model call; raises ModelUnavailable (try later) or InvalidExtraction."""
-        context = CallContext(
-            exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
-        )
-        stats: CallStats | None = None
-        try:
-            answer = await self._client.chat(
-                model=request.model,
-                messages=request.messages,
-                format=EXTRACTION_SCHEMA,
-                options=request.options(),
-                stream=False,
-            )
-            stats = call_stats(self.backend, request.model, answer)
-        except OLLAMA_ERRORS as exc:
-            reason = failure_reason(exc)
-            await self._record(context, request, None, reason)
-            raise ModelUnavailable(f"{self.backend}: {reason}") from exc
-        try:
-            parsed = _Extraction.model_validate_json(answer.message.content or "")
-        except ValidationError as exc:
-            await self._record(context, request, stats, "invalid structured output")
-            raise InvalidExtraction(f"{exc.error_count()} validation errors") from exc
-        await self._record(context, request, stats, None)
-        return parsed.facts
-
-    async def _record(
-        self, context: CallContext, request: ChatRequest, stats: CallStats | None, error: str | None
-    ) -> None:
-        await self._calls.record(
-            context, request, backend=self.backend, stats=stats, error=error, purpose="memory"
-        )
-
-    async def aclose(self) -> None:
-        await self._client.close()
 
 
 class Memory:
@@ -162,6 +74,7 @@ class Memory:
         recency_weight: float = 0.05,
         half_life_days: float = 30.0,
         concurrency: int = 2,
+        vet: Vet | None = None,
     ) -> None:
         self.store = MemoryStore(pool)
         self.embeddings = embeddings
@@ -173,6 +86,7 @@ class Memory:
         self.half_life_days = half_life_days
         self._calls = calls
         self._gate = asyncio.Semaphore(concurrency)
+        self.vet = vet  # the input guard for new facts (set by the app when the guard is on)
 
     def active(self, persona: Persona) -> bool:
         return self.enabled and persona.memory
@@ -180,10 +94,17 @@ class Memory:
     # ------------------------------------------------------------------ recall
 
     async def recall(
-        self, user_key: str, text: str, *, context: CallContext, spawn: Spawn | None = None
+        self,
+        user_key: str,
+        text: str,
+        *,
+        context: CallContext,
+        spawn: Spawn | None = None,
+        scope: str | None = None,
     ) -> list[Recalled]:
-        """The speaking user's memories most related to `text`; never raises. With `spawn`
-        (the engine's), the call record is written in the background, off the reply's path."""
+        """The speaking user's memories most related to `text`, learned in `scope` (None: in
+        any); never raises. With `spawn` (the engine's), the call record is written in the
+        background, off the reply's path."""
         try:
             models = await self.store.models_of(user_key)
             if not models:
@@ -200,6 +121,7 @@ class Memory:
                 floor=self.min_similarity,
                 recency_weight=self.recency_weight,
                 half_life_days=self.half_life_days,
+                scope=scope,
             )
             if found:
                 touch = self.store.touch(user_key, [m.id for m in found])
@@ -266,12 +188,17 @@ class Memory:
             if job is None:
                 return
             exchange = job.exchange
-            known = await self.store.recent(exchange.user_key, _KNOWN_IN_PROMPT)
+            try:
+                known = await self._nearest(exchange)
+            except ModelUnavailable as exc:
+                log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
+                await self.store.release(job.id)
+                return
             request = self.extractor.request(exchange, known)
             for attempt in range(job.attempts, 2):
                 try:
-                    facts = await self.extractor.extract(exchange, request)
-                    await self._store_facts(job.id, exchange, facts, {m.id for m in known})
+                    extracted = await self.extractor.extract(exchange, request)
+                    await self._store_facts(job.id, exchange, extracted, {m.id for m in known})
                 except ModelUnavailable as exc:
                     log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
                     await self.store.release(job.id)
@@ -285,19 +212,48 @@ class Memory:
             log.error("memory extraction for job %s gave invalid output twice; dropped", job.id)
             await self.store.finish(job.id)
 
+    async def _nearest(self, exchange: Exchange) -> list[MemoryRow]:
+        """The user's current facts nearest the message by meaning (their stored embeddings),
+        to compare the new facts with; the newest ones when the message cannot be embedded
+        with a model the facts were embedded with."""
+        models = await self.store.models_of(exchange.user_key)
+        if not models:
+            return []
+        context = CallContext(
+            exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
+        )
+        embedded = await self.embeddings.embed([exchange.message], record=self._recorder(context))
+        if embedded.model not in models:
+            return await self.store.recent(exchange.user_key, _KNOWN_IN_PROMPT)
+        return await self.store.nearest(
+            exchange.user_key,
+            embedded.vectors[0],
+            embedded.model,
+            _KNOWN_IN_PROMPT,
+            exchange.scope,
+        )
+
     async def _store_facts(
-        self, job_id: int, exchange: Exchange, facts: list[_Fact], known: set[int]
+        self, job_id: int, exchange: Exchange, extracted: Extracted, known: set[int]
     ) -> None:
         cleaned: list[tuple[str, tuple[int, ...]]] = []
         seen: set[str] = set()
-        for fact in facts:
-            text = " ".join(fact.fact.split())[:_MAX_FACT_CHARS]
+        for fact in extracted.facts:
+            text = " ".join(fact.fact.split())[:MAX_FACT_CHARS]
             key = normalise(text)
             if not key or key in seen:
                 continue
             seen.add(key)
+            if self.vet is not None and not await self.vet(text, exchange):
+                log.warning(
+                    "an extracted fact about %s was refused by the guard", exchange.user_key
+                )
+                continue
             # only ids the model was shown, which are all this user's
             cleaned.append((text, tuple(i for i in fact.replaces if i in known)))
+        drops = [i for i in extracted.drops if i in known]
+        if drops:
+            await self.store.drop(exchange.user_key, drops, job_id=job_id)
         if not cleaned:
             return
         context = CallContext(
@@ -311,14 +267,24 @@ class Memory:
             for (text, replaces), vector in zip(cleaned, embedded.vectors, strict=True)
         ]
         ids = await self.store.add(
-            exchange.user_key, new, model=embedded.model, persona=exchange.persona, job_id=job_id
+            exchange.user_key,
+            new,
+            model=embedded.model,
+            persona=exchange.persona,
+            job_id=job_id,
+            scope=exchange.scope,
+            source_message_id=exchange.message_id,
         )
         log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
 
     # ------------------------------------------------------------------ user control
 
-    async def current(self, user_key: str) -> list[MemoryRow]:
-        return await self.store.current(user_key)
+    async def current(self, user_key: str, scope: str | None = None) -> list[MemoryRow]:
+        """The user's current memories, those learned in `scope` when it is given."""
+        return await self.store.current(user_key, scope=scope)
+
+    async def count(self, user_key: str) -> int:
+        return await self.store.count(user_key)
 
     async def forget(self, user_key: str, memory_id: int | None = None) -> int:
         return await self.store.forget(user_key, memory_id)

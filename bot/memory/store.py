@@ -6,94 +6,40 @@ reachable through another user's key.
 
 from __future__ import annotations
 
-import hashlib
-import re
-import unicodedata
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from pgvector import HalfVector
 
-_SPACES = re.compile(r"\s+")
-_EDGE_PUNCTUATION = ".,;:!?\"'`()[]{} "
+from bot.memory.jobs import JobQueries
+from bot.memory.types import (
+    Exchange,
+    Job,
+    MemoryRow,
+    NewFact,
+    Recalled,
+    normalise,
+    scope_of,
+    text_hash,
+)
 
-
-def normalise(text: str) -> str:
-    """The form dedupe compares: NFKC, case-folded, single spaces, no edge punctuation."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    return _SPACES.sub(" ", folded).strip(_EDGE_PUNCTUATION)
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Recalled:
-    id: int
-    text: str
-    similarity: float
-    score: float
-
-
-@dataclass(frozen=True)
-class MemoryRow:
-    id: int
-    text: str
-    embed_model: str
-    persona: str | None
-    created_at: datetime
-    last_recalled_at: datetime | None
-    superseded_by: int | None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "text": self.text,
-            "embed_model": self.embed_model,
-            "persona": self.persona,
-            "created_at": self.created_at.isoformat(),
-            "last_recalled_at": self.last_recalled_at.isoformat()
-            if self.last_recalled_at
-            else None,
-            "superseded_by": self.superseded_by,
-        }
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One answered message, as the engine hands it to memory."""
-
-    user_key: str
-    author_name: str
-    persona: str
-    model: str
-    platform: str
-    conversation_id: int | None
-    message: str
-    reply: str
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    exchange: Exchange
-    attempts: int
-
-
-@dataclass(frozen=True)
-class NewFact:
-    text: str
-    vector: list[float]
-    replaces: tuple[int, ...] = ()
-
+__all__ = [
+    "Exchange",
+    "Job",
+    "MemoryRow",
+    "MemoryStore",
+    "NewFact",
+    "Recalled",
+    "normalise",
+    "scope_of",
+    "text_hash",
+]
 
 _RECALL = """
 WITH scored AS (
     SELECT id, text, created_at, 1 - (embedding <=> $2::halfvec) AS similarity
     FROM memories
     WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL
+      AND ($8::text IS NULL OR scope = $8)
 )
 SELECT id, text, similarity,
        similarity - $5 * (1 - power(0.5,
@@ -107,11 +53,40 @@ LIMIT $7
 _COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by"
 
 
+async def _scrub(conn: Any, user_key: str) -> None:
+    """The user's words out of everything else kept: the logged prompts of model calls made
+    for them or in a conversation they spoke in (LOG_PROMPTS), the texts of their guard
+    verdicts (GUARD_KEEP_TEXT), and their messages in the conversation history."""
+    platform, _, author_id = user_key.partition(":")
+    spoke = (
+        "SELECT m.conversation_id FROM messages m JOIN conversations c"
+        " ON c.id = m.conversation_id WHERE c.platform = $2 AND m.author_id = $3"
+        " AND m.role = 'user'"
+    )
+    await conn.execute(
+        "UPDATE model_calls SET prompt = NULL WHERE prompt IS NOT NULL"
+        f" AND (user_key = $1 OR conversation_id IN ({spoke}))",
+        user_key,
+        platform,
+        author_id,
+    )
+    await conn.execute(
+        "UPDATE moderation_verdicts SET text = NULL WHERE user_key = $1 AND text IS NOT NULL",
+        user_key,
+    )
+    await conn.execute(
+        "DELETE FROM messages m USING conversations c WHERE c.id = m.conversation_id"
+        " AND c.platform = $1 AND m.author_id = $2 AND m.role = 'user'",
+        platform,
+        author_id,
+    )
+
+
 def _row(record: Any) -> MemoryRow:
     return MemoryRow(**{key: record[key] for key in _COLUMNS.split(", ")})
 
 
-class MemoryStore:
+class MemoryStore(JobQueries):
     def __init__(self, pool: Any) -> None:
         self._pool = pool
 
@@ -134,7 +109,9 @@ class MemoryStore:
         floor: float,
         recency_weight: float,
         half_life_days: float,
+        scope: str | None = None,
     ) -> list[Recalled]:
+        """The user's facts nearest `vector`; with `scope`, only those learned there."""
         rows = await self._pool.fetch(
             _RECALL,
             user_key,
@@ -144,8 +121,42 @@ class MemoryStore:
             recency_weight,
             half_life_days,
             top_k,
+            scope,
         )
         return [Recalled(r["id"], r["text"], r["similarity"], r["score"]) for r in rows]
+
+    async def nearest(
+        self, user_key: str, vector: list[float], model: str, limit: int, scope: str | None
+    ) -> list[MemoryRow]:
+        """The user's current facts nearest `vector` by cosine distance (no floor), oldest
+        first: what a new fact is compared with (in its scope)."""
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND embed_model = $3"
+            " AND superseded_by IS NULL AND ($5::text IS NULL OR scope = $5)"
+            " ORDER BY embedding <=> $2::halfvec, id DESC LIMIT $4",
+            user_key,
+            HalfVector(vector),
+            model,
+            limit,
+            scope,
+        )
+        return sorted((_row(r) for r in rows), key=lambda m: m.id)
+
+    async def drop(self, user_key: str, ids: list[int], *, job_id: int | None = None) -> int:
+        """Delete the user's current facts `ids` (the message showed they no longer hold);
+        nothing when the job is gone (the user said "forget all" meanwhile)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if job_id is not None and not await conn.fetchval(
+                "SELECT id FROM memory_jobs WHERE id = $1 FOR UPDATE", job_id
+            ):
+                return 0
+            result = await conn.execute(
+                "DELETE FROM memories WHERE user_key = $1 AND id = ANY($2)"
+                " AND superseded_by IS NULL",
+                user_key,
+                ids,
+            )
+        return int(result.split()[-1])
 
     async def touch(self, user_key: str, ids: list[int]) -> None:
         """Mark memories as recalled now (off the reply's path: it waits for a commit)."""
@@ -155,15 +166,28 @@ class MemoryStore:
             ids,
         )
 
-    async def current(self, user_key: str, limit: int = 1000) -> list[MemoryRow]:
-        """The user's memories that are recalled (not superseded), oldest first."""
+    async def current(
+        self, user_key: str, limit: int = 1000, *, scope: str | None = None
+    ) -> list[MemoryRow]:
+        """The user's memories that are recalled (not superseded), oldest first; with `scope`,
+        only those learned there."""
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND superseded_by IS NULL"
-            " ORDER BY id LIMIT $2",
+            " AND ($3::text IS NULL OR scope = $3) ORDER BY id LIMIT $2",
             user_key,
             limit,
+            scope,
         )
         return [_row(r) for r in rows]
+
+    async def count(self, user_key: str) -> int:
+        """How many current memories the user has, in every scope."""
+        return int(
+            await self._pool.fetchval(
+                "SELECT count(*) FROM memories WHERE user_key = $1 AND superseded_by IS NULL",
+                user_key,
+            )
+        )
 
     async def recent(self, user_key: str, limit: int) -> list[MemoryRow]:
         rows = await self._pool.fetch(
@@ -189,6 +213,8 @@ class MemoryStore:
         model: str,
         persona: str | None,
         job_id: int | None = None,
+        scope: str | None = None,
+        source_message_id: int | None = None,
     ) -> list[int]:
         """Insert new facts (duplicates of current ones are skipped) and supersede what they
         contradict; returns the ids of the rows inserted. With `job_id`, nothing is stored if
@@ -200,20 +226,29 @@ class MemoryStore:
             ):
                 return []
             for fact in facts:
-                new_id = await conn.fetchval(
+                # Said again (in this place): not inserted, and no longer drawn from one
+                # message only (a deletion of either message leaves it).
+                row = await conn.fetchrow(
                     "INSERT INTO memories (user_key, text, text_hash, embed_model, embedding,"
-                    " persona) VALUES ($1, $2, $3, $4, $5::halfvec, $6)"
-                    " ON CONFLICT (user_key, text_hash) WHERE superseded_by IS NULL DO NOTHING"
-                    " RETURNING id",
+                    " persona, scope, source_message_id)"
+                    " VALUES ($1, $2, $3, $4, $5::halfvec, $6, $7, $8)"
+                    " ON CONFLICT (user_key, (coalesce(scope, '')), text_hash)"
+                    " WHERE superseded_by IS NULL DO UPDATE SET source_message_id ="
+                    " CASE WHEN memories.source_message_id IS NOT DISTINCT FROM"
+                    " EXCLUDED.source_message_id THEN memories.source_message_id END"
+                    " RETURNING id, xmax = 0 AS inserted",
                     user_key,
                     fact.text,
                     text_hash(fact.text),
                     model,
                     HalfVector(fact.vector),
                     persona,
+                    scope,
+                    source_message_id,
                 )
-                if new_id is None:
+                if not row["inserted"]:
                     continue
+                new_id = row["id"]
                 inserted.append(new_id)
                 if fact.replaces:
                     await conn.execute(
@@ -226,8 +261,9 @@ class MemoryStore:
         return inserted
 
     async def forget(self, user_key: str, memory_id: int | None = None) -> int:
-        """Delete one memory (and the older versions it superseded) or all of the user's;
-        returns how many current memories were deleted."""
+        """Delete one memory, current or superseded (with the older versions it superseded),
+        or all of the user's, and then also their words wherever else they are kept (see
+        `_scrub`); returns how many current memories (for one id: rows) were deleted."""
         if memory_id is None:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("DELETE FROM memory_jobs WHERE user_key = $1", user_key)
@@ -236,13 +272,29 @@ class MemoryStore:
                     user_key,
                 )
                 await conn.execute("DELETE FROM memories WHERE user_key = $1", user_key)
+                await _scrub(conn, user_key)
                 return int(current)
         result = await self._pool.execute(
-            "DELETE FROM memories WHERE user_key = $1 AND id = $2 AND superseded_by IS NULL",
-            user_key,
-            memory_id,
+            "DELETE FROM memories WHERE user_key = $1 AND id = $2", user_key, memory_id
         )
         return int(result.split()[-1])
+
+    async def message_deleted(self, message_rows: list[int]) -> int:
+        """Pending extractions of these history rows stop, and the facts drawn from them go
+        (what they had superseded is current again); returns how many facts were deleted."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM memory_jobs WHERE message_id = ANY($1)", message_rows)
+            drawn = await conn.fetch(
+                "SELECT id FROM memories WHERE source_message_id = ANY($1)", message_rows
+            )
+            ids = [r["id"] for r in drawn]
+            await conn.execute(
+                "UPDATE memories SET superseded_by = NULL WHERE superseded_by = ANY($1)"
+                " AND NOT (id = ANY($1))",
+                ids,
+            )
+            await conn.execute("DELETE FROM memories WHERE id = ANY($1)", ids)
+        return len(ids)
 
     async def stale(self, model: str, limit: int) -> list[tuple[int, str]]:
         """Rows embedded by another model than `model` (for reembed)."""
@@ -259,72 +311,3 @@ class MemoryStore:
                 "UPDATE memories SET embedding = $2::halfvec, embed_model = $3 WHERE id = $1",
                 [(memory_id, HalfVector(vector), model) for memory_id, vector in rows],
             )
-
-    # ------------------------------------------------------------------ extraction jobs
-
-    async def enqueue(self, exchange: Exchange) -> int:
-        return int(
-            await self._pool.fetchval(
-                "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
-                " conversation_id, message, reply) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING id",
-                exchange.user_key,
-                exchange.author_name,
-                exchange.persona,
-                exchange.model,
-                exchange.platform,
-                exchange.conversation_id,
-                exchange.message,
-                exchange.reply,
-            )
-        )
-
-    async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
-        """Take a job for `lease_seconds` unless another worker holds it."""
-        row = await self._pool.fetchrow(
-            "UPDATE memory_jobs SET locked_until = now() + make_interval(secs => $2)"
-            " WHERE id = $1 AND (locked_until IS NULL OR locked_until < now()) RETURNING *",
-            job_id,
-            lease_seconds,
-        )
-        if row is None:
-            return None
-        exchange = Exchange(
-            row["user_key"],
-            row["author_name"],
-            row["persona"],
-            row["model"],
-            row["platform"],
-            row["conversation_id"],
-            row["message"],
-            row["reply"],
-        )
-        return Job(row["id"], exchange, row["attempts"])
-
-    async def expire(self, days: float) -> int:
-        """Drop jobs that could not be extracted for `days` (a model that never came back)."""
-        result = await self._pool.execute(
-            "DELETE FROM memory_jobs WHERE created_at < now() - make_interval(days => $1)",
-            int(days),
-        )
-        return int(result.split()[-1])
-
-    async def pending(self, limit: int = 100) -> list[int]:
-        rows = await self._pool.fetch(
-            "SELECT id FROM memory_jobs WHERE locked_until IS NULL OR locked_until < now()"
-            " ORDER BY id LIMIT $1",
-            limit,
-        )
-        return [r["id"] for r in rows]
-
-    async def finish(self, job_id: int) -> None:
-        await self._pool.execute("DELETE FROM memory_jobs WHERE id = $1", job_id)
-
-    async def release(self, job_id: int) -> None:
-        """Give a job back for later (its model did not answer)."""
-        await self._pool.execute("UPDATE memory_jobs SET locked_until = NULL WHERE id = $1", job_id)
-
-    async def count_attempt(self, job_id: int) -> None:
-        """One more invalid answer for this job (the lease is kept)."""
-        await self._pool.execute(
-            "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = $1", job_id
-        )

@@ -27,15 +27,20 @@ ALL_CODES: tuple[str, ...] = tuple(CATEGORIES)
 
 SEXUAL_CONTENT = "S12"  # relaxed in NSFW channels for personas with `allow_nsfw`
 CHILD_EXPLOITATION = "S4"  # always blocks, whatever the persona or channel says
+UNSPECIFIED = "unspecified"  # the guard said unsafe but named no category it was asked about
 
 
 def category_name(code: str) -> str:
+    if code == UNSPECIFIED:
+        return "no category named"
     return CATEGORIES.get(code, "unknown category")
 
 
 def describe(codes: list[str] | tuple[str, ...]) -> str:
     """'S1 Violent Crimes, S10 Hate' for messages and logs."""
-    return ", ".join(f"{code} {category_name(code)}" for code in codes)
+    return ", ".join(
+        UNSPECIFIED if code == UNSPECIFIED else f"{code} {category_name(code)}" for code in codes
+    )
 
 
 def normalize_code(value: str) -> str | None:

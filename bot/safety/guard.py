@@ -1,137 +1,102 @@
 """Llama Guard 3 through Ollama: a verdict for every message in and every reply out.
 
     verdict = await guard.check("input", text, persona=persona, platform="discord", ...)
+    verdict = await guard.judge_reply(message, before, new, persona=persona, where=where)
     verdict = await guard.check_image_prompt(prompt, persona=persona, platform="matrix", ...)
 
-`Verdict.safe` is the decision, after the persona's policy, the channel's NSFW flag and the fail
-policy: True means the text may go on. `Verdict.categories` is what the model named.
+`Verdict.safe` is the decision, after the fail policy: True means the text may go on.
 
-How the model is asked. Ollama's llama-guard3 template ends with "Provide your safety assessment
-for ONLY THE LAST User message" whatever the last role is (ollama/ollama issue 11440), so a
-reply sent as the assistant's turn would be judged on the user's words instead. Every check
-therefore sends exactly one message, role `user`, holding exactly the text to judge: the
-template then judges that text, whether or not Ollama ever fixes the template to name the
-role. The hazard taxonomy is the same for prompts and responses, so nothing is lost.
+How the model is asked: the Llama Guard 3 prompt is built here (`bot/safety/prompt.py`, Meta's
+format) and sent with Ollama's `/api/generate` and `raw: true`, so no template rewrites it. An
+input check is one `User:` turn; a reply is judged as the `Agent:` turn that answers the user's
+message ("ONLY THE LAST Agent message"). Only the categories the persona enforces here are
+listed (S4 always; S12 left out in an NSFW channel for a persona with `allow_nsfw`), so the
+model judges against exactly those and any `unsafe` blocks. A text too long for GUARD_CONTEXT
+is judged in consecutive windows; the context before it is cut oldest first.
 
-The answer is parsed strictly: `safe`, or `unsafe` and one line of codes S1 to S14 (`S1,S10`).
-Anything else, like no answer within `timeout` seconds or an unreachable server, is an
-unknown verdict, decided by the platform's fail policy: `closed` refuses, `open` lets it
-through and says so. Every verdict is recorded in `moderation_verdicts`, every call in
-`model_calls` (purpose `moderation`), in the background; `drain()` waits for those writes.
+The answer: a first line `safe` or `unsafe` (any case); the codes after `unsafe` are kept when
+they are S1 to S14, and an `unsafe` without one blocks as "unspecified". Anything else is no
+verdict, like no answer within `timeout` seconds or an unreachable server; those are decided by
+the platform's fail policy: `closed` refuses, `open` lets it through and says so. Every verdict
+is recorded in `moderation_verdicts`, every call in `model_calls` (purpose `moderation`), in
+the background; `drain()` waits for those writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import ollama
 
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import OLLAMA_ERRORS, call_stats, failure_reason, redact_host
+from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
 from bot.core.personas import Persona
 from bot.ops.notify import AdminNotifier
-from bot.safety.categories import CATEGORIES, CHILD_EXPLOITATION, SEXUAL_CONTENT, describe
+from bot.safety.categories import describe
+from bot.safety.prompt import (
+    GuardTurn,
+    Role,
+    budget_bytes,
+    build,
+    fit,
+    neutralise,
+    tail,
+)
+from bot.safety.prompt import windows as split_windows
+from bot.safety.verdict import (
+    NO_VERDICT,
+    UNCHECKED,
+    FailPolicy,
+    Kind,
+    Verdict,
+    Where,
+    enforced_codes,
+    parse_verdict,
+)
+
+__all__ = [
+    "NO_VERDICT",
+    "UNCHECKED",
+    "FailPolicy",
+    "Guard",
+    "Kind",
+    "Verdict",
+    "Where",
+    "enforced_codes",
+    "parse_verdict",
+]
 
 log = logging.getLogger(__name__)
 
 # Ollama's failures, and an answer whose shape pydantic rejects (a ValueError).
 _GUARD_ERRORS: tuple[type[BaseException], ...] = (*OLLAMA_ERRORS, ValueError)
 
-Kind = Literal["input", "output", "image_prompt"]
-FailPolicy = Literal["open", "closed"]
-
-_CODES_LINE = re.compile(r"S\d{1,2}(?:\s*,\s*S\d{1,2})*")
 _MAX_VERDICT_TOKENS = 48  # "unsafe" and all fourteen codes fit
-_GUARD_CONTEXT = 8192
-
-
-def parse_verdict(raw: str) -> tuple[bool, list[str]] | None:
-    """'safe' → (True, []); 'unsafe\\nS1,S10' → (False, ['S1', 'S10']); anything else → None.
-
-    Surrounding whitespace is tolerated (the model often starts with a blank line); a second
-    line with anything but known codes, a missing category line, or extra lines are not.
-    """
-    lines = [line.strip() for line in raw.strip().splitlines()]
-    if lines == ["safe"]:
-        return True, []
-    if len(lines) != 2 or lines[0] != "unsafe" or not _CODES_LINE.fullmatch(lines[1]):
-        return None
-    codes = [code.strip() for code in lines[1].split(",")]
-    if any(code not in CATEGORIES for code in codes):
-        return None
-    return False, list(dict.fromkeys(codes))
-
-
-def blocking_categories(categories: list[str], persona: Persona, *, nsfw: bool) -> list[str]:
-    """Which of the named categories block for this persona here; S4 always does."""
-    blocks = set(persona.guard_block) | {CHILD_EXPLOITATION}
-    if nsfw and persona.allow_nsfw:
-        blocks.discard(SEXUAL_CONTENT)
-    return [code for code in categories if code in blocks]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    safe: bool  # the decision: the text may go on
-    categories: list[str] = field(default_factory=list)  # what the model named
-    unknown: bool = False  # no valid verdict: unreachable, too slow or malformed
-    blocking: list[str] = field(default_factory=list)  # named categories that block here
-    reason: str = ""  # why the verdict is unknown
-    policy: FailPolicy | None = None  # the fail policy applied to an unknown verdict
-    checked: bool = True  # False when the guard is turned off
-    latency_ms: float = 0.0
-    at: datetime = field(default_factory=lambda: datetime.now(UTC))  # when it was decided
-
-    @property
-    def label(self) -> str:
-        """The model's verdict: 'safe', 'unsafe' or 'unknown'."""
-        if self.unknown:
-            return "unknown"
-        return "unsafe" if self.categories else "safe"
-
-    @property
-    def blocked(self) -> bool:
-        """The guard named a category that blocks here."""
-        return not self.safe and not self.unknown
-
-    @property
-    def unmoderated(self) -> bool:
-        """Let through without a verdict, under the `open` fail policy."""
-        return self.unknown and self.safe
-
-
-UNCHECKED = Verdict(safe=True, checked=False)
-
-
-@dataclass(frozen=True)
-class Where:
-    """Where the text was said, for the policy and the records."""
-
-    platform: str
-    conversation: str | None = None  # the platform's id of the channel, room or chat
-    conversation_id: int | None = None  # our conversations.id, when there is one
-    user_key: str | None = None
-    nsfw: bool = False
+_REPLY_CONTEXT_BYTES = 1500  # how much of the reply before a new paragraph is shown with it
 
 
 @dataclass(frozen=True)
 class _Case:
-    """One text being judged."""
+    """One text being judged, and the turns it is judged with."""
 
     kind: Kind
     text: str
     persona: Persona
     where: Where
+    before: tuple[GuardTurn, ...] = ()  # the conversation before it (output: the message)
+    lead: str = ""  # the reply so far, before `text` (paragraph mode)
+
+    @property
+    def role(self) -> Role:
+        return "Agent" if self.kind == "output" else "User"
 
 
 class Guard:
@@ -150,6 +115,7 @@ class Guard:
         alerts: bool = True,
         keep_text: bool = False,
         enabled: bool = True,
+        context: int = 8192,
     ) -> None:
         self.enabled = enabled
         self.model = model
@@ -161,6 +127,7 @@ class Guard:
         self._fail_policy = fail_policy
         self._notifier = notifier if alerts else None
         self._keep_text = keep_text
+        self._context = context
         self._client = ollama.AsyncClient(
             host=host, timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
         )
@@ -207,51 +174,89 @@ class Guard:
         )
 
     async def judge(self, kind: Kind, text: str, *, persona: Persona, where: Where) -> Verdict:
-        """`check()` with the place already gathered."""
+        """`check()` with the place already gathered: `text` as a `User:` turn (an input, an
+        image prompt, a memory) or, for "output", as an `Agent:` turn with nothing before."""
+        return await self._judge(_Case(kind, text, persona, where))
+
+    async def judge_reply(
+        self, message: str, before: str, new: str, *, persona: Persona, where: Where
+    ) -> Verdict:
+        """Judge `new`, the latest part of a reply, as the Agent's answer to the user's
+        `message`, after the reply's `before` (whose oldest text is left out past a few
+        paragraphs: each check costs the same however long the reply grows)."""
+        turns = (GuardTurn("User", neutralise(message)),)
+        return await self._judge(_Case("output", new, persona, where, turns, before))
+
+    async def _judge(self, case: _Case) -> Verdict:
+        """The verdict on every window of the text in turn; the first that does not pass.
+
+        A window takes at most half the room; the turns before it and the text before it in
+        its own turn (the reply so far) a quarter each, their newest words."""
         if not self.enabled:
             return UNCHECKED
-        request = self._request(text)
+        codes = enforced_codes(case.persona, nsfw=case.where.nsfw, model=self.model)
+        budget = budget_bytes(self._context, _MAX_VERDICT_TOKENS, case.role, codes)
+        quarter = budget // 4
+        before = [GuardTurn(t.role, tail(t.text, quarter).lstrip()) for t in case.before]
+        lead, verdict = neutralise(case.lead), UNCHECKED
+        for window in split_windows(neutralise(case.text), max(1, budget // 2)):
+            shown = tail(lead, min(_REPLY_CONTEXT_BYTES, quarter)).lstrip()
+            last = GuardTurn(case.role, f"{shown}\n{window}".strip())
+            turns = fit([*before, last], budget, keep=len(window.encode()))
+            verdict = await self._ask_once(case, build(case.role, codes, turns))
+            if not verdict.safe:
+                break
+            lead = f"{lead}\n{window}"
+        return verdict
+
+    async def _ask_once(self, case: _Case, prompt: str) -> Verdict:
+        request = self._request(prompt)
         started = time.perf_counter()
-        raw, stats, error = await self._ask(request)
+        raw, stats, error = await self._ask(prompt)
         latency = (time.perf_counter() - started) * 1000
         parsed = parse_verdict(raw) if raw is not None else None
         if parsed is None:
-            reason = error or "it gave a malformed verdict"
-            policy = self._fail_policy(where.platform)
+            reason = error or NO_VERDICT
+            policy = self._fail_policy(case.where.platform)
             verdict = Verdict(
-                policy == "open", unknown=True, reason=reason, policy=policy, latency_ms=latency
+                policy == "open",
+                unknown=True,
+                reason=reason,
+                policy=policy,
+                latency_ms=latency,
+                answered=error is None,
             )
         else:
             categories = parsed[1]
-            blocking = blocking_categories(categories, persona, nsfw=where.nsfw)
-            verdict = Verdict(not blocking, categories, blocking=blocking, latency_ms=latency)
-        case = _Case(kind, text, persona, where)
+            verdict = Verdict(parsed[0], categories, blocking=categories, latency_ms=latency)
         self._log(case, verdict)
         self._spawn(self._record(case, verdict, request, stats, error))
         self._spawn(self._alert(case, verdict, error))
         return verdict
 
-    def _request(self, text: str) -> ChatRequest:
-        # The text alone, as the one user message: see the module docstring (issue 11440).
+    def _request(self, prompt: str) -> ChatRequest:
+        """For the call log: the raw prompt, as the one message it is."""
         return ChatRequest(
             model=self.model,
-            messages=[{"role": "user", "content": text}],
+            messages=[{"role": "raw", "content": prompt}],
             temperature=0.0,
             seed=0,
             max_tokens=_MAX_VERDICT_TOKENS,
-            context_window=_GUARD_CONTEXT,
+            context_window=self._context,
             repeat_penalty=1.0,
         )
 
-    async def _ask(self, request: ChatRequest) -> tuple[str | None, CallStats | None, str | None]:
+    async def _ask(self, prompt: str) -> tuple[str | None, CallStats | None, str | None]:
         """(raw answer, call stats, None) or (None, None, why it failed)."""
+        options = self._request("").options()
         try:
             response = await asyncio.wait_for(
-                self._client.chat(
-                    model=request.model,
-                    messages=request.messages,
+                self._client.generate(
+                    model=self.model,
+                    prompt=prompt,
+                    raw=True,
                     stream=False,
-                    options=request.options(),
+                    options=options,
                     keep_alive=self._keep_alive,
                 ),
                 self.timeout,
@@ -260,8 +265,18 @@ class Guard:
             return None, None, f"it did not answer within {self.timeout:g}s"
         except _GUARD_ERRORS as exc:
             return None, None, failure_reason(exc, self.model)
-        stats = call_stats(self.backend, request.model, response)
-        return response.message.content or "", stats, None
+        stats = CallStats(
+            backend=self.backend,
+            model=self.model,
+            prompt_tokens=response.prompt_eval_count,
+            completion_tokens=response.eval_count,
+            total_ms=_ms(response.total_duration),
+            load_ms=_ms(response.load_duration),
+            prompt_eval_ms=_ms(response.prompt_eval_duration),
+            eval_ms=_ms(response.eval_duration),
+            done_reason=response.done_reason,
+        )
+        return response.response or "", stats, None
 
     def _log(self, case: _Case, verdict: Verdict) -> None:
         where = case.where
@@ -276,8 +291,7 @@ class Guard:
                 action,
             )
         elif verdict.categories:
-            action = "blocked" if verdict.blocked else "allowed by the persona's policy"
-            log.warning("guard: %s is unsafe (%s): %s", who, describe(verdict.categories), action)
+            log.warning("guard: %s is unsafe (%s): blocked", who, describe(verdict.categories))
         else:
             log.info("guard: %s is safe (%.0f ms)", who, verdict.latency_ms)
 
@@ -352,8 +366,13 @@ class Guard:
         await self._client.close()
 
 
+def _ms(nanoseconds: int | None) -> float | None:
+    return nanoseconds / 1e6 if nanoseconds is not None else None
+
+
 _KIND_WORDS: dict[Kind, str] = {
     "input": "a message",
     "output": "a reply",
     "image_prompt": "an image prompt",
+    "memory": "a fact to remember",
 }

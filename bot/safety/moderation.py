@@ -4,7 +4,9 @@
   (history, recall, prompt, opening the model) alongside it and releases nothing of it before
   the verdict; a blocked input stops the work and closes the model's stream.
 - `OutputScreen` holds the reply back until the guard has seen it: whole (the default), or
-  paragraph by paragraph (`GUARD_STREAM_MODE=paragraph`), each check covering the reply so far.
+  paragraph by paragraph (`GUARD_STREAM_MODE=paragraph`). Each check judges the new text as the
+  Agent's answer to the user's message, after the last few paragraphs of the reply so far, so
+  a check costs the same at the end of a long reply as at its start.
 - The in-character refusal (prompts/refusal.j2) and the notices users see.
 
 The guard itself (the model call, the policy, the records) is `bot/safety/guard.py`.
@@ -16,13 +18,14 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import jinja2
 
 from bot.config import Settings
 from bot.core.calls import CallLog
 from bot.core.personas import Persona
+from bot.errors import ModelUnavailable
 from bot.ops.notify import AdminNotifier
 from bot.safety.categories import category_name, describe
 from bot.safety.guard import UNCHECKED, Guard, Verdict, Where
@@ -40,6 +43,30 @@ INPUT_UNCHECKED = (
 OUTPUT_UNCHECKED = (
     "I couldn't check my reply for safety, so I'm not showing it. Please try again in a moment."
 )
+# The guard answered, but not with a verdict (a wrong tag, a model that answered prose).
+UNMODERATED_NO_VERDICT = "The safety check gave no verdict: this reply is not moderated."
+INPUT_NO_VERDICT = (
+    "The safety check gave no verdict on your message, so I'm not answering. "
+    "Please try again in a moment."
+)
+OUTPUT_NO_VERDICT = (
+    "The safety check gave no verdict on my reply, so I'm not showing it. "
+    "Please try again in a moment."
+)
+
+
+def input_unchecked(verdict: Verdict) -> str:
+    """Why an input was not answered when the guard gave no verdict on it."""
+    return INPUT_NO_VERDICT if verdict.no_verdict else INPUT_UNCHECKED
+
+
+def unmoderated(*verdicts: Verdict | None) -> str:
+    """The notice for a reply let through unchecked (fail policy open)."""
+    if any(v is not None and v.unmoderated and v.no_verdict for v in verdicts):
+        return UNMODERATED_NO_VERDICT
+    return UNMODERATED
+
+
 _PARAGRAPH_BREAK = "\n\n"
 _END = object()
 
@@ -47,7 +74,7 @@ _END = object()
 def withheld(persona: Persona, verdict: Verdict) -> str:
     """The notice that replaces a reply that was not shown."""
     if verdict.unknown:
-        return OUTPUT_UNCHECKED
+        return OUTPUT_NO_VERDICT if verdict.no_verdict else OUTPUT_UNCHECKED
     return (
         f"{persona.display_name}'s reply was withheld: it broke the content rules here "
         f"({describe(verdict.blocking)})."
@@ -100,12 +127,15 @@ async def gated(
 class OutputScreen:
     """Releases a reply's text only after the guard has passed it."""
 
-    def __init__(self, check: Callable[[str], Awaitable[Verdict]], mode: StreamMode | None) -> None:
-        self._check = check
+    def __init__(
+        self, check: Callable[[str, str], Awaitable[Verdict]], mode: StreamMode | None
+    ) -> None:
+        self._check = check  # (reply so far, new text) → verdict on the new text
         self._mode = mode
         self.shown = ""  # text already released
         self.blocked: Verdict | None = None  # the verdict that stopped the reply
         self.unmoderated = False  # some of it went out unchecked (fail policy open)
+        self.unchecked: Verdict | None = None  # the verdict it went out under, if so
 
     async def release(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """The checked text: once whole, or a paragraph at a time; stops at a block.
@@ -130,8 +160,9 @@ class OutputScreen:
 
     async def _passes(self, text: str) -> bool:
         if text.strip():
-            verdict = await self._check(self.shown + text)
-            self.unmoderated = self.unmoderated or verdict.unmoderated
+            verdict = await self._check(self.shown, text)
+            if verdict.unmoderated:
+                self.unmoderated, self.unchecked = True, verdict
             if not verdict.safe:
                 self.blocked = verdict
                 return False
@@ -172,13 +203,14 @@ class Moderation:
             return done
         return asyncio.ensure_future(self.guard.judge("input", text, persona=persona, where=where))
 
-    def output_screen(self, persona: Persona, where: Where) -> OutputScreen:
+    def output_screen(self, persona: Persona, where: Where, message: str) -> OutputScreen:
+        """The screen for a reply to `message` (the user's words it answers)."""
         guard = self.guard
 
-        async def check(text: str) -> Verdict:
+        async def check(before: str, text: str) -> Verdict:
             if guard is None:
                 return UNCHECKED
-            return await guard.judge("output", text, persona=persona, where=where)
+            return await guard.judge_reply(message, before, text, persona=persona, where=where)
 
         return OutputScreen(check, self.stream_mode if self.active else None)
 
@@ -202,6 +234,32 @@ class Moderation:
             await self.guard.aclose()
 
 
+class Said(Protocol):
+    """Where a fact was learned (memory's Exchange has these)."""
+
+    platform: str
+    conversation_id: int | None
+    user_key: str
+    persona: str
+
+
+def fact_vetter(
+    guard: Guard, persona_named: Callable[[str | None], Persona]
+) -> Callable[[str, Any], Awaitable[bool]]:
+    """Judges a fact extracted for memory as the user's input would be, for the persona that
+    heard it: True keeps it. No verdict raises ModelUnavailable, so the job waits for later."""
+
+    async def vet(text: str, exchange: Said) -> bool:
+        where = Where(exchange.platform, None, exchange.conversation_id, exchange.user_key)
+        persona = persona_named(exchange.persona)
+        verdict = await guard.judge("memory", text, persona=persona, where=where)
+        if verdict.unknown:
+            raise ModelUnavailable(f"the guard gave no verdict on a fact ({verdict.reason})")
+        return verdict.safe
+
+    return vet
+
+
 def build_moderation(
     settings: Settings, pool: Any, calls: CallLog, notifier: AdminNotifier | None
 ) -> Moderation:
@@ -219,6 +277,7 @@ def build_moderation(
         alerts=settings.guard_alerts,
         keep_text=settings.guard_keep_text,
         enabled=settings.guard_enabled,
+        context=settings.guard_context,
     )
     return Moderation(
         guard, prompts_dir=settings.prompts_dir, stream_mode=settings.guard_stream_mode

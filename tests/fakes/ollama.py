@@ -6,6 +6,7 @@ same wire protocol as a real Ollama server (the shapes the official ``ollama`` P
 pointed at ``fake.url``.
 
 Implemented endpoints: ``POST /api/chat`` (streamed NDJSON and non-streamed JSON),
+``POST /api/generate`` (the same, with ``response`` instead of ``message``),
 ``POST /api/embed``, ``GET /api/tags``, ``GET /api/version``, ``POST /api/show``,
 ``GET /api/ps`` and ``GET|HEAD /``.
 
@@ -18,6 +19,11 @@ Behaviour copied from real Ollama:
 * ``stream`` defaults to true when the request omits it;
 * a chat without messages just "loads" the model (``done_reason: "load"``, empty content);
 * ``options.num_predict`` caps the number of generated chunks (``done_reason: "length"``);
+* ``/api/generate`` (Ollama's API reference, docs/api.md "Generate a completion"): the body
+  carries ``prompt`` and, for a prompt already in the model's format, ``raw: true`` (no
+  template applied, no ``context`` returned); each answer line carries ``response``, the last
+  one ``done: true`` with the same counters as a chat. The responder gets the body as sent
+  (``prompt``, ``raw``) and answers as the model would;
 * ``dimensions`` on ``/api/embed`` truncates the vector and re-normalises it;
 * tool calling: a reply queued with ``queue_tool_call`` streams its text, then a chunk whose
   message carries ``tool_calls: [{"function": {"name", "arguments"}}]`` (arguments an object),
@@ -51,7 +57,8 @@ __all__ = ["DEFAULT_MODELS", "FakeOllama", "Responder", "split_into_chunks"]
 DEFAULT_MODELS: tuple[str, ...] = ("llama3.2:3b", "llama-guard3:1b", "nomic-embed-text")
 
 Responder = Callable[[dict[str, Any]], str | Awaitable[str]]
-"""Called with the parsed /api/chat body when no reply is queued; returns the reply text."""
+"""Called with the parsed /api/chat or /api/generate body when no reply is queued; returns
+the reply text."""
 
 _NS = 1_000_000_000
 _MODIFIED_AT = "2025-01-14T09:21:37.482913705+00:00"
@@ -292,6 +299,7 @@ class FakeOllama:
             return self.url
         app = web.Application()
         app.router.add_post("/api/chat", self._handle_chat)
+        app.router.add_post("/api/generate", self._handle_generate)
         app.router.add_post("/api/embed", self._handle_embed)
         app.router.add_get("/api/tags", self._handle_tags)
         app.router.add_get("/api/version", self._handle_version)
@@ -380,6 +388,9 @@ class FakeOllama:
 
     def chat_requests(self) -> list[dict[str, Any]]:
         return [body for path, body in self.requests if path == "/api/chat"]
+
+    def generate_requests(self) -> list[dict[str, Any]]:
+        return [body for path, body in self.requests if path == "/api/generate"]
 
     def embed_requests(self) -> list[dict[str, Any]]:
         return [body for path, body in self.requests if path == "/api/embed"]
@@ -608,6 +619,79 @@ class FakeOllama:
             )
         finally:
             self._exit()
+
+    async def _handle_generate(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request, "/api/generate")
+        if isinstance(body, web.Response):
+            return body
+        self._enter()
+        try:
+            return await self._generate(request, body)
+        finally:
+            self._exit()
+
+    async def _generate(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if self._failures:
+            return self._error(*self._failures.popleft())
+        checked = self._check_model(body)
+        if isinstance(checked, web.Response):
+            return checked
+        name, info = checked
+        if not info.can_chat:
+            return self._error(400, f'"{name}" does not support generate')
+        while self.hang:
+            if not await self._sleep(_HANG_POLL_SECONDS):
+                return self._error(503, "server is shutting down")
+        if request.transport is None or request.transport.is_closing():
+            return self._error(499, "client disconnected")
+        load = self._load_duration(name)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:  # an empty prompt only loads the model
+            return web.json_response(
+                {
+                    "model": name,
+                    "created_at": _now_rfc3339(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "load",
+                },
+                dumps=_compact,
+            )
+        reply = await self._reply_for(body)
+        chunks = list(reply.chunks)
+        options = body.get("options") or {}
+        num_predict = options.get("num_predict") if isinstance(options, dict) else None
+        done_reason = "stop"
+        if isinstance(num_predict, int) and 0 < num_predict < len(chunks):
+            chunks, done_reason = chunks[:num_predict], "length"
+        prompt_tokens = _count_tokens(prompt)
+        eval_count = max(1, len(chunks))
+        prompt_eval_duration = 23_814_000 + prompt_tokens * 1_207_300
+        eval_duration = eval_count * 14_582_600
+        final: dict[str, Any] = {
+            "model": name,
+            "created_at": _now_rfc3339(),
+            "response": "",
+            "done": True,
+            "done_reason": done_reason,
+            "total_duration": load + prompt_eval_duration + eval_duration + 2_904_417,
+            "load_duration": load,
+            "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": prompt_eval_duration,
+            "eval_count": eval_count,
+            "eval_duration": eval_duration,
+        }
+        if body.get("stream", True) is False:
+            final["response"] = "".join(chunks)
+            return web.json_response(final, dumps=_compact)
+        response = web.StreamResponse(status=200)
+        response.content_type = "application/x-ndjson"
+        await response.prepare(request)
+        for chunk in chunks:
+            line = {"model": name, "created_at": _now_rfc3339(), "response": chunk, "done": False}
+            await response.write((_compact(line) + "\n").encode())
+        await response.write((_compact(final) + "\n").encode())
+        return response
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request, "/api/chat")

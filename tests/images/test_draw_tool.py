@@ -32,6 +32,7 @@ from bot.images.service import with_style
 from tests.fakes.fal import FakeFal
 from tests.fakes.ollama import FakeOllama
 from tests.fal_fixtures import start_app
+from tests.safety.llama_guard import read
 
 FOX = {"prompt": "a red fox curled up in the snow", "size": "landscape"}
 
@@ -167,7 +168,8 @@ async def test_a_guard_refused_drawing_is_not_charged_and_the_model_hears_why(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama, fake_fal: FakeFal
 ) -> None:
     async def llama_guard(body: dict[str, Any]) -> str:
-        text = str([m for m in body["messages"] if m["role"] == "user"][-1]["content"])
+        asked = read(str(body["prompt"]))  # the raw Llama Guard prompt, as the model reads it
+        text = asked.judged if asked is not None else ""
         return "unsafe\nS1" if "knife" in text else "safe"
 
     async with FakeOllama(models=["llama-guard3:1b"], responder=llama_guard) as guard:

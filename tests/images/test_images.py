@@ -34,6 +34,7 @@ from bot.spend.ledger import BudgetExceeded
 from tests.fakes.fal import FakeFal
 from tests.fakes.ollama import FakeOllama
 from tests.fal_fixtures import start_app
+from tests.safety.llama_guard import read
 
 
 @pytest.fixture
@@ -369,7 +370,8 @@ async def test_guard_refused_prompt_never_reaches_fal(
     judged: list[str] = []
 
     async def llama_guard(body: dict[str, Any]) -> str:
-        text = str([m for m in body["messages"] if m["role"] == "user"][-1]["content"])
+        asked = read(str(body["prompt"]))  # the raw Llama Guard prompt, as the model reads it
+        text = asked.judged if asked is not None else ""
         judged.append(text)
         return "unsafe\nS1" if "knife" in text else "safe"
 

@@ -218,7 +218,8 @@ async def test_recall_orders_by_similarity_with_floor_and_recency(
     model = "ollama:nomic-embed-text"
     rows = [("Sim 0.9.", 0.9), ("Sim 0.7.", 0.7), ("Sim 0.5.", 0.5), ("Sim 0.3.", 0.3)]
     new = [NewFact(text, near(base, s, i)) for i, (text, s) in enumerate(rows)]
-    await memory.store.add("test:alice", new, model=model, persona="mimi")
+    # learned here, in conversation c1 (memories are recalled only where they were learned)
+    await memory.store.add("test:alice", new, model=model, persona="mimi", scope="test:conv:c1")
     found = await memory.recall("test:alice", query, context=context())
     assert [m.text for m in found] == ["Sim 0.9.", "Sim 0.7.", "Sim 0.5."], "0.3 < the floor"
     assert found[0].similarity == pytest.approx(0.9, abs=0.01)
@@ -253,7 +254,9 @@ async def test_users_never_see_each_others_memories(mapp: App, fake_ollama: Fake
         texts += mine
         vectors = [fake_ollama.embedding_for(t) for t in mine]
         new = [NewFact(t, v) for t, v in zip(mine, vectors, strict=True)]
-        ids = await memory.store.add(user, new, model="ollama:nomic-embed-text", persona="mimi")
+        ids = await memory.store.add(
+            user, new, model="ollama:nomic-embed-text", persona="mimi", scope="test:conv:room"
+        )
         owned[user] = set(ids)
     memory.min_similarity = -1.0  # recall everything the user has: any leak would show
     rng = random.Random(5)

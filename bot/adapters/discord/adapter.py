@@ -109,6 +109,9 @@ class DiscordAdapter:
         self._connection: asyncio.Task[None] | None = None
         self.client.event(self.on_message)
         self.client.event(self.on_typing)
+        self.client.event(self.on_raw_message_delete)
+        self.client.event(self.on_raw_bulk_message_delete)
+        self.client.event(self.on_raw_message_edit)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -253,6 +256,32 @@ class DiscordAdapter:
         if text:
             await self._reply(message, self._incoming(message, key, text))
 
+    # Deletions and edits (issue 15): raw events, so that messages no longer in discord.py's
+    # cache count too. The engine drops the message, its reply and what memory drew from it.
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self._deleted([payload.message_id])
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self._deleted(sorted(payload.message_ids))
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if "content" not in payload.data or payload.message.author.bot:
+            return  # an embed appearing, a pin, our own streaming edits: not a user's edit
+        try:
+            text = await self._text_of(payload.message)  # as the message was first stored
+            if text:
+                await self.app.engine.message_edited(PLATFORM, str(payload.message_id), text)
+        except Exception:
+            log.exception("honouring the edit of Discord message %s failed", payload.message_id)
+
+    async def _deleted(self, message_ids: list[int]) -> None:
+        for message_id in message_ids:
+            try:
+                await self.app.engine.message_deleted(PLATFORM, str(message_id))
+            except Exception:
+                log.exception("honouring the deletion of Discord message %s failed", message_id)
+
     async def on_typing(self, channel: object, user: object, when: object) -> None:
         """Someone is typing where the persona would answer: wake a sleeping GPU now, so the
         reply does not wait for its cold start (issue #6). Never answers anything itself."""
@@ -355,6 +384,7 @@ class DiscordAdapter:
             text=text,
             guild=str(message.guild.id) if message.guild else None,
             nsfw=bool(is_nsfw()) if callable(is_nsfw) else False,
+            message_id=str(message.id),
         )
 
     async def _reply(self, message: discord.Message, incoming: Incoming) -> None:

@@ -32,6 +32,7 @@ from nio import (
 )
 
 from bot.adapters.matrix.commands import MatrixCommands
+from bot.adapters.matrix.deletions import honour_removal
 from bot.adapters.matrix.messages import MatrixMessages, RoomMessage
 from bot.adapters.matrix.render import message_content
 from bot.adapters.matrix.state import MatrixState
@@ -229,6 +230,8 @@ class MatrixAdapter:
             if isinstance(event, MegolmEvent):
                 await self._undecryptable(room, event)
                 continue
+            if await honour_removal(self.app.engine, event.source):
+                continue  # a redaction or an edit (issue 15)
             if event.source.get("type") != "m.room.message":
                 continue
             message = RoomMessage.from_source(room.room_id, event.source)

@@ -232,6 +232,7 @@ class MatrixMessages:
             room.user_name(message.sender) or message.sender,
             message.body,
             guild=message.room_id.split(":", 1)[-1],
+            message_id=message.event_id,
         )
         target = ReplyTarget(
             message.event_id,

@@ -10,7 +10,7 @@ import pytest
 
 from tests.adapters.discord.test_discord import Env, make_env
 from tests.fakes.ollama import FakeOllama
-from tests.safety.test_guard import GuardScript
+from tests.safety.llama_guard import GuardScript
 
 
 @pytest.fixture

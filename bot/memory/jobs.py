@@ -1,0 +1,92 @@
+"""The SQL of pending extractions (`memory_jobs`): one row per answered exchange, written before
+extraction and deleted after it, so nothing is lost when a process stops mid-way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.memory.types import Exchange, Job
+
+
+class JobQueries:
+    """Mixed into MemoryStore: the job queries, on its pool."""
+
+    _pool: Any
+
+    async def enqueue(self, exchange: Exchange) -> int:
+        return int(
+            await self._pool.fetchval(
+                "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
+                " conversation_id, message, reply, scope, message_id)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
+                exchange.user_key,
+                exchange.author_name,
+                exchange.persona,
+                exchange.model,
+                exchange.platform,
+                exchange.conversation_id,
+                exchange.message,
+                exchange.reply,
+                exchange.scope,
+                exchange.message_id,
+            )
+        )
+
+    async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
+        """Take a job for `lease_seconds` unless another worker holds it."""
+        row = await self._pool.fetchrow(
+            "UPDATE memory_jobs SET locked_until = now() + make_interval(secs => $2)"
+            " WHERE id = $1 AND (locked_until IS NULL OR locked_until < now()) RETURNING *",
+            job_id,
+            lease_seconds,
+        )
+        if row is None:
+            return None
+        exchange = Exchange(
+            row["user_key"],
+            row["author_name"],
+            row["persona"],
+            row["model"],
+            row["platform"],
+            row["conversation_id"],
+            row["message"],
+            row["reply"],
+            row["scope"],
+            row["message_id"],
+        )
+        return Job(row["id"], exchange, row["attempts"])
+
+    async def expire(self, days: float) -> int:
+        """Drop jobs that could not be extracted for `days` (a model that never came back)."""
+        result = await self._pool.execute(
+            "DELETE FROM memory_jobs WHERE created_at < now() - make_interval(days => $1)",
+            int(days),
+        )
+        return int(result.split()[-1])
+
+    async def pending(self, limit: int = 100) -> list[int]:
+        rows = await self._pool.fetch(
+            "SELECT id FROM memory_jobs WHERE locked_until IS NULL OR locked_until < now()"
+            " ORDER BY id LIMIT $1",
+            limit,
+        )
+        return [r["id"] for r in rows]
+
+    async def finish(self, job_id: int) -> None:
+        await self._pool.execute("DELETE FROM memory_jobs WHERE id = $1", job_id)
+
+    async def release(self, job_id: int) -> None:
+        """Give a job back for later (its model did not answer)."""
+        await self._pool.execute("UPDATE memory_jobs SET locked_until = NULL WHERE id = $1", job_id)
+
+    async def count_attempt(self, job_id: int) -> None:
+        """One more invalid answer for this job (the lease is kept)."""
+        await self._pool.execute(
+            "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = $1", job_id
+        )
+
+    async def message_edited(self, message_rows: list[int], text: str) -> None:
+        """A pending extraction reads the edited text."""
+        await self._pool.execute(
+            "UPDATE memory_jobs SET message = $2 WHERE message_id = ANY($1)", message_rows, text
+        )

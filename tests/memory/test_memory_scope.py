@@ -1,0 +1,169 @@
+"""Memories stay where they were told (issue 15, points 8 and 12): recalled and listed only in
+the place they were learned, unless the persona widens it; and a message deleted or edited on
+the platform is deleted or replaced here, with what memory drew from it.
+
+The real engine and Postgres; the chat model is the fake Ollama on loopback (its embeddings of
+the same text are the same vector, so a fact said again is recalled at similarity 1)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.app import App, running_app
+from bot.core.commands import CommandContext
+from bot.core.engine import Incoming
+from bot.memory.store import Exchange, scope_of
+from tests.conftest import make_settings
+from tests.fakes.ollama import FakeOllama
+from tests.memory.test_memory import collect, exchange, facts
+
+SECRET = "Has a secret crush on Bo."
+
+
+def dm(text: str, message_id: str | None = None) -> Incoming:
+    return Incoming("test", "dm-alice", "alice", "Alice", text, message_id=message_id)
+
+
+def server(text: str, channel: str = "general") -> Incoming:
+    return Incoming("test", channel, "alice", "Alice", text, guild="g1")
+
+
+def system_prompt(fake: FakeOllama) -> str:
+    replies = [body for body in fake.chat_requests() if not body.get("format")]
+    return str(replies[-1]["messages"][0]["content"])
+
+
+async def said(app: App, fake: FakeOllama, incoming: Incoming) -> str:
+    """The system prompt the persona got for `incoming` (its extraction finds nothing)."""
+    fake.queue_reply("Mm-hm.")
+    fake.queue_reply(facts())
+    await collect(app, incoming)
+    await app.engine.drain()
+    return system_prompt(fake)
+
+
+@pytest.fixture
+async def mapp(tmp_path: Path, database_url: str, fake_ollama: FakeOllama) -> AsyncIterator[App]:
+    settings = make_settings(tmp_path, database_url, fake_ollama.url, memory_enabled=True)
+    async with running_app(settings) as app:
+        yield app
+
+
+def test_scopes() -> None:
+    assert scope_of("console", "terminal", None) == "console"
+    assert scope_of("discord", "123", None) == "discord:conv:123", "a DM is its own place"
+    assert scope_of("discord", "456", "9") == scope_of("discord", "789", "9"), "one server"
+    assert scope_of("matrix", "!a:hs", "hs") != scope_of("matrix", "!b:hs", "hs"), "per room"
+    assert scope_of("matrix", "!a:hs|$root", "hs") == scope_of("matrix", "!a:hs", "hs"), "threads"
+
+
+async def test_a_fact_from_a_dm_stays_in_the_dm(mapp: App, fake_ollama: FakeOllama) -> None:
+    await exchange(mapp, fake_ollama, dm("I have a crush on Bo"), facts(SECRET))
+    assert SECRET not in await said(mapp, fake_ollama, server(SECRET))
+    assert SECRET not in await said(mapp, fake_ollama, server(SECRET, "other")), "any channel"
+    assert SECRET in await said(mapp, fake_ollama, dm(SECRET)), "recalled where it was said"
+    here = CommandContext("test", "general", "alice", "Alice", guild="g1")
+    listed = await mapp.commands.run(here, "memories", [])
+    assert SECRET not in listed.text and "1 more fact" in listed.text
+    there = CommandContext("test", "dm-alice", "alice", "Alice")
+    listed = await mapp.commands.run(there, "memories", [])
+    assert SECRET in listed.text and "more fact" not in listed.text
+
+
+async def test_a_fact_from_a_server_stays_in_that_server(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, server("I play the oboe"), facts("Plays the oboe."))
+    assert "Plays the oboe." in await said(mapp, fake_ollama, server("Plays the oboe.", "other"))
+    assert "Plays the oboe." not in await said(mapp, fake_ollama, dm("Plays the oboe."))
+    elsewhere = Incoming("test", "x", "alice", "Alice", "Plays the oboe.", guild="g2")
+    assert "Plays the oboe." not in await said(mapp, fake_ollama, elsewhere)
+
+
+async def test_a_persona_may_widen_the_scope_to_the_user(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "pal.yaml").write_text(
+        "name: pal\ndisplay_name: Pal\ndescription: d\ngreeting: g\nmemory_scope: user\n"
+    )
+    settings = make_settings(
+        tmp_path, database_url, fake_ollama.url, memory_enabled=True, personas_dir=personas
+    )
+    async with running_app(settings) as app:
+        await exchange(app, fake_ollama, dm("I have a crush on Bo"), facts(SECRET))
+        assert SECRET in await said(app, fake_ollama, server(SECRET))
+
+
+# ------------------------------------------------------------------ 12: deletions and edits
+
+
+async def test_a_deleted_message_leaves_history_and_memory(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, dm("I live in Lisbon", "m1"), facts("Lives in Lisbon."))
+    lisbon = await mapp.pool.fetchval("SELECT id FROM memories")
+    moved = facts(("Lives in Porto.", [lisbon]))
+    await exchange(mapp, fake_ollama, dm("I moved to Porto", "m2"), moved)
+    await exchange(mapp, fake_ollama, dm("I like tea", "m3"), facts("Likes tea."))
+    await mapp.engine.message_deleted("test", "m2")
+    conversation = await mapp.engine.conversation("test", "dm-alice")
+    history = [t.content for t in await mapp.engine.history.recent(conversation.id)]
+    assert "I moved to Porto" not in history and "I live in Lisbon" in history
+    assert len(history) == 4, "the reply to it went too"
+    rows = await mapp.pool.fetch("SELECT text, superseded_by FROM memories ORDER BY id")
+    assert [(r["text"], r["superseded_by"]) for r in rows] == [
+        ("Lives in Lisbon.", None),  # what the deleted fact had replaced holds again
+        ("Likes tea.", None),
+    ]
+    await mapp.engine.message_deleted("test", "unknown-id")  # nothing to do: no error
+
+
+async def test_a_deleted_message_stops_its_pending_extraction(mapp: App) -> None:
+    assert mapp.memory is not None
+    await mapp.engine.message_deleted("test", "nothing")
+    conversation = await mapp.engine.conversation("test", "dm-alice")
+    row = await mapp.engine.history.append_exchange(
+        conversation.id,
+        author_id="alice",
+        author_name="Alice",
+        text="my PIN is 1234",
+        persona="mimi",
+        reply="Noted.",
+        message_id="m9",
+    )
+    job = Exchange(
+        "test:alice", "Alice", "mimi", "llama3.2:3b", "test", conversation.id,
+        "my PIN is 1234", "Noted.", "test:conv:dm-alice", row,
+    )  # fmt: skip
+    await mapp.memory.store.enqueue(job)
+    await mapp.engine.message_deleted("test", "m9")
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
+    assert await mapp.pool.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_an_edited_message_replaces_the_stored_text(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, dm("I like cofee", "m1"), json.dumps({"facts": []}))
+    await mapp.engine.message_edited("test", "m1", "I like coffee")
+    conversation = await mapp.engine.conversation("test", "dm-alice")
+    history = [t.content for t in await mapp.engine.history.recent(conversation.id)]
+    assert history[0] == "I like coffee" and "I like cofee" not in history
+
+
+async def test_a_fact_said_twice_outlives_the_deletion_of_one_message(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, dm("I have a cat", "m1"), facts("Has a cat."))
+    await exchange(mapp, fake_ollama, dm("my cat, again", "m2"), facts("Has a cat."))
+    await exchange(mapp, fake_ollama, server("I have a cat"), facts("Has a cat."))
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memories") == 2, "one per place"
+    await mapp.engine.message_deleted("test", "m1")
+    rows = await mapp.pool.fetch("SELECT scope FROM memories ORDER BY scope")
+    assert [r["scope"] for r in rows] == ["test:conv:dm-alice", "test:guild:g1"]
