@@ -206,7 +206,17 @@ class Settings(BaseSettings):
     )
     discord_answer_dms: bool = True
     discord_answer_bots: bool = False
-    discord_edit_interval: float = Field(default=1.0, ge=0.2)
+    discord_bot_turns: int = Field(
+        default=3,
+        ge=0,
+        description="with DISCORD_ANSWER_BOTS: answers to bots in a row before a person speaks",
+    )
+    discord_edit_interval: float = Field(
+        default=1.0, ge=1.0, description="seconds between edits of a streamed reply (at least 1)"
+    )
+    discord_reply_chain: int = Field(
+        default=3, ge=0, le=10, description="replied-to messages followed up a chain for context"
+    )
     discord_attachment_max_bytes: int = Field(default=32_000, ge=0)
     discord_rate_per_minute: float = Field(default=6.0, ge=0)
     discord_rate_burst: int = Field(default=5, ge=0)

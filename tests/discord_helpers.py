@@ -64,13 +64,28 @@ def make_bot_member(guild: discord.Guild, name: str) -> discord.Member:
 
 
 async def reply_to(
-    target: discord.Message, content: str, member: discord.Member, channel: Any
+    target: discord.Message,
+    content: str,
+    member: discord.Member,
+    channel: Any,
+    *,
+    forward: bool = False,
 ) -> discord.Message:
-    """A member's reply (Discord's message_reference) to `target`."""
-    data = facts.make_message_dict(channel, member, content=content, type=19)
+    """A member's reply (Discord's message_reference) to `target`. A forward is a default
+    message (type 0) whose reference has type 1 (FORWARD), per Discord's message reference docs."""
+    guild = channel.guild
+    data = facts.make_message_dict(
+        channel,
+        member,
+        content=content,
+        type=0 if forward else 19,
+        mentions=backend.find_user_mentions(content, guild),
+        mention_roles=backend.find_role_mentions(content, guild),
+    )
     data["message_reference"] = {
+        "type": 1 if forward else 0,
         "message_id": target.id,
-        "channel_id": channel.id,
+        "channel_id": target.channel.id,
         "guild_id": channel.guild.id,
     }
     state = backend.get_state()

@@ -21,6 +21,8 @@ import discord
 from discord import app_commands
 
 from bot.adapters.discord.commands import SlashCommands
+from bot.adapters.discord.context import reply_context
+from bot.adapters.discord.conversations import Conversations
 from bot.adapters.discord.policy import DiscordPolicy
 from bot.adapters.discord.render import (
     CUT_OFF,
@@ -29,6 +31,7 @@ from bot.adapters.discord.render import (
     is_text_attachment,
     rate_limited_notice,
     split_message,
+    trigger_text,
     with_attachments,
 )
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
@@ -37,7 +40,6 @@ from bot.app import App
 from bot.core.attention import Attention, Trigger
 from bot.core.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.core.events import user_key
-from bot.core.personas import Persona
 from bot.errors import ConfigError
 from bot.spend.ratelimit import RateLimiter
 
@@ -102,6 +104,8 @@ class DiscordAdapter:
             app.pool, app.settings.discord_rate_per_minute, app.settings.discord_rate_burst
         )
         self.messages = MessageMap(app.pool, PLATFORM)
+        self.conversations = Conversations(app.engine, self.messages)
+        self._bot_turns: dict[int, int] = {}  # channel → answers to bots since a person spoke
         self.tree = app_commands.CommandTree(self.client)
         self.slash = SlashCommands(self)
         self._inflight: set[asyncio.Task[object]] = set()
@@ -220,16 +224,19 @@ class DiscordAdapter:
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
+        if not message.author.bot:
+            self._bot_turns.pop(message.channel.id, None)  # a person spoke: bots may talk again
         is_dm = message.guild is None
         roles = [role.id for role in getattr(message.author, "roles", [])]
         ids = channel_ids(message.channel)
         if not self.policy.permits(message.author.id, roles, ids, is_dm=is_dm):
             return
-        key, reply_to_bot = await self._conversation_of(message)
-        persona = await self._persona(key, message.channel)
+        key = self.conversations.key_of(message.channel)
+        persona = await self.conversations.persona(key, message.channel)
+        mentioned = _mentions_me(message, me.id)
         trigger = Trigger(
-            mentioned=_mentions_me(message, me.id),
-            reply_to_bot=reply_to_bot,
+            mentioned=mentioned,
+            reply_to_bot=await self.conversations.replies_to_bot(message, me.id),
             is_dm=is_dm,
             always_listen=self.policy.listens(ids),
             from_bot=message.author.bot,
@@ -237,36 +244,66 @@ class DiscordAdapter:
         decision = self.attention.decide(
             conversation_key=key,
             persona=persona,
-            text=message.content,
+            text=trigger_text(message.content),
             trigger=trigger,
             answer_dms=self.settings.discord_answer_dms,
             answer_bots=self.settings.discord_answer_bots,
         )
-        if not decision.answer:
+        if not decision.answer or not self._bot_may_talk(message):
             return
+        # Decided to answer: from here on the database is written.
         log.info("answering %s in %s: %s", message.author.id, key, decision.reason)
         if not await self.limiter.allow(user_key(PLATFORM, str(message.author.id))):
             if not decision.reason.startswith("following"):
                 await send_plain(message, rate_limited_notice(persona.display_name))
             return
+        await self.conversations.adopt(key, message.channel)
         text = await self._text_of(message)
-        if text:
-            await self._reply(message, self._incoming(message, key, text))
+        if not text:
+            if mentioned or trigger.reply_to_bot or is_dm:  # a bare "@Mimi": say hello
+                await send_plain(message, persona.greeting)
+            return
+        context = await reply_context(
+            message, links=self.settings.discord_reply_chain, my_id=me.id, known=self._known
+        )
+        text = f"{context}\n\n{text}" if context else text
+        await self._reply(message, self._incoming(message, key, text))
+
+    def _bot_may_talk(self, message: discord.Message) -> bool:
+        """Two bots answering each other would talk forever: a few turns, then silence until a
+        person speaks in the channel again."""
+        if not message.author.bot:
+            return True
+        turns = self._bot_turns.get(message.channel.id, 0)
+        if turns >= self.settings.discord_bot_turns:
+            log.info(
+                "not answering bot %s in %s: %d turns already",
+                message.author.id,
+                message.channel.id,
+                turns,
+            )
+            return False
+        self._bot_turns[message.channel.id] = turns + 1
+        return True
+
+    async def _known(self, message_id: str) -> bool:
+        return await self.messages.lookup(message_id) is not None
 
     async def on_typing(self, channel: object, user: object, when: object) -> None:
         """Someone is typing where the persona would answer: wake a sleeping GPU now, so the
-        reply does not wait for its cold start (issue #6). Never answers anything itself."""
+        reply does not wait for its cold start (issue #6). Never answers anything itself, and
+        touches the database only to read a persona it has not cached."""
         me = self.client.user
         if self._closing or me is None or getattr(user, "bot", False):
             return
         try:
-            key = await self.conversation_for_channel(channel)
-            persona = await self._persona(key, channel)
             is_dm = isinstance(channel, discord.DMChannel)
             ids = channel_ids(channel)
             roles = [role.id for role in getattr(user, "roles", [])]
             if not self.policy.permits(int(getattr(user, "id", 0)), roles, ids, is_dm=is_dm):
                 return
+            key = self.conversations.key_of(channel)
+            persona = await self.conversations.persona(key, channel)
             likely = (
                 (is_dm and self.settings.discord_answer_dms)
                 or self.policy.listens(ids)
@@ -277,43 +314,11 @@ class DiscordAdapter:
         except Exception:
             log.exception("pre-wake on typing failed")
 
-    async def _conversation_of(self, message: discord.Message) -> tuple[str, bool]:
-        """(conversation key, is it a reply to the bot?) for a message."""
-        me = self.client.user
-        reference = message.reference
-        if reference is not None and reference.message_id is not None:
-            mapped = await self.messages.lookup(str(reference.message_id))
-            resolved = reference.resolved
-            to_bot = (
-                isinstance(resolved, discord.Message)
-                and me is not None
-                and resolved.author.id == me.id
-            )
-            if mapped is not None:
-                return mapped.conversation, to_bot or mapped.from_bot
-            return await self.conversation_for_channel(message.channel), to_bot
-        return await self.conversation_for_channel(message.channel), False
-
     async def conversation_for_channel(self, channel: object) -> str:
-        """A thread started from a message we know continues its conversation."""
-        channel_id = str(getattr(channel, "id", ""))
-        if isinstance(channel, discord.Thread):
-            mapped = await self.messages.lookup(channel_id)
-            if mapped is not None:
-                return mapped.conversation
-        return channel_id
-
-    async def _persona(self, key: str, channel: object) -> Persona:
-        """The conversation's persona; a new thread takes its parent channel's."""
-        engine = self.app.engine
-        conversation = await engine.conversation(PLATFORM, key)
-        parent = getattr(channel, "parent_id", None)
-        if conversation.persona is None and isinstance(channel, discord.Thread) and parent:
-            inherited = (await engine.conversation(PLATFORM, str(parent))).persona
-            if inherited is not None:
-                await engine.history.set_persona(conversation.id, inherited)
-                return engine.persona_named(inherited)
-        return engine.persona_named(conversation.persona)
+        """The conversation of a channel, DM or thread, made ready for a command."""
+        key = self.conversations.key_of(channel)
+        await self.conversations.adopt(key, channel)
+        return key
 
     async def _text_of(self, message: discord.Message) -> str:
         me = self.client.user

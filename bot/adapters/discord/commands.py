@@ -151,6 +151,8 @@ class SlashCommands:
         try:
             context = await self.context(interaction, progress)
             result = await self.adapter.app.commands.run(context, name, args)
+            if name == "persona" and args:
+                self.adapter.conversations.forget()
         except BotError as exc:
             await self.fail(interaction, user_message(exc), deferred_private=private)
             return

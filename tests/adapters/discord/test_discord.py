@@ -76,7 +76,7 @@ async def make_env(
 ) -> AsyncIterator[Env]:
     values: dict[str, object] = {
         "discord_token": "test-token",
-        "discord_edit_interval": 0.2,
+        "discord_edit_interval": 1.0,
         "memory_enabled": False,
     }
     values.update(overrides)
