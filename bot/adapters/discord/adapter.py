@@ -15,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import aiohttp
 import discord
 from discord import app_commands
 
+from bot.adapters.discord.budget import ChannelBudget
 from bot.adapters.discord.commands import SlashCommands
 from bot.adapters.discord.context import reply_context
 from bot.adapters.discord.conversations import Conversations
+from bot.adapters.discord.gateway import Gateway, describe
 from bot.adapters.discord.policy import DiscordPolicy
 from bot.adapters.discord.render import (
     CUT_OFF,
@@ -35,6 +38,7 @@ from bot.adapters.discord.render import (
     with_attachments,
 )
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
+from bot.adapters.discord.sync import sync_commands
 from bot.adapters.message_map import MessageMap
 from bot.app import App
 from bot.core.attention import Attention, Trigger
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 _READY_TIMEOUT = 60.0
+_MAX_RATELIMIT_WAIT = 10.0
 
 
 def create(app: App) -> DiscordAdapter | None:
@@ -57,6 +62,8 @@ def create(app: App) -> DiscordAdapter | None:
 
 
 def build_client(app: App) -> discord.Client:
+    # A 429 asking to wait longer than this raises RateLimited instead of stalling the request:
+    # a streaming reply then slows its edits down (reply.py).
     intents = discord.Intents.default()
     intents.message_content = True  # privileged: enable it in the developer portal
     settings = app.settings
@@ -65,8 +72,11 @@ def build_client(app: App) -> discord.Client:
             intents=intents,
             allowed_mentions=NO_MENTIONS,
             shard_count=settings.discord_shard_count,
+            max_ratelimit_timeout=_MAX_RATELIMIT_WAIT,
         )
-    return discord.Client(intents=intents, allowed_mentions=NO_MENTIONS)
+    return discord.Client(
+        intents=intents, allowed_mentions=NO_MENTIONS, max_ratelimit_timeout=_MAX_RATELIMIT_WAIT
+    )
 
 
 def channel_ids(channel: object) -> list[int]:
@@ -104,11 +114,14 @@ class DiscordAdapter:
             app.pool, app.settings.discord_rate_per_minute, app.settings.discord_rate_burst
         )
         self.messages = MessageMap(app.pool, PLATFORM)
+        self.budget = ChannelBudget()
         self.conversations = Conversations(app.engine, self.messages)
         self._bot_turns: dict[int, int] = {}  # channel → answers to bots since a person spoke
         self.tree = app_commands.CommandTree(self.client)
+        self.gateway = Gateway(self.client)
+        self.fatal = self.gateway.fatal  # the runner exits non-zero when this is set
         self.slash = SlashCommands(self)
-        self._inflight: set[asyncio.Task[object]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._connection: asyncio.Task[None] | None = None
         self.client.event(self.on_message)
@@ -118,8 +131,8 @@ class DiscordAdapter:
 
     @property
     def connected(self) -> bool:
-        """The gateway session is up (reported by /healthz)."""
-        return self.client.is_ready() and not self.client.is_closed()
+        """Connected, or reconnecting for under a minute (reported by /healthz)."""
+        return self.gateway.healthy
 
     async def start(self) -> None:
         token = self.settings.discord_token
@@ -133,7 +146,7 @@ class DiscordAdapter:
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             await self.client.close()
             raise ConfigError(f"could not reach Discord: {type(exc).__name__}") from None
-        await self._sync_commands()
+        await sync_commands(self.tree, self.settings.discord_command_guilds, self.app.pool)
         self._connection = asyncio.create_task(self.client.connect(reconnect=True))
         ready = asyncio.create_task(self.client.wait_until_ready())
         done, _ = await asyncio.wait(
@@ -143,7 +156,10 @@ class DiscordAdapter:
         if self._connection in done:
             with contextlib.suppress(Exception):
                 await self.client.close()
-            self._connection_failed(self._connection)
+            raise ConfigError(
+                f"could not connect to Discord: {describe(self._connection.exception())}"
+            )
+        self.gateway.watch(self._connection)
         if not done:
             log.warning("Discord is slow to connect; carrying on while it retries")
         if self.settings.discord_admin_channel:
@@ -153,31 +169,10 @@ class DiscordAdapter:
     async def _prune_buckets(self) -> None:
         await self.limiter.prune(f"{PLATFORM}:")
 
-    @staticmethod
-    def _connection_failed(task: asyncio.Task[None]) -> None:
-        error = task.exception()
-        if isinstance(error, discord.PrivilegedIntentsRequired):
-            raise ConfigError(
-                "Discord refused the message content intent: enable it for the bot in the "
-                "developer portal (Bot → Privileged Gateway Intents)"
-            )
-        raise ConfigError(f"could not connect to Discord: {type(error).__name__}")
-
-    async def _sync_commands(self) -> None:
-        try:
-            if self.settings.discord_command_guilds:
-                for guild_id in self.settings.discord_command_guilds:
-                    guild = discord.Object(id=guild_id)
-                    self.tree.copy_global_to(guild=guild)
-                    await self.tree.sync(guild=guild)
-            else:
-                await self.tree.sync()
-        except discord.HTTPException as exc:
-            log.warning("slash commands were not synced (%s); old ones may show", exc.status)
-
     async def stop(self) -> None:
         """Take no new messages; let replies in flight finish, cut off the rest; disconnect."""
         self._closing = True
+        self.gateway.closing = True
         self.app.notifier.unregister(PLATFORM)
         pending = {task for task in self._inflight if not task.done()}
         if pending:
@@ -207,16 +202,22 @@ class DiscordAdapter:
             return
         task = asyncio.current_task()
         if task is not None:
-            self._inflight.add(task)
+            self.track(task)
         try:
             await self._on_message(message)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("handling Discord message %s failed", message.id)
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """A reply or slash command in flight: `stop` lets it finish or cuts it off."""
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _on_message(self, message: discord.Message) -> None:
         me = self.client.user
@@ -255,13 +256,13 @@ class DiscordAdapter:
         log.info("answering %s in %s: %s", message.author.id, key, decision.reason)
         if not await self.limiter.allow(user_key(PLATFORM, str(message.author.id))):
             if not decision.reason.startswith("following"):
-                await send_plain(message, rate_limited_notice(persona.display_name))
+                await send_plain(message, rate_limited_notice(persona.display_name), self.budget)
             return
         await self.conversations.adopt(key, message.channel)
         text = await self._text_of(message)
         if not text:
             if mentioned or trigger.reply_to_bot or is_dm:  # a bare "@Mimi": say hello
-                await send_plain(message, persona.greeting)
+                await send_plain(message, persona.greeting, self.budget)
             return
         context = await reply_context(
             message, links=self.settings.discord_reply_chain, my_id=me.id, known=self._known
@@ -363,7 +364,7 @@ class DiscordAdapter:
         )
 
     async def _reply(self, message: discord.Message, incoming: Incoming) -> None:
-        view = ReplyView(message, self.settings.discord_edit_interval)
+        view = ReplyView(message, self.settings.discord_edit_interval, self.budget)
         await view.start_typing()
         try:
             async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
@@ -382,10 +383,11 @@ class DiscordAdapter:
                         await view.attach(event.path, spoiler=event.spoiler, caption=event.caption)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
+                await view.close()
                 await view.fail(CUT_OFF)
             raise
         finally:
-            await view.stop_typing()
+            await view.close()
             await self._remember(incoming.conversation, message, view)
 
     async def _remember(self, key: str, message: discord.Message, view: ReplyView) -> None:
