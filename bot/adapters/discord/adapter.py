@@ -260,14 +260,14 @@ class DiscordAdapter:
             return
         await self.conversations.adopt(key, message.channel)
         text = await self._text_of(message)
-        if not text:
-            if mentioned or trigger.reply_to_bot or is_dm:  # a bare "@Mimi": say hello
-                await send_plain(message, persona.greeting, self.budget)
-            return
         context = await reply_context(
             message, links=self.settings.discord_reply_chain, my_id=me.id, known=self._known
         )
-        text = f"{context}\n\n{text}" if context else text
+        if not text and not context:
+            if mentioned or trigger.reply_to_bot or is_dm:  # a bare "@Mimi": say hello
+                await send_plain(message, persona.greeting, self.budget)
+            return
+        text = "\n\n".join(part for part in (context, text) if part)
         await self._reply(message, self._incoming(message, key, text))
 
     def _bot_may_talk(self, message: discord.Message) -> bool:

@@ -151,3 +151,11 @@ def test_edit_interval_is_at_least_a_second(tmp_path: Path, database_url: str) -
         make_settings(tmp_path, database_url, "http://127.0.0.1:9", discord_edit_interval=0.5)
     settings = make_settings(tmp_path, database_url, "http://127.0.0.1:9")
     assert settings.discord_edit_interval >= 1.0
+
+
+async def test_a_bare_mention_in_reply_answers_the_replied_message(env: Env) -> None:
+    question = await dpytest.message("is a hot dog a sandwich?", env.channel, env.bob)
+    await reply_to(question, env.mention, env.alice, env.channel)
+    [answer] = env.bot_messages()
+    assert "hot dog" in last_prompt(env) and env.bob.display_name in last_prompt(env)
+    assert answer.content != env.app.engine.persona_named(None).greeting
