@@ -41,15 +41,18 @@ def _stored(channel_id: int, message_id: int) -> bool:
 
 
 def _unknown_message() -> discord.NotFound:
-    # Discord's answer for a message that is gone: 404, JSON error code 10008 "Unknown Message".
+    # Discord's answer for a message that is gone: 404, JSON error code 10008 "Unknown Message"
+    # (Discord API reference, JSON error codes).
     return discord.NotFound(
         backend.FakeRequest(404, "Not Found"), {"code": 10008, "message": "Unknown Message"}
     )
 
 
 def _check_reference(channel_id: int, payload: dict[str, Any]) -> None:
-    """Discord refuses a reply to a deleted message unless fail_if_not_exists is false
-    (400, code 50035 with REPLIES_UNKNOWN_MESSAGE under message_reference)."""
+    """Discord refuses a reply to a deleted message unless fail_if_not_exists is false: 400,
+    code 50035 "Invalid Form Body" with REPLIES_UNKNOWN_MESSAGE under message_reference (the
+    message reference structure in Discord's API reference; the error as Discord.Net#2282 and
+    discord.js#5599 report it)."""
     reference = payload.get("message_reference")
     if not reference or reference.get("fail_if_not_exists") is False:
         return

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 _READY_TIMEOUT = 60.0
+# A 429 asking to wait longer than this raises RateLimited instead of stalling the request:
+# a streaming reply then slows its edits down (reply.py).
 _MAX_RATELIMIT_WAIT = 10.0
 
 
@@ -62,8 +64,6 @@ def create(app: App) -> DiscordAdapter | None:
 
 
 def build_client(app: App) -> discord.Client:
-    # A 429 asking to wait longer than this raises RateLimited instead of stalling the request:
-    # a streaming reply then slows its edits down (reply.py).
     intents = discord.Intents.default()
     intents.message_content = True  # privileged: enable it in the developer portal
     settings = app.settings
