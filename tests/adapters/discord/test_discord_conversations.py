@@ -65,6 +65,7 @@ async def test_a_forward_is_not_a_reply(env: Env) -> None:
     [bot_reply] = env.bot_messages()
     target = await env.channel.fetch_message(bot_reply.id)
     await reply_to(target, "", env.bob, env.channel, forward=True)
+    await reply_to(target, "look what it said", env.bob, env.channel, forward=True)
     assert env.bot_messages() == [], "forwarding the bot's message does not call it"
 
 

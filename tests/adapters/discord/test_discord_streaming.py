@@ -73,9 +73,11 @@ async def test_a_slow_edit_does_not_pause_the_model(env: Env) -> None:
             return False
         return len(await env.app.engine.history.recent(conversation.id)) == 2
 
-    await until(answered)  # the whole answer was read while the edit hung
-    assert not talking.done()
-    gate.set()
+    try:
+        await until(answered)  # the whole answer was read while the edit hung
+        assert not talking.done()
+    finally:
+        gate.set()
     await talking
     [reply] = env.bot_messages()
     assert reply.content == FULL
