@@ -144,6 +144,7 @@ async def reply_to(
     }
     state = backend.get_state()
     state.parse_message_create(data)
+    backend._cur_config.messages.setdefault(channel.id, []).append(data)  # as dpytest stores
     await dpytest.run_all_events()
     message = state._get_message(data["id"])
     assert message is not None
