@@ -360,8 +360,13 @@ class Settings(BaseSettings):
     """answer direct messages"""
     discord_answer_bots: bool = False
     """answer other bots (never itself)"""
-    discord_edit_interval: float = Field(default=1.0, ge=0.2)
-    """seconds between edits of a streamed reply (at least 0.2; a final edit always follows)"""
+    discord_bot_turns: int = Field(default=3, ge=0)
+    """with `DISCORD_ANSWER_BOTS`: answers to bots in a row in a channel before a person speaks
+    there again"""
+    discord_edit_interval: float = Field(default=1.0, ge=1.0)
+    """seconds between edits of a streamed reply (at least 1; a final edit always follows)"""
+    discord_reply_chain: int = Field(default=3, ge=0, le=10)
+    """replied-to messages followed up a reply chain for context (0: none)"""
     discord_attachment_max_bytes: int = Field(default=32_000, ge=0)
     """largest text attachment read into the message (0: none)"""
     discord_rate_per_minute: float = Field(default=6.0, ge=0)

@@ -1,8 +1,10 @@
 """`python -m bot run`: start every configured adapter, stop them all cleanly on SIGTERM/SIGINT.
 
 Each platform module offers a factory `(App) -> Adapter | None` that returns None when its
-platform is not configured; `ADAPTER_FACTORIES` lists them. Stopping gives each adapter
-`SHUTDOWN_GRACE` seconds to finish replies in flight (or tell their users they were cut off).
+platform is not configured; `ADAPTER_FACTORIES` lists them. An adapter may expose a `fatal`
+asyncio.Event: once set, everything stops and `run` returns 1, so a container restarts.
+Stopping gives each adapter `SHUTDOWN_GRACE` seconds to finish replies in flight (or tell
+their users they were cut off).
 """
 
 from __future__ import annotations
@@ -83,13 +85,26 @@ async def run(
                 await adapter.start()
                 started.append(adapter)
                 log.warning("%s adapter running", adapter.name)
-            await stop.wait()
+            failed = await _until_stopped(stop, adapters)
             log.warning("stopping: finishing replies in flight")
         finally:
             await _stop_all(started)
             if web is not None:
                 await web.stop()
-    return 0
+    return 1 if failed else 0
+
+
+async def _until_stopped(stop: asyncio.Event, adapters: Sequence[Adapter]) -> bool:
+    """Wait for a signal, or for an adapter whose `fatal` event says it cannot go on (the
+    Discord gateway closed for good); True in that case, so the process exits non-zero."""
+    fatal = [e for a in adapters if isinstance(e := getattr(a, "fatal", None), asyncio.Event)]
+    waits = [asyncio.ensure_future(event.wait()) for event in (stop, *fatal)]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return any(event.is_set() for event in fatal)
 
 
 async def _start_web(app: App, adapters: list[Adapter]) -> WebServer | None:

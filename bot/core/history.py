@@ -33,6 +33,33 @@ class History:
         )
         return Conversation(row["id"], row["platform"], row["external_id"], row["persona"])
 
+    async def find(self, platform: str, external_id: str) -> Conversation | None:
+        """The conversation row if it exists; a read only (adapters decide without writing)."""
+        row = await self._pool.fetchrow(
+            "SELECT id, platform, external_id, persona FROM conversations"
+            " WHERE platform = $1 AND external_id = $2",
+            platform,
+            external_id,
+        )
+        if row is None:
+            return None
+        return Conversation(row["id"], row["platform"], row["external_id"], row["persona"])
+
+    async def fork(self, source_id: int, target_id: int, persona: str) -> None:
+        """Start `target` as a copy of `source` so far (its messages, and `persona`); from then
+        on each keeps its own history. Used for a thread started from a message."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO messages (conversation_id, role, author_id, author_name, persona,"
+                " content, created_at) SELECT $2, role, author_id, author_name, persona, content,"
+                " created_at FROM messages WHERE conversation_id = $1 ORDER BY id",
+                source_id,
+                target_id,
+            )
+            await conn.execute(
+                "UPDATE conversations SET persona = $2 WHERE id = $1", target_id, persona
+            )
+
     async def set_persona(self, conversation_id: int, persona: str | None) -> None:
         await self._pool.execute(
             "UPDATE conversations SET persona = $2 WHERE id = $1", conversation_id, persona

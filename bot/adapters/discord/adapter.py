@@ -15,12 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import aiohttp
 import discord
 from discord import app_commands
 
+from bot.adapters.discord.budget import ChannelBudget
 from bot.adapters.discord.commands import SlashCommands
+from bot.adapters.discord.context import reply_context
+from bot.adapters.discord.conversations import Conversations
+from bot.adapters.discord.gateway import Gateway, describe
 from bot.adapters.discord.policy import DiscordPolicy
 from bot.adapters.discord.render import (
     CUT_OFF,
@@ -29,15 +34,16 @@ from bot.adapters.discord.render import (
     is_text_attachment,
     rate_limited_notice,
     split_message,
+    trigger_text,
     with_attachments,
 )
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
+from bot.adapters.discord.sync import sync_commands
 from bot.adapters.message_map import MessageMap
 from bot.app import App
 from bot.core.attention import Attention, Trigger
 from bot.core.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.core.events import user_key
-from bot.core.personas import Persona
 from bot.errors import ConfigError
 from bot.spend.ratelimit import RateLimiter
 
@@ -45,6 +51,9 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 _READY_TIMEOUT = 60.0
+# A 429 asking to wait longer than this raises RateLimited instead of stalling the request:
+# a streaming reply then slows its edits down (reply.py).
+_MAX_RATELIMIT_WAIT = 10.0
 
 
 def create(app: App) -> DiscordAdapter | None:
@@ -63,8 +72,11 @@ def build_client(app: App) -> discord.Client:
             intents=intents,
             allowed_mentions=NO_MENTIONS,
             shard_count=settings.discord_shard_count,
+            max_ratelimit_timeout=_MAX_RATELIMIT_WAIT,
         )
-    return discord.Client(intents=intents, allowed_mentions=NO_MENTIONS)
+    return discord.Client(
+        intents=intents, allowed_mentions=NO_MENTIONS, max_ratelimit_timeout=_MAX_RATELIMIT_WAIT
+    )
 
 
 def channel_ids(channel: object) -> list[int]:
@@ -102,9 +114,14 @@ class DiscordAdapter:
             app.pool, app.settings.discord_rate_per_minute, app.settings.discord_rate_burst
         )
         self.messages = MessageMap(app.pool, PLATFORM)
+        self.budget = ChannelBudget()
+        self.conversations = Conversations(app.engine, self.messages)
+        self._bot_turns: dict[int, int] = {}  # channel → answers to bots since a person spoke
         self.tree = app_commands.CommandTree(self.client)
+        self.gateway = Gateway(self.client)
+        self.fatal = self.gateway.fatal  # the runner exits non-zero when this is set
         self.slash = SlashCommands(self)
-        self._inflight: set[asyncio.Task[object]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._connection: asyncio.Task[None] | None = None
         self.client.event(self.on_message)
@@ -117,8 +134,8 @@ class DiscordAdapter:
 
     @property
     def connected(self) -> bool:
-        """The gateway session is up (reported by /healthz)."""
-        return self.client.is_ready() and not self.client.is_closed()
+        """Connected, or reconnecting for under a minute (reported by /healthz)."""
+        return self.gateway.healthy
 
     async def start(self) -> None:
         token = self.settings.discord_token
@@ -132,7 +149,7 @@ class DiscordAdapter:
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             await self.client.close()
             raise ConfigError(f"could not reach Discord: {type(exc).__name__}") from None
-        await self._sync_commands()
+        await sync_commands(self.tree, self.settings.discord_command_guilds, self.app.pool)
         self._connection = asyncio.create_task(self.client.connect(reconnect=True))
         ready = asyncio.create_task(self.client.wait_until_ready())
         done, _ = await asyncio.wait(
@@ -142,7 +159,10 @@ class DiscordAdapter:
         if self._connection in done:
             with contextlib.suppress(Exception):
                 await self.client.close()
-            self._connection_failed(self._connection)
+            raise ConfigError(
+                f"could not connect to Discord: {describe(self._connection.exception())}"
+            )
+        self.gateway.watch(self._connection)
         if not done:
             log.warning("Discord is slow to connect; carrying on while it retries")
         if self.settings.discord_admin_channel:
@@ -152,31 +172,10 @@ class DiscordAdapter:
     async def _prune_buckets(self) -> None:
         await self.limiter.prune(f"{PLATFORM}:")
 
-    @staticmethod
-    def _connection_failed(task: asyncio.Task[None]) -> None:
-        error = task.exception()
-        if isinstance(error, discord.PrivilegedIntentsRequired):
-            raise ConfigError(
-                "Discord refused the message content intent: enable it for the bot in the "
-                "developer portal (Bot → Privileged Gateway Intents)"
-            )
-        raise ConfigError(f"could not connect to Discord: {type(error).__name__}")
-
-    async def _sync_commands(self) -> None:
-        try:
-            if self.settings.discord_command_guilds:
-                for guild_id in self.settings.discord_command_guilds:
-                    guild = discord.Object(id=guild_id)
-                    self.tree.copy_global_to(guild=guild)
-                    await self.tree.sync(guild=guild)
-            else:
-                await self.tree.sync()
-        except discord.HTTPException as exc:
-            log.warning("slash commands were not synced (%s); old ones may show", exc.status)
-
     async def stop(self) -> None:
         """Take no new messages; let replies in flight finish, cut off the rest; disconnect."""
         self._closing = True
+        self.gateway.closing = True
         self.app.notifier.unregister(PLATFORM)
         pending = {task for task in self._inflight if not task.done()}
         if pending:
@@ -206,16 +205,22 @@ class DiscordAdapter:
             return
         task = asyncio.current_task()
         if task is not None:
-            self._inflight.add(task)
+            self.track(task)
         try:
             await self._on_message(message)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("handling Discord message %s failed", message.id)
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """A reply or slash command in flight: `stop` lets it finish or cuts it off."""
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _on_message(self, message: discord.Message) -> None:
         me = self.client.user
@@ -223,16 +228,19 @@ class DiscordAdapter:
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
+        if not message.author.bot:
+            self._bot_turns.pop(message.channel.id, None)  # a person spoke: bots may talk again
         is_dm = message.guild is None
         roles = [role.id for role in getattr(message.author, "roles", [])]
         ids = channel_ids(message.channel)
         if not self.policy.permits(message.author.id, roles, ids, is_dm=is_dm):
             return
-        key, reply_to_bot = await self._conversation_of(message)
-        persona = await self._persona(key, message.channel)
+        key = self.conversations.key_of(message.channel)
+        persona = await self.conversations.persona(key, message.channel)
+        mentioned = _mentions_me(message, me.id)
         trigger = Trigger(
-            mentioned=_mentions_me(message, me.id),
-            reply_to_bot=reply_to_bot,
+            mentioned=mentioned,
+            reply_to_bot=await self.conversations.replies_to_bot(message, me.id),
             is_dm=is_dm,
             always_listen=self.policy.listens(ids),
             from_bot=message.author.bot,
@@ -240,21 +248,50 @@ class DiscordAdapter:
         decision = self.attention.decide(
             conversation_key=key,
             persona=persona,
-            text=message.content,
+            text=trigger_text(message.content),
             trigger=trigger,
             answer_dms=self.settings.discord_answer_dms,
             answer_bots=self.settings.discord_answer_bots,
         )
-        if not decision.answer:
+        if not decision.answer or not self._bot_may_talk(message):
             return
+        # Decided to answer: from here on the database is written.
         log.info("answering %s in %s: %s", message.author.id, key, decision.reason)
         if not await self.limiter.allow(user_key(PLATFORM, str(message.author.id))):
             if not decision.reason.startswith("following"):
-                await send_plain(message, rate_limited_notice(persona.display_name))
+                await send_plain(message, rate_limited_notice(persona.display_name), self.budget)
             return
+        await self.conversations.adopt(key, message.channel)
         text = await self._text_of(message)
-        if text:
-            await self._reply(message, self._incoming(message, key, text))
+        context = await reply_context(
+            message, links=self.settings.discord_reply_chain, my_id=me.id, known=self._known
+        )
+        if not text and not context:
+            if mentioned or trigger.reply_to_bot or is_dm:  # a bare "@Mimi": say hello
+                await send_plain(message, persona.greeting, self.budget)
+            return
+        text = "\n\n".join(part for part in (context, text) if part)
+        await self._reply(message, self._incoming(message, key, text))
+
+    def _bot_may_talk(self, message: discord.Message) -> bool:
+        """Two bots answering each other would talk forever: a few turns, then silence until a
+        person speaks in the channel again."""
+        if not message.author.bot:
+            return True
+        turns = self._bot_turns.get(message.channel.id, 0)
+        if turns >= self.settings.discord_bot_turns:
+            log.info(
+                "not answering bot %s in %s: %d turns already",
+                message.author.id,
+                message.channel.id,
+                turns,
+            )
+            return False
+        self._bot_turns[message.channel.id] = turns + 1
+        return True
+
+    async def _known(self, message_id: str) -> bool:
+        return await self.messages.lookup(message_id) is not None
 
     # Deletions and edits (issue 15): raw events, so that messages no longer in discord.py's
     # cache count too. The engine drops the message, its reply and what memory drew from it.
@@ -284,18 +321,19 @@ class DiscordAdapter:
 
     async def on_typing(self, channel: object, user: object, when: object) -> None:
         """Someone is typing where the persona would answer: wake a sleeping GPU now, so the
-        reply does not wait for its cold start (issue #6). Never answers anything itself."""
+        reply does not wait for its cold start (issue #6). Never answers anything itself, and
+        touches the database only to read a persona it has not cached."""
         me = self.client.user
         if self._closing or me is None or getattr(user, "bot", False):
             return
         try:
-            key = await self.conversation_for_channel(channel)
-            persona = await self._persona(key, channel)
             is_dm = isinstance(channel, discord.DMChannel)
             ids = channel_ids(channel)
             roles = [role.id for role in getattr(user, "roles", [])]
             if not self.policy.permits(int(getattr(user, "id", 0)), roles, ids, is_dm=is_dm):
                 return
+            key = self.conversations.key_of(channel)
+            persona = await self.conversations.persona(key, channel)
             likely = (
                 (is_dm and self.settings.discord_answer_dms)
                 or self.policy.listens(ids)
@@ -306,43 +344,11 @@ class DiscordAdapter:
         except Exception:
             log.exception("pre-wake on typing failed")
 
-    async def _conversation_of(self, message: discord.Message) -> tuple[str, bool]:
-        """(conversation key, is it a reply to the bot?) for a message."""
-        me = self.client.user
-        reference = message.reference
-        if reference is not None and reference.message_id is not None:
-            mapped = await self.messages.lookup(str(reference.message_id))
-            resolved = reference.resolved
-            to_bot = (
-                isinstance(resolved, discord.Message)
-                and me is not None
-                and resolved.author.id == me.id
-            )
-            if mapped is not None:
-                return mapped.conversation, to_bot or mapped.from_bot
-            return await self.conversation_for_channel(message.channel), to_bot
-        return await self.conversation_for_channel(message.channel), False
-
     async def conversation_for_channel(self, channel: object) -> str:
-        """A thread started from a message we know continues its conversation."""
-        channel_id = str(getattr(channel, "id", ""))
-        if isinstance(channel, discord.Thread):
-            mapped = await self.messages.lookup(channel_id)
-            if mapped is not None:
-                return mapped.conversation
-        return channel_id
-
-    async def _persona(self, key: str, channel: object) -> Persona:
-        """The conversation's persona; a new thread takes its parent channel's."""
-        engine = self.app.engine
-        conversation = await engine.conversation(PLATFORM, key)
-        parent = getattr(channel, "parent_id", None)
-        if conversation.persona is None and isinstance(channel, discord.Thread) and parent:
-            inherited = (await engine.conversation(PLATFORM, str(parent))).persona
-            if inherited is not None:
-                await engine.history.set_persona(conversation.id, inherited)
-                return engine.persona_named(inherited)
-        return engine.persona_named(conversation.persona)
+        """The conversation of a channel, DM or thread, made ready for a command."""
+        key = self.conversations.key_of(channel)
+        await self.conversations.adopt(key, channel)
+        return key
 
     async def _text_of(self, message: discord.Message) -> str:
         me = self.client.user
@@ -388,7 +394,7 @@ class DiscordAdapter:
         )
 
     async def _reply(self, message: discord.Message, incoming: Incoming) -> None:
-        view = ReplyView(message, self.settings.discord_edit_interval)
+        view = ReplyView(message, self.settings.discord_edit_interval, self.budget)
         await view.start_typing()
         try:
             async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
@@ -407,10 +413,11 @@ class DiscordAdapter:
                         await view.attach(event.path, spoiler=event.spoiler, caption=event.caption)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
+                await view.close()
                 await view.fail(CUT_OFF)
             raise
         finally:
-            await view.stop_typing()
+            await view.close()
             await self._remember(incoming.conversation, message, view)
 
     async def _remember(self, key: str, message: discord.Message, view: ReplyView) -> None:

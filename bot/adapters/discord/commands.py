@@ -1,6 +1,7 @@
 """Slash commands, mapped onto the platform-neutral command layer (bot/core/commands.py).
 
-`/persona list|show|set`, `/reset`, `/memories`, `/forget`, `/imagine` and `/spend`. A command
+`/persona list|show|set` (names autocomplete), `/reset`, `/memories`, `/forget`, `/imagine`, and
+under `/admin` (default permission: Manage Server) `/admin spend`. A command
 the layer does not have yet (memory, images or the ledger are not wired in) answers that it is
 "not available yet". Every command defers first, inside Discord's 3-second window; errors reach
 the user as ephemeral messages in plain words. Nothing sent can mention anyone.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import discord
 from discord import app_commands
 
-from bot.adapters.discord.render import split_message
+from bot.adapters.discord.render import CUT_OFF, split_message
 from bot.adapters.discord.reply import NO_MENTIONS
 from bot.core.commands import CommandContext, CommandResult
 from bot.errors import BotError, user_message
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RESTARTING = "I'm restarting right now. Please try again in a minute."
 # Commands whose answer only the caller should see.
 _PRIVATE = frozenset({"memories", "forget", "spend", "help"})
 PROGRESS_EVERY = 1.0  # seconds between progress edits of one answer, at most one each
@@ -54,6 +56,9 @@ class SlashCommands:
         @app_commands.describe(name="the persona's name")
         async def persona_set(interaction: discord.Interaction, name: str) -> None:
             await self.run(interaction, "persona", [name], admin_only=True)
+
+        persona_set.autocomplete("name")(self.persona_names)
+        persona_show.autocomplete("name")(self.persona_names)
 
         @app_commands.command(name="reset", description="Forget this conversation's history")
         async def reset(interaction: discord.Interaction) -> None:
@@ -88,21 +93,41 @@ class SlashCommands:
             args += [f"model:{model}"] if model else []
             await self.run(interaction, "imagine", args)
 
-        @app_commands.command(name="spend", description="This month's spend (admins)")
+        # Admin commands: hidden from members without Manage Server unless a server admin
+        # allows them (Server Settings → Integrations); our own admin list still decides.
+        admin = app_commands.Group(
+            name="admin",
+            description="Run the bot (admins)",
+            default_permissions=discord.Permissions(manage_guild=True),
+        )
+
+        @admin.command(name="spend", description="This month's spend")
         @app_commands.describe(month="YYYY-MM; this month by default")
         async def spend(interaction: discord.Interaction, month: str | None = None) -> None:
             await self.run(interaction, "spend", [month] if month else [], admin_only=True)
 
         tree.add_command(persona)
+        tree.add_command(admin)
         commands: list[app_commands.Command[Any, Any, None]] = [
             reset,
             memories,
             forget,
             imagine,
-            spend,
         ]
         for command in commands:
             tree.add_command(command)
+
+    async def persona_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        """Persona names for autocomplete: those whose name or display name contains `current`."""
+        typed = current.strip().lower()
+        choices = []
+        for persona in self.adapter.app.engine.personas.all():
+            label = f"{persona.display_name} ({persona.name})"
+            if typed in persona.name.lower() or typed in persona.display_name.lower():
+                choices.append(app_commands.Choice(name=label[:100], value=persona.name))
+        return choices[:25]  # Discord shows at most 25
 
     # --- running -------------------------------------------------------------------------------
 
@@ -140,7 +165,30 @@ class SlashCommands:
         private: bool = False,
         admin_only: bool = False,
     ) -> None:
-        """Defer, run `name` on the command layer, answer; errors privately, in plain words."""
+        """Defer, run `name` on the command layer, answer; errors privately, in plain words.
+        At shutdown a command in flight is finished, or told it was cut off."""
+        if self.adapter.closing:
+            await self.respond(interaction, RESTARTING, private=True)
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.adapter.track(task)
+        try:
+            await self._run(interaction, name, args, private=private, admin_only=admin_only)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.respond(interaction, CUT_OFF, private=True)
+            raise
+
+    async def _run(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        args: list[str],
+        *,
+        private: bool,
+        admin_only: bool,
+    ) -> None:
         if not self.permitted(interaction):
             await self.respond(interaction, "You can't use my commands here.", private=True)
             return
@@ -156,6 +204,8 @@ class SlashCommands:
         try:
             context = await self.context(interaction, progress)
             result = await self.adapter.app.commands.run(context, name, args)
+            if name == "persona" and args:
+                self.adapter.conversations.forget()
         except BotError as exc:
             await self.fail(interaction, user_message(exc), deferred_private=private)
             return

@@ -195,6 +195,24 @@ def clean_text(
     return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
+_CUSTOM_EMOJI = re.compile(r"<a?:\w+:\d+>")
+_URL = re.compile(r"<?https?://\S+>?", re.IGNORECASE)
+_CODE_BLOCK = re.compile(r"```.*?(```|$)", re.DOTALL)
+_INLINE_CODE = re.compile(r"`[^`\n]*`")
+_ANY_MENTION = re.compile(r"<(@[!&]?|#)\d+>")
+
+
+def trigger_text(content: str) -> str:
+    """What a person reads, for matching persona names: custom emoji (`<:mimi:123>`), links,
+    code and mentions are removed, so "mimi" in any of them does not call Mimi."""
+    text = _CODE_BLOCK.sub(" ", content)
+    text = _INLINE_CODE.sub(" ", text)
+    text = _CUSTOM_EMOJI.sub(" ", text)
+    text = _URL.sub(" ", text)
+    text = _ANY_MENTION.sub(" ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def is_text_attachment(filename: str, content_type: str | None) -> bool:
     if content_type and content_type.split(";")[0].strip().startswith("text/"):
         return True

@@ -128,10 +128,11 @@ async def test_commands_not_wired_in_say_not_available_yet(app: App) -> None:
     bare = dataclasses.replace(app, commands=Commands(app.engine))
     names = {c.name for c in bare.commands.all()}
     adapter = DiscordAdapter(bare, discord.Client(intents=discord.Intents.default()))
-    for name, args in [("imagine", ("a fox", None, None)), ("spend", (None,))]:
+    for path, args in [(("imagine",), ("a fox", None, None)), (("admin", "spend"), (None,))]:
+        name = path[-1]
         assert name not in names
         it = interaction(ADMIN)
-        await command(adapter, name)(it, *args)
+        await command(adapter, *path)(it, *args)
         assert it.answers() == [(f"/{name} is not available yet.", True)]
 
 
@@ -141,10 +142,10 @@ async def test_commands_that_exist_are_mapped_onto_the_layer(adapter: DiscordAda
     if "spend" not in names:
         pytest.skip("the spend command is not in the command layer in this build")
     it = interaction()
-    await command(adapter, "spend")(it, None)
+    await command(adapter, "admin", "spend")(it, None)
     assert it.answers() == [("Only an admin can use /spend.", True)]
     it = interaction(ADMIN)
-    await command(adapter, "spend")(it, None)
+    await command(adapter, "admin", "spend")(it, None)
     answers = it.answers()
     assert answers and all(ephemeral for _, ephemeral in answers)
     assert "Traceback" not in answers[0][0]

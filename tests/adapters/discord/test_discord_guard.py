@@ -23,7 +23,7 @@ async def env(tmp_path: Path, database_url: str, fake_ollama: FakeOllama) -> Asy
             "guard_host": guard.url,
             "guard_timeout": 2.0,
             "guard_stream_mode": "paragraph",
-            "discord_edit_interval": 0.2,
+            "discord_edit_interval": 1.0,
         }
         async for made in make_env(tmp_path, database_url, fake_ollama, **overrides):
             yield made
