@@ -175,10 +175,22 @@ class Settings(BaseSettings):
     matrix_allowed_inviters: str = Field(
         default="", description="comma-separated user ids or server names; '*' anyone"
     )
-    matrix_admins: str = Field(default="", description="comma-separated user ids")
+    matrix_admins: str = Field(
+        default="",
+        description="comma-separated user ids allowed deployment-wide commands (!spend, "
+        "persona changes); a room's power level is not enough",
+    )
     matrix_msgtype: Literal["m.notice", "m.text"] = "m.notice"
     matrix_stream: bool = True
-    matrix_edit_interval: float = Field(default=1.0, ge=1.0)
+    matrix_edit_interval: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="seconds between edits of a streamed reply at first; doubles per room on "
+        "M_LIMIT_EXCEEDED",
+    )
+    matrix_max_edits: int = Field(
+        default=8, ge=0, description="edits of one streamed reply before only the final text"
+    )
     matrix_answer_dms: bool = True
     matrix_answer_bots: bool = False
     matrix_rate_per_minute: float = 6.0
@@ -186,6 +198,14 @@ class Settings(BaseSettings):
     matrix_admin_room: str | None = None
     matrix_sync_timeout: float = 30.0
     matrix_encryption: bool = False
+    matrix_store_dir: Path | None = Field(
+        default=None,
+        description="end-to-end keys (with MATRIX_ENCRYPTION); unset: DATA_DIR/matrix-store. "
+        "Keep it on a volume: a lost store means a new login as a new device",
+    )
+    matrix_unhealthy_after: float = Field(
+        default=60.0, gt=0, description="seconds of failing sync before /healthz says unhealthy"
+    )
 
     # Discord adapter (issue 3); the bot token is DISCORD_TOKEN above. ID lists: "1,2,3"
     discord_sharded: bool = Field(default=False, description="use an AutoShardedClient")
