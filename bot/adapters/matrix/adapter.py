@@ -42,6 +42,7 @@ from bot.adapters.matrix.messages import MatrixMessages, RoomMessage
 from bot.adapters.matrix.pacing import Pacers
 from bot.adapters.matrix.render import message_content
 from bot.adapters.matrix.state import MatrixState
+from bot.adapters.matrix.threads import ThreadContext
 from bot.app import App
 from bot.errors import ConfigError
 
@@ -99,6 +100,7 @@ class MatrixAdapter:
             direct=self.direct,
             pacers=self.pacers,
             redact=self.redact,
+            threads=ThreadContext(self.client, app.engine, self.user_id),
         )
         self._token: str | None = None
         self._marker: int | None = None  # newest event time seen (ms), saved

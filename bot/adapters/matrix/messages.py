@@ -1,7 +1,9 @@
 """Matrix room messages → triggers, conversations, `!` commands and replies.
 
-Conversations: a thread (`m.thread`) is its own conversation; a reply to a message the bot
-answered or sent continues that message's conversation; anything else belongs to the room.
+Conversations: a thread (`m.thread`) is its own conversation, whose context starts from the
+thread's root and earlier messages (threads.py); a reply to a message the bot answered or sent
+continues that message's conversation; anything else belongs to the room. A thread message's
+`m.in_reply_to` only counts as a reply when `is_falling_back` is not set.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bot.adapters.matrix.render import (
     transaction_id,
 )
 from bot.adapters.matrix.state import MatrixState
+from bot.adapters.matrix.threads import ThreadContext
 from bot.app import App
 from bot.core.attention import Attention, Trigger
 from bot.core.background import Background
@@ -117,6 +120,7 @@ class MatrixMessages:
         direct: DirectRooms,
         pacers: Pacers,
         redact: Redactor,
+        threads: ThreadContext,
     ) -> None:
         self.app = app
         self.direct = direct
@@ -127,6 +131,7 @@ class MatrixMessages:
         self._send = send
         self._typing = typing
         self.pacers = pacers
+        self.threads = threads
         self._redact = redact
         self.attention = Attention()
         self.limiter = RateLimiter(
@@ -220,12 +225,18 @@ class MatrixMessages:
         self._tasks.spawn(work)
 
     async def _reply(self, room: MatrixRoom, message: RoomMessage, conversation: str) -> None:
+        before = ""
+        if message.thread_root and conversation == f"{room.room_id}|{message.thread_root}":
+            names = {user: room.user_name(user) or user for user in room.users}
+            before = await self.threads.seed(
+                room.room_id, message.thread_root, message.event_id, names
+            )
         incoming = Incoming(
             PLATFORM,
             conversation,
             message.sender,
             room.user_name(message.sender) or message.sender,
-            message.body,
+            before + message.body,
             guild=message.room_id.split(":", 1)[-1],
         )
         target = ReplyTarget(

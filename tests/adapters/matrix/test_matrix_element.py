@@ -1,0 +1,343 @@
+"""Matrix as Element users see it (issue 18), against the real Synapse with stock message rate
+limits (`rc_message` 0.2/s, burst 10): mentions, direct rooms, threads, withheld replies,
+logins that survive restarts, health, and replies under the rate limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+import pytest
+from nio import AsyncClient, AsyncClientConfig, RoomSendResponse
+
+from bot import runner
+from bot.config import REPO_ROOT, Settings
+from tests.adapters.matrix.helpers import (
+    bot_settings,
+    group_room,
+    handled,
+    persona_requests,
+    replied_to,
+    running_bot,
+    settle,
+)
+from tests.fakes.loopback import free_port
+from tests.fakes.ollama import FakeOllama
+from tests.matrix_human import Human
+from tests.synapse import MatrixUser, Synapse
+
+
+def _message(text: str, mentions: list[str]) -> dict[str, Any]:
+    return {"msgtype": "m.text", "body": text, "m.mentions": {"user_ids": mentions}}
+
+
+async def test_m_mentions_decide_and_the_localpart_is_no_trigger(
+    matrix_settings: Settings,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    human: Human,
+    fake_ollama: FakeOllama,
+) -> None:
+    async with running_bot(matrix_settings) as (app, adapter):
+        room = await group_room(human, synapse, bot_user)
+        persona = await app.engine.persona_for("matrix", room)
+        localpart = await human.send(
+            room, "", content=_message(f"{bot_user.localpart} is a funny name", [])
+        )
+        await handled(app, localpart)
+        fake_ollama.queue_reply("you called?")
+        by_mention = await human.send(room, "", content=_message("over to you", [bot_user.user_id]))
+        await human.wait_for(room, bot_user.user_id)
+        fake_ollama.queue_reply("that's me")
+        by_name = await human.send(room, "", content=_message(f"{persona.display_name}, hi", []))
+        await human.wait_for(room, bot_user.user_id, 2)
+        await settle(adapter, human)
+    answered = [replied_to(r) for r in human.from_user(room, bot_user.user_id)]
+    assert answered == [by_mention, by_name]
+    assert len(persona_requests(fake_ollama)) == 2
+
+
+async def test_a_two_member_room_is_not_a_direct_room(
+    matrix_settings: Settings, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
+) -> None:
+    async with running_bot(matrix_settings) as (app, adapter):
+        room = await human.create_room([bot_user.user_id])  # no is_direct: a small group
+        await human.wait_membership(room, bot_user.user_id, "join")
+        chatter = await human.send(room, "just a note to self")
+        await handled(app, chatter)
+        direct = await human.create_room([bot_user.user_id], direct=True)
+        await human.wait_membership(direct, bot_user.user_id, "join")
+        fake_ollama.queue_reply("hello in private")
+        await human.send(direct, "hi")
+        await human.wait_for(direct, bot_user.user_id)
+        await settle(adapter, human)
+        marked = adapter.direct.is_direct(direct), adapter.direct.is_direct(room)
+    assert human.from_user(room, bot_user.user_id) == []
+    assert marked == (True, False)
+    assert len(persona_requests(fake_ollama)) == 1
+
+
+async def test_reply_in_thread_on_the_answer_keeps_the_answer_and_its_question(
+    matrix_settings: Settings,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    human: Human,
+    fake_ollama: FakeOllama,
+) -> None:
+    async with running_bot(matrix_settings) as (_, adapter):
+        room = await group_room(human, synapse, bot_user)
+        fake_ollama.queue_reply("Paris.")
+        await human.send(room, "capital of France?", mention=bot_user.user_id)
+        answer = (await human.wait_for(room, bot_user.user_id))[0]
+        fake_ollama.queue_reply("Berlin.")
+        # Element's "reply in thread": a thread on the answer, `is_falling_back` set.
+        asked = await human.send(room, "and Germany?", thread_root=answer["event_id"])
+        in_thread = (await human.wait_for(room, bot_user.user_id, 2))[1]
+        await settle(adapter, human)
+    relates = in_thread["content"]["m.relates_to"]
+    assert relates["rel_type"] == "m.thread" and relates["event_id"] == answer["event_id"]
+    assert relates["m.in_reply_to"]["event_id"] == asked
+    seen = [m["content"] for m in persona_requests(fake_ollama)[-1]["messages"][1:]]
+    assert seen == ["capital of France?", "Paris.", "and Germany?"]
+
+
+class _Guard:
+    """Llama Guard's answers: 'unsafe' with S10 when the text judged contains HATEFUL."""
+
+    async def __call__(self, body: dict[str, Any]) -> str:
+        users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+        return "unsafe\nS10" if users and "HATEFUL" in str(users[-1]["content"]) else "safe"
+
+
+@pytest.fixture
+async def guard_fake() -> AsyncIterator[FakeOllama]:
+    async with FakeOllama(models=["llama-guard3:1b"], responder=_Guard()) as fake:
+        yield fake
+
+
+async def test_a_withheld_reply_is_redacted_then_the_notice_is_posted(
+    tmp_path: Path,
+    database_url: str,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    human: Human,
+    fake_ollama: FakeOllama,
+    guard_fake: FakeOllama,
+) -> None:
+    settings = bot_settings(
+        tmp_path,
+        database_url,
+        fake_ollama,
+        synapse,
+        bot_user,
+        matrix_stream=True,
+        guard_enabled=True,
+        guard_host=guard_fake.url,
+        guard_stream_mode="paragraph",  # shows checked paragraphs, so a block comes late
+    )
+    async with running_bot(settings) as (_, adapter):
+        room = await group_room(human, synapse, bot_user)
+        fake_ollama.queue_reply("Fine start.\n\nThen HATEFUL words.\n\nMore.")
+        await human.send(room, "tell me a story", mention=bot_user.user_id)
+        shown, notice = await human.wait_for(room, bot_user.user_id, 2)
+        await settle(adapter, human)
+    assert shown["content"]["body"] == "Fine start."
+    edits = [e["event_id"] for e in human.from_user(room, bot_user.user_id, edits=True)]
+    redacted = {
+        e.get("redacts") or e["content"].get("redacts")
+        for e in human.events[room]
+        if e.get("type") == "m.room.redaction" and e.get("sender") == bot_user.user_id
+    }
+    assert redacted == {shown["event_id"], *edits}, "the original and every edit"
+    assert notice["content"]["msgtype"] == "m.notice" and "m.new_content" not in notice["content"]
+    assert "Hate" in notice["content"]["body"]
+    positions = [e.get("event_id") for e in human.events[room]]
+    first_redaction = min(
+        i for i, e in enumerate(human.events[room]) if e.get("type") == "m.room.redaction"
+    )
+    assert first_redaction < positions.index(notice["event_id"]), "redacted, then the notice"
+
+
+async def _log_out(synapse: Synapse, token: str) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{synapse.url}/_matrix/client/v3/logout",
+            headers={"Authorization": f"Bearer {token}"},
+            json={},
+        )
+    response.raise_for_status()
+
+
+async def test_a_restart_reuses_the_token_and_a_refused_token_means_a_new_login(
+    matrix_settings: Settings,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    human: Human,
+    fake_ollama: FakeOllama,
+) -> None:
+    async with running_bot(matrix_settings) as (app, adapter):
+        first_token = adapter.client.access_token
+        device = adapter.client.device_id
+        saved = await app.pool.fetchval("SELECT access_token FROM matrix_state")
+    assert saved == first_token
+    async with running_bot(matrix_settings) as (app, adapter):
+        assert adapter.client.access_token == first_token, "no new login at a restart"
+        await _log_out(synapse, first_token)  # the token dies while the bot runs
+        for _ in range(300):  # until the bot has noticed (M_UNKNOWN_TOKEN) and logged in
+            if adapter.client.access_token != first_token:
+                break
+            await asyncio.sleep(0.1)
+        room = await human.create_room([bot_user.user_id], direct=True)
+        await human.wait_membership(room, bot_user.user_id, "join")
+        fake_ollama.queue_reply("still here")
+        await human.send(room, "are you still there?")
+        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        saved = await app.pool.fetchval("SELECT access_token FROM matrix_state")
+        assert adapter.connected
+    assert reply["content"]["body"] == "still here"
+    assert saved == adapter.client.access_token != first_token
+    assert adapter.client.device_id == device, "logged in again on the same device"
+
+
+class _Proxy:
+    """A TCP relay on loopback in front of Synapse, to cut the bot off from its homeserver."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_healthz_turns_unhealthy_when_sync_keeps_failing(
+    tmp_path: Path,
+    database_url: str,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    fake_ollama: FakeOllama,
+) -> None:
+    proxy = _Proxy(synapse.port)
+    await proxy.start()
+    port = free_port()
+    settings = bot_settings(
+        tmp_path,
+        database_url,
+        fake_ollama,
+        synapse,
+        bot_user,
+        matrix_homeserver=f"http://127.0.0.1:{proxy.port}",
+        matrix_unhealthy_after=1.0,  # a minute by default; a second keeps the test short
+        web_enabled=True,
+        web_port=port,
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(settings, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get("/healthz")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.2)
+            await proxy.cut()  # network errors: nio retries them without ever raising
+            for _ in range(150):
+                response = await http.get("/healthz")
+                if response.status_code != 200:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await running
+    assert response.status_code == 503
+    assert "matrix is not connected" in response.json()["problems"]
+
+
+async def test_concurrent_replies_under_the_stock_rate_limit_all_land(
+    tmp_path: Path,
+    database_url: str,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    human: Human,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = bot_settings(
+        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_stream=True
+    )
+    caplog.set_level(logging.INFO, logger="bot.adapters.matrix")
+    other = Human(synapse.url, await synapse.register("bob"))
+    texts = [" ".join(f"{who}{i}" for i in range(12)) for who in ("ann", "ben")]
+    fake_ollama.token_delay = 0.1
+    try:
+        async with running_bot(settings) as (_, adapter):
+            room = await human.create_room([bot_user.user_id, other.user.user_id])
+            await human.wait_membership(room, bot_user.user_id, "join")
+            await other.join(room)
+            await _use_up_the_burst(synapse, bot_user, adapter.client.access_token, room)
+            for text in texts:
+                fake_ollama.queue_reply(text)
+            asked = await asyncio.gather(
+                human.send(room, "first question", mention=bot_user.user_id),
+                other.send(room, "second question", mention=bot_user.user_id),
+            )
+            replies = await human.wait_for(room, bot_user.user_id, 2 + 10, wait=90)
+            async with asyncio.timeout(90):
+                while sorted(human.final_text(room, r) for r in replies[10:]) != texts:
+                    await human.sync()
+            await settle(adapter, human)
+    finally:
+        await other.close()
+    answers = human.from_user(room, bot_user.user_id)[10:]
+    assert sorted(replied_to(r) or "" for r in answers) == sorted(asked), "one reply each"
+    assert any("rate limited in" in r.getMessage() for r in caplog.records)
+
+
+async def _use_up_the_burst(synapse: Synapse, bot: MatrixUser, token: str, room: str) -> None:
+    """Ten messages from the bot's account (another device): the next one is rate limited."""
+    client = AsyncClient(synapse.url, bot.user_id, config=AsyncClientConfig(max_limit_exceeded=0))
+    client.restore_login(bot.user_id, "BURST", token)
+    try:
+        for number in range(10):
+            content = {"msgtype": "m.notice", "body": f"filler {number}"}
+            response = await client.room_send(room, "m.room.message", content)
+            assert isinstance(response, RoomSendResponse), response
+    finally:
+        await client.close()
+
+
+def test_fly_toml_keeps_the_matrix_key_store_on_a_volume() -> None:
+    fly = tomllib.loads((REPO_ROOT / "fly.toml").read_text())
+    store = PurePosixPath(fly["env"]["MATRIX_STORE_DIR"])
+    mount = PurePosixPath(fly["mounts"]["destination"])
+    assert mount in store.parents, "the crypto store survives a redeploy"
+    assert fly["mounts"]["source"] in (REPO_ROOT / "fly.toml").read_text().split("create ")[1]
