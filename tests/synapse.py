@@ -7,11 +7,12 @@ subprocess on a free loopback port and waits until `/_matrix/client/versions` an
 (matrix-nio's `register`, the `m.login.dummy` flow).
 
 Messages are rate limited as on a stock homeserver (`rc_message`: 0.2/s, burst 10), because
-that is what the bot meets in the wild. The limits on registering, logging in, joining and
-inviting are relaxed: every test registers fresh users and rooms, which a real deployment does
-not. A test about something other than rate limits lifts the message limit for its own users
-with `unlimit()`, Synapse's `override_ratelimit` admin API (what an admin who controls the
-homeserver would do for the bot), and says why.
+that is what the bot meets in the wild; each test keeps to a few messages per user. The limits
+on registering, logging in, joining and inviting are relaxed: every test registers fresh users
+and rooms, which a real deployment does not. `admin()` calls Synapse's admin API as a server
+admin (made with the registration shared secret); a test about something other than rate limits
+that needs more messages may lift them for its users with `POST
+/_synapse/admin/v1/users/{user}/override_ratelimit`, saying why.
 """
 
 from __future__ import annotations
@@ -226,12 +227,3 @@ class Synapse:
             response = await http.request(method, f"{self.url}{path}", json=body, headers=headers)
         response.raise_for_status()
         return response.json()
-
-    async def unlimit(self, *user_ids: str) -> None:
-        """Lift the message rate limit for these users (`override_ratelimit`, 0 = unlimited)."""
-        for user_id in user_ids:
-            await self.admin(
-                "POST",
-                f"/_synapse/admin/v1/users/{user_id}/override_ratelimit",
-                {"messages_per_second": 0, "burst_count": 0},
-            )

@@ -1,14 +1,18 @@
 """The Matrix adapter: personas in Matrix rooms, on matrix-nio's AsyncClient.
 
-    start: log in (password with the saved device id, or an access token) → catch-up sync
+    start: log in (login.py: the saved token, else the password) → `m.direct` → catch-up sync
            (joins allowed invites; every message in it predates the bot and is never answered)
            → the live sync loop
-    live sync: invites → join or decline; each new message → `MatrixMessages` (claim, trigger,
-           attention, rate limit, reply or `!` command); then the sync token is saved
+    live sync: invites → join or decline; encrypted rooms with encryption off → one notice and
+           leave; each new message → `MatrixMessages` (claim, trigger, attention, rate limit,
+           reply or `!` command); typing → pre-wake; then the sync token is saved. A refused
+           token (M_UNKNOWN_TOKEN) means a new login, not a stuck loop.
 
-The sync token, the catch-up marker (server time of the newest event seen) and the device id
-live in Postgres (`matrix_state`), so a restart neither re-answers old messages nor makes a new
-device. End-to-end encryption is optional (`MATRIX_ENCRYPTION`, needs `matrix-nio[e2e]`).
+The sync token, the catch-up marker (server time of the newest event seen), the device id and
+its access token live in Postgres (`matrix_state`), so a restart neither re-answers old
+messages nor makes a new login. `connected` (for /healthz) is the time since the last good
+sync. Sending goes through outbox.py, paced per room. End-to-end encryption is optional
+(`MATRIX_ENCRYPTION`, needs `matrix-nio[e2e]`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,6 @@ from nio import (
     MatrixRoom,
     MegolmEvent,
     RoomMemberEvent,
-    RoomRedactResponse,
-    RoomSendResponse,
     SyncError,
     SyncResponse,
     TypingNoticeEvent,
@@ -39,6 +40,7 @@ from bot.adapters.matrix.commands import MatrixCommands
 from bot.adapters.matrix.direct import DirectRooms
 from bot.adapters.matrix.login import UNKNOWN_TOKEN, Login
 from bot.adapters.matrix.messages import MatrixMessages, RoomMessage
+from bot.adapters.matrix.outbox import Outbox
 from bot.adapters.matrix.pacing import Pacers
 from bot.adapters.matrix.render import message_content
 from bot.adapters.matrix.state import MatrixState
@@ -51,7 +53,6 @@ log = logging.getLogger(__name__)
 _LIVE_FILTER = {"room": {"timeline": {"limit": 50}}, "presence": {"not_types": ["*"]}}
 _CATCH_UP_FILTER = {"room": {"timeline": {"limit": 1}}, "presence": {"not_types": ["*"]}}
 _RETRY_SECONDS = (1, 2, 5, 10, 30)
-_SEND_ATTEMPTS = 8  # a message that must land waits out this many M_LIMIT_EXCEEDED answers
 _ENCRYPTED_ROOM = (
     "This room is end-to-end encrypted and encryption is turned off for me, so I could not "
     "read anything here. I'm leaving; invite me to an unencrypted room instead."
@@ -90,6 +91,8 @@ class MatrixAdapter:
         self.login = Login(self.client, settings, self.state, store)
         self.direct = DirectRooms(self.client)
         self.pacers = Pacers(settings.matrix_edit_interval)
+        self.outbox = Outbox(self.client, self.pacers)
+        self.send = self.outbox.send
         self.messages = MatrixMessages(
             app,
             self.state,
@@ -99,7 +102,7 @@ class MatrixAdapter:
             commands=MatrixCommands(self.client, app.commands, self.send, self.direct),
             direct=self.direct,
             pacers=self.pacers,
-            redact=self.redact,
+            redact=self.outbox.redact,
             threads=ThreadContext(self.client, app.engine, self.user_id),
         )
         self._token: str | None = None
@@ -108,7 +111,6 @@ class MatrixAdapter:
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync: float | None = None  # monotonic time of the last good sync
         self._leaving: set[str] = set()  # encrypted rooms left (encryption off)
-        self._synced = asyncio.Condition()  # notified after every processed sync
         self.allowed_inviters = {
             part.strip() for part in settings.matrix_allowed_inviters.split(",") if part.strip()
         } or {self.user_id.split(":", 1)[1]}
@@ -239,8 +241,7 @@ class MatrixAdapter:
                         await self.messages.on_typing(room)
         self._token = response.next_batch
         await self.state.save_position(self._token, self._marker)
-        async with self._synced:
-            self._synced.notify_all()
+        await self.outbox.room_synced()
 
     async def _timeline(self, room: MatrixRoom, events: list[Any]) -> None:
         # A timeline that holds our own join shows the room's past first: skip up to the join.
@@ -331,72 +332,6 @@ class MatrixAdapter:
         if self.client.should_claim_keys:
             await self.client.keys_claim(self.client.get_users_for_key_claiming())
         await self.client.send_to_device_messages()
-
-    async def send(
-        self,
-        room_id: str,
-        content: dict[str, Any],
-        txn: str | None,
-        *,
-        droppable: bool = False,
-    ) -> str | None:
-        """Send a room message; the event id, or None (logged) when it was not sent.
-
-        On M_LIMIT_EXCEEDED the room's pacer slows down; a `droppable` edit is then skipped,
-        anything else waits `retry_after_ms` and goes again with the same transaction id."""
-        await self._known(room_id)
-        response = await self._paced(
-            room_id,
-            lambda: self.client.room_send(
-                room_id, "m.room.message", content, tx_id=txn, ignore_unverified_devices=True
-            ),
-            droppable=droppable,
-        )
-        if isinstance(response, RoomSendResponse):
-            return str(response.event_id)
-        return None
-
-    async def redact(self, room_id: str, event_id: str, txn: str) -> None:
-        """Take a message back (redaction); logged when the homeserver refused."""
-        response = await self._paced(
-            room_id,
-            lambda: self.client.room_redact(room_id, event_id, reason="withheld", tx_id=txn),
-        )
-        if not isinstance(response, RoomRedactResponse):
-            log.warning("redacting %s in %s failed", event_id, room_id)
-
-    async def _paced(
-        self, room_id: str, call: Callable[[], Awaitable[Any]], *, droppable: bool = False
-    ) -> Any:
-        pacer = self.pacers(room_id)
-        response: Any = None
-        for _ in range(_SEND_ATTEMPTS):
-            if not droppable:
-                await pacer.ready()
-            try:
-                response = await call()
-            except Exception:
-                log.exception("sending to %s failed", room_id)
-                return None
-            if getattr(response, "status_code", None) != "M_LIMIT_EXCEEDED":
-                break
-            wait = pacer.limited(getattr(response, "retry_after_ms", None))
-            log.info("rate limited in %s: next send in %.1fs", room_id, wait)
-            if droppable:
-                return None
-        if isinstance(response, RoomSendResponse | RoomRedactResponse):
-            pacer.succeeded()
-        else:
-            log.warning("sending to %s failed: %s", room_id, getattr(response, "status_code", ""))
-        return response
-
-    async def _known(self, room_id: str, wait: float = 10.0) -> None:
-        """With encryption, nio sends only to rooms it has synced (a direct room just opened)."""
-        if not self.client.olm or room_id in self.client.rooms:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait), self._synced:
-                await self._synced.wait_for(lambda: room_id in self.client.rooms)
 
     async def typing(self, room_id: str, on: bool) -> None:
         """Typing notice for 30 s; `MatrixMessages` renews it while a reply is prepared."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -377,6 +378,7 @@ async def test_encrypted_room(
             direct = await person.accept_invite()
             listing = (await person.wait_for(direct, bot_user.user_id))[0]
             await settle(adapter, person)
+            direct_encrypted = person.client.rooms[direct].encrypted
     finally:
         await person.close()
     assert (
@@ -390,6 +392,47 @@ async def test_encrypted_room(
     asked = persona_requests(fake_ollama)[0]["messages"][-1]["content"]
     assert asked == "psst, this is private", "the bot decrypted the message"
     assert any((settings.data_dir / "matrix-store").iterdir()), "keys are kept on disk"
+    assert direct_encrypted, "a private answer from an encrypted room goes to an encrypted one"
+
+
+async def _devices(synapse: Synapse, user_id: str) -> set[str]:
+    listing = await synapse.admin("GET", f"/_synapse/admin/v2/users/{user_id}/devices")
+    return {device["device_id"] for device in listing["devices"]}
+
+
+async def test_a_lost_key_store_means_a_new_device_and_the_old_one_logged_out(
+    tmp_path: Path,
+    database_url: str,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    fake_ollama: FakeOllama,
+) -> None:
+    if not _e2e_available():
+        pytest.skip("matrix-nio[e2e] is not installed")
+    store = tmp_path / "keys"
+    settings = bot_settings(
+        tmp_path,
+        database_url,
+        fake_ollama,
+        synapse,
+        bot_user,
+        matrix_encryption=True,
+        matrix_store_dir=store,
+    )
+    async with running_bot(settings) as (_, adapter):
+        first = adapter.client.device_id
+        token = adapter.client.access_token
+    async with running_bot(settings) as (_, adapter):
+        assert (adapter.client.device_id, adapter.client.access_token) == (first, token)
+    shutil.rmtree(store)  # a redeploy without the volume
+    async with running_bot(settings) as (app, adapter):
+        second = adapter.client.device_id
+        saved = await app.pool.fetchrow("SELECT device_id, access_token FROM matrix_state")
+    assert second != first, "no new keys under the old device id"
+    assert (saved["device_id"], saved["access_token"]) == (second, adapter.client.access_token)
+    assert (store / f"{bot_user.user_id}_{second}.db").exists()
+    devices = await _devices(synapse, bot_user.user_id)
+    assert first not in devices and second in devices, "the old device was logged out"
 
 
 async def test_admin_notices_reach_the_admin_room(
