@@ -33,6 +33,8 @@ class Login:
     ) -> None:
         self.client = client
         self.settings = settings
+        assert settings.matrix_user_id
+        self.user_id = settings.matrix_user_id  # nio's client.user_id is empty until a login
         self.state = state
         self.store = store  # the crypto store directory (encryption only)
 
@@ -71,7 +73,7 @@ class Login:
         await self.state.save_login(response.device_id, response.access_token)
         log.info(
             "logged in to Matrix as %s (new token, device %s)",
-            self.client.user_id,
+            self.user_id,
             response.device_id,
         )
 
@@ -91,16 +93,16 @@ class Login:
                 f"No end-to-end key store for device {whoami.device_id} in {self.store}: "
                 "restore the store, or log in with MATRIX_PASSWORD as a new device."
             )
-        self.client.restore_login(self.client.user_id, whoami.device_id, token)
+        self.client.restore_login(self.user_id, whoami.device_id, token)
         await self.state.save_login(whoami.device_id, None)
-        log.info("logged in to Matrix as %s (device %s)", self.client.user_id, whoami.device_id)
+        log.info("logged in to Matrix as %s (device %s)", self.user_id, whoami.device_id)
 
     async def _restore(self, device_id: str, token: str) -> bool:
         """Reuse the saved token; False when the homeserver no longer knows it."""
         self.client.access_token = token
         whoami = await self.client.whoami()
         if isinstance(whoami, WhoamiResponse) and whoami.device_id == device_id:
-            self.client.restore_login(self.client.user_id, device_id, token)
+            self.client.restore_login(self.user_id, device_id, token)
             log.info("Matrix login restored (device %s)", device_id)
             return True
         if isinstance(whoami, WhoamiError) and whoami.status_code == UNKNOWN_TOKEN:
@@ -113,7 +115,7 @@ class Login:
         """Without encryption any device will do; with it, only one whose keys are on disk."""
         if device_id is None or self.store is None:
             return device_id is not None
-        return (self.store / f"{self.client.user_id}_{device_id}.db").exists()
+        return (self.store / f"{self.user_id}_{device_id}.db").exists()
 
     async def _logout(self, token: str) -> None:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
