@@ -189,6 +189,7 @@ async def test_a_restart_reuses_the_token_and_a_refused_token_means_a_new_login(
     assert saved == first_token
     async with running_bot(matrix_settings) as (app, adapter):
         assert adapter.client.access_token == first_token, "no new login at a restart"
+        assert adapter.client.user_id == bot_user.user_id
         await _log_out(synapse, first_token)  # the token dies while the bot runs
         for _ in range(300):  # until the bot has noticed (M_UNKNOWN_TOKEN) and logged in
             if adapter.client.access_token != first_token:
