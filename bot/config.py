@@ -203,6 +203,12 @@ class Settings(BaseSettings):
         description="end-to-end keys (with MATRIX_ENCRYPTION); unset: DATA_DIR/matrix-store. "
         "Keep it on a volume: a lost store means a new login as a new device",
     )
+    matrix_typing_timeout: float = Field(
+        default=30.0,
+        ge=1.0,
+        description="seconds a typing notice lasts; renewed after two thirds of it while a "
+        "reply is prepared (cold starts take longer)",
+    )
     matrix_unhealthy_after: float = Field(
         default=60.0, gt=0, description="seconds of failing sync before /healthz says unhealthy"
     )

@@ -334,9 +334,11 @@ class MatrixAdapter:
         await self.client.send_to_device_messages()
 
     async def typing(self, room_id: str, on: bool) -> None:
-        """Typing notice for 30 s; `MatrixMessages` renews it while a reply is prepared."""
+        """A typing notice (MATRIX_TYPING_TIMEOUT); `MatrixMessages` renews it while a reply
+        is prepared."""
+        timeout = int(self.settings.matrix_typing_timeout * 1000)
         with contextlib.suppress(Exception):
-            await self.client.room_typing(room_id, typing_state=on, timeout=30_000)
+            await self.client.room_typing(room_id, typing_state=on, timeout=timeout)
 
     async def _admin_notice(self, text: str) -> None:
         room = self.settings.matrix_admin_room

@@ -60,7 +60,6 @@ class Sender(Protocol):
 
 Typing = Callable[[str, bool], Awaitable[None]]
 Redactor = Callable[[str, str, str], Awaitable[None]]  # (room id, event id, txn id)
-_TYPING_RENEW = 20.0  # seconds; a typing notice lasts 30 s, a cold start can take longer
 
 
 @dataclass(frozen=True)
@@ -273,10 +272,10 @@ class MatrixMessages:
                 await self.state.sent(event_id, room.room_id, conversation)
 
     async def _keep_typing(self, room_id: str) -> None:
-        """Typing notices last 30 s; renew them until the reply is done (cold starts)."""
+        """Typing notices expire; renew them until the reply is done (cold starts)."""
         while True:
             await self._typing(room_id, True)
-            await asyncio.sleep(_TYPING_RENEW)
+            await asyncio.sleep(self.settings.matrix_typing_timeout * 2 / 3)
 
     async def on_typing(self, room: MatrixRoom) -> None:
         """Someone is typing where the persona would likely answer: wake a sleeping GPU now,

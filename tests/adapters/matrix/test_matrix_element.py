@@ -393,3 +393,32 @@ async def test_typing_in_a_direct_room_pre_wakes_a_sleeping_gpu(
         asked = [r for r in gpu.chat_requests() if r.get("messages")]
     assert started == 1, "the GPU is woken before any message arrives"
     assert asked == [], "typing answers nothing"
+
+
+async def test_typing_is_renewed_while_a_slow_reply_is_prepared(
+    tmp_path: Path,
+    database_url: str,
+    synapse: Synapse,
+    bot_user: MatrixUser,
+    human: Human,
+    fake_ollama: FakeOllama,
+) -> None:
+    # A 3 s typing notice (30 s by default) and an 11 s reply: without renewal the bot would
+    # stop "typing" half-way, as it did during a GPU's cold start. (Synapse looks for expired
+    # notices every 5 s, so one expires 3 to 8 s after it was sent.)
+    settings = bot_settings(
+        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_typing_timeout=3.0
+    )
+    fake_ollama.token_delay = 1.0
+    async with running_bot(settings) as (_, adapter):
+        room = await group_room(human, synapse, bot_user)
+        fake_ollama.queue_reply(" ".join(f"slow{i}" for i in range(11)))
+        await human.send(room, "take your time", mention=bot_user.user_id)
+        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        await settle(adapter, human)
+    sent = reply["origin_server_ts"] / 1000
+    seen = [users for at, r, users in human.typing_log if r == room and at < sent - 0.5]
+    start = next(i for i, users in enumerate(seen) if bot_user.user_id in users)
+    assert all(bot_user.user_id in users for users in seen[start:]), seen
+    began = next(at for at, r, users in human.typing_log if bot_user.user_id in users)
+    assert sent - began > 9, "the reply outlasted a typing notice and Synapse's check"
