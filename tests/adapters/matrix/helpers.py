@@ -96,3 +96,12 @@ async def handled(app: App, event_id: str, wait: float = 20.0) -> None:
 def replied_to(event: dict[str, Any]) -> str | None:
     relates = event["content"].get("m.relates_to", {})
     return relates.get("m.in_reply_to", {}).get("event_id")
+
+
+def e2e_available() -> bool:
+    """matrix-nio's end-to-end extra is installed."""
+    try:
+        from nio.crypto import ENCRYPTION_ENABLED
+    except ImportError:
+        return False
+    return bool(ENCRYPTION_ENABLED)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from bot import runner
 from bot.config import Settings
 from tests.adapters.matrix.helpers import (
     bot_settings,
+    e2e_available,
     group_room,
     handled,
     persona_requests,
@@ -341,14 +341,6 @@ async def test_run_starts_the_matrix_adapter_when_configured(
     assert reply["content"]["body"] == "up and running"
 
 
-def _e2e_available() -> bool:
-    try:
-        from nio.crypto import ENCRYPTION_ENABLED
-    except ImportError:
-        return False
-    return bool(ENCRYPTION_ENABLED)
-
-
 async def test_encrypted_room(
     tmp_path: Path,
     database_url: str,
@@ -356,7 +348,7 @@ async def test_encrypted_room(
     bot_user: MatrixUser,
     fake_ollama: FakeOllama,
 ) -> None:
-    if not _e2e_available():
+    if not e2e_available():
         if os.environ.get("CI"):
             pytest.fail("matrix-nio's e2e extra is missing; CI installs it with the test extra")
         pytest.skip("matrix-nio[e2e] is not installed")
@@ -393,67 +385,3 @@ async def test_encrypted_room(
     assert asked == "psst, this is private", "the bot decrypted the message"
     assert any((settings.data_dir / "matrix-store").iterdir()), "keys are kept on disk"
     assert direct_encrypted, "a private answer from an encrypted room goes to an encrypted one"
-
-
-async def _devices(synapse: Synapse, user_id: str) -> set[str]:
-    listing = await synapse.admin("GET", f"/_synapse/admin/v2/users/{user_id}/devices")
-    return {device["device_id"] for device in listing["devices"]}
-
-
-async def test_a_lost_key_store_means_a_new_device_and_the_old_one_logged_out(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    fake_ollama: FakeOllama,
-) -> None:
-    if not _e2e_available():
-        pytest.skip("matrix-nio[e2e] is not installed")
-    store = tmp_path / "keys"
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
-        matrix_encryption=True,
-        matrix_store_dir=store,
-    )
-    async with running_bot(settings) as (_, adapter):
-        first = adapter.client.device_id
-        token = adapter.client.access_token
-    async with running_bot(settings) as (_, adapter):
-        assert (adapter.client.device_id, adapter.client.access_token) == (first, token)
-    shutil.rmtree(store)  # a redeploy without the volume
-    async with running_bot(settings) as (app, adapter):
-        second = adapter.client.device_id
-        saved = await app.pool.fetchrow("SELECT device_id, access_token FROM matrix_state")
-    assert second != first, "no new keys under the old device id"
-    assert (saved["device_id"], saved["access_token"]) == (second, adapter.client.access_token)
-    assert (store / f"{bot_user.user_id}_{second}.db").exists()
-    devices = await _devices(synapse, bot_user.user_id)
-    assert first not in devices and second in devices, "the old device was logged out"
-
-
-async def test_admin_notices_reach_the_admin_room(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
-) -> None:
-    room = await human.create_room([bot_user.user_id])  # invited while the bot is offline
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_admin_room=room
-    )
-    async with running_bot(settings) as (app, _):
-        await human.wait_membership(room, bot_user.user_id, "join")
-        assert await app.notifier.send("the budget is at 80%") == 1
-        notice = (await human.wait_for(room, bot_user.user_id))[0]
-    assert notice["content"] == {
-        "msgtype": "m.notice",
-        "body": "the budget is at 80%",
-        "format": "org.matrix.custom.html",
-        "formatted_body": "<p>the budget is at 80%</p>",
-    }

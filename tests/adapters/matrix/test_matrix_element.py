@@ -5,19 +5,15 @@ logins that survive restarts, health, and replies under the rate limit."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import tomllib
 from collections.abc import AsyncIterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from nio import AsyncClient, AsyncClientConfig, RoomSendResponse
 
-from bot import runner
-from bot.config import REPO_ROOT, Settings
+from bot.config import Settings
 from tests.adapters.matrix.helpers import (
     bot_settings,
     group_room,
@@ -28,7 +24,6 @@ from tests.adapters.matrix.helpers import (
     settle,
 )
 from tests.fakes.fly import FakeFly, MachineOllama
-from tests.fakes.loopback import free_port
 from tests.fakes.ollama import FakeOllama
 from tests.matrix_human import Human
 from tests.synapse import MatrixUser, Synapse
@@ -165,125 +160,6 @@ async def test_a_withheld_reply_is_redacted_then_the_notice_is_posted(
     assert first_redaction < positions.index(notice["event_id"]), "redacted, then the notice"
 
 
-async def _log_out(synapse: Synapse, token: str) -> None:
-    async with httpx.AsyncClient() as http:
-        response = await http.post(
-            f"{synapse.url}/_matrix/client/v3/logout",
-            headers={"Authorization": f"Bearer {token}"},
-            json={},
-        )
-    response.raise_for_status()
-
-
-async def test_a_restart_reuses_the_token_and_a_refused_token_means_a_new_login(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
-) -> None:
-    async with running_bot(matrix_settings) as (app, adapter):
-        first_token = adapter.client.access_token
-        device = adapter.client.device_id
-        saved = await app.pool.fetchval("SELECT access_token FROM matrix_state")
-    assert saved == first_token
-    async with running_bot(matrix_settings) as (app, adapter):
-        assert adapter.client.access_token == first_token, "no new login at a restart"
-        assert adapter.client.user_id == bot_user.user_id
-        await _log_out(synapse, first_token)  # the token dies while the bot runs
-        for _ in range(300):  # until the bot has noticed (M_UNKNOWN_TOKEN) and logged in
-            if adapter.client.access_token != first_token:
-                break
-            await asyncio.sleep(0.1)
-        room = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(room, bot_user.user_id, "join")
-        fake_ollama.queue_reply("still here")
-        await human.send(room, "are you still there?")
-        reply = (await human.wait_for(room, bot_user.user_id))[0]
-        saved = await app.pool.fetchval("SELECT access_token FROM matrix_state")
-        assert adapter.connected
-    assert reply["content"]["body"] == "still here"
-    assert saved == adapter.client.access_token != first_token
-    assert adapter.client.device_id == device, "logged in again on the same device"
-
-
-class _Proxy:
-    """A TCP relay on loopback in front of Synapse, to cut the bot off from its homeserver."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [writer, up_writer]
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
-async def test_healthz_turns_unhealthy_when_sync_keeps_failing(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    fake_ollama: FakeOllama,
-) -> None:
-    proxy = _Proxy(synapse.port)
-    await proxy.start()
-    port = free_port()
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
-        matrix_homeserver=f"http://127.0.0.1:{proxy.port}",
-        matrix_unhealthy_after=1.0,  # a minute by default; a second keeps the test short
-        web_enabled=True,
-        web_port=port,
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(runner.run(settings, stop))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            async with asyncio.timeout(30):
-                while True:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await http.get("/healthz")).status_code == 200:
-                            break
-                    await asyncio.sleep(0.2)
-            await proxy.cut()  # network errors: nio retries them without ever raising
-            for _ in range(150):
-                response = await http.get("/healthz")
-                if response.status_code != 200:
-                    break
-                await asyncio.sleep(0.2)
-    finally:
-        stop.set()
-        await running
-    assert response.status_code == 503
-    assert "matrix is not connected" in response.json()["problems"]
-
-
 async def test_concurrent_replies_under_the_stock_rate_limit_all_land(
     tmp_path: Path,
     database_url: str,
@@ -344,15 +220,6 @@ async def _use_up_the_burst(synapse: Synapse, bot: MatrixUser, token: str, room:
     finally:
         await client.close()
     raise AssertionError("twelve messages and no rate limit: is rc_message the stock one?")
-
-
-def test_fly_toml_keeps_the_matrix_key_store_on_a_volume() -> None:
-    fly = tomllib.loads((REPO_ROOT / "fly.toml").read_text())
-    store = PurePosixPath(fly["env"]["MATRIX_STORE_DIR"])
-    mount = PurePosixPath(fly["mounts"]["destination"])
-    assert mount in store.parents, "the crypto store survives a redeploy"
-    source = fly["mounts"]["source"]
-    assert f"fly volumes create {source}" in (REPO_ROOT / "fly.toml").read_text()
 
 
 async def test_typing_in_a_direct_room_pre_wakes_a_sleeping_gpu(
