@@ -191,6 +191,7 @@ class MatrixAdapter:
                 self._marker = max(self._marker or 0, _timestamp(event))
                 skipped += 1
         await self._invites(response)
+        await self.direct.recover(response.rooms.join, self.user_id)
         await self._crypto_upkeep()
         self._token = response.next_batch
         self._catch_up_point = self._marker or 0

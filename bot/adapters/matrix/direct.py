@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 from urllib.parse import quote
 
-from nio import AsyncClient, DirectRoomsResponse
+from nio import AsyncClient, DirectRoomsResponse, RoomMemberEvent
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,25 @@ class DirectRooms:
                 for user, rooms in response.rooms.items()
                 if isinstance(rooms, list)
             }
+
+    async def recover(self, joined: dict[str, Any], user_id: str) -> None:
+        """Direct rooms joined before `m.direct` was kept (or with it lost): the bot's own
+        membership still shows the `is_direct` invitation it accepted (`prev_content`)."""
+        for room_id, info in joined.items():
+            room = self.client.rooms.get(room_id)
+            if room is None or self.is_direct(room_id):
+                continue
+            others = [user for user in room.users if user != user_id]
+            invited_directly = any(
+                isinstance(e, RoomMemberEvent)
+                and e.state_key == user_id
+                and e.membership == "join"
+                and bool((e.prev_content or {}).get("is_direct"))
+                for e in [*info.state, *info.timeline.events]
+            )
+            if invited_directly and len(others) == 1:
+                log.info("%s is a direct room with %s (its invitation said so)", room_id, others[0])
+                await self.add(room_id, others[0])
 
     def is_direct(self, room_id: str) -> bool:
         return any(room_id in rooms for rooms in self._by_user.values())

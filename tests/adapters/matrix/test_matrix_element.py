@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from nio import AsyncClient, AsyncClientConfig, RoomSendResponse
 
@@ -289,3 +290,27 @@ async def test_typing_is_renewed_while_a_slow_reply_is_prepared(
     assert all(bot_user.user_id in users for users in seen[start:]), seen
     began = next(at for at, r, users in human.typing_log if bot_user.user_id in users)
     assert sent - began > 9, "the reply outlasted a typing notice and Synapse's check"
+
+
+async def test_a_direct_room_joined_before_m_direct_was_kept_is_still_direct(
+    matrix_settings: Settings, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
+) -> None:
+    async with running_bot(matrix_settings) as (_, adapter):
+        room = await human.create_room([bot_user.user_id], direct=True)
+        await human.wait_membership(room, bot_user.user_id, "join")
+        token = adapter.client.access_token
+    # An older version never wrote m.direct: empty the bot's, then start it again.
+    async with httpx.AsyncClient() as http:
+        response = await http.put(
+            f"{matrix_settings.matrix_homeserver}/_matrix/client/v3/user/"
+            f"{bot_user.user_id}/account_data/m.direct",
+            headers={"Authorization": f"Bearer {token}"},
+            json={},
+        )
+    response.raise_for_status()
+    async with running_bot(matrix_settings) as (_, adapter):
+        fake_ollama.queue_reply("still a direct chat")
+        await human.send(room, "no mention needed here")
+        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        await settle(adapter, human)
+    assert reply["content"]["body"] == "still a direct chat"
