@@ -296,14 +296,24 @@ class Settings(BaseSettings):
     """comma-separated user ids (`@ann:example.org`) and server names (`example.org`) whose
     invitations are accepted; `*` for anyone; empty: the bot's own server
     """
-    matrix_admins: str = Field(default="")
-    """comma-separated user ids that are admins in every room"""
+    matrix_admins: str = Field(
+        default="",
+        description="comma-separated user ids allowed deployment-wide commands (!spend, "
+        "persona changes); a room's power level is not enough",
+    )
     matrix_msgtype: Literal["m.notice", "m.text"] = "m.notice"
     """`m.notice` or `m.text` for replies"""
     matrix_stream: bool = True
     """stream replies with edits; `false` sends each reply whole"""
-    matrix_edit_interval: float = Field(default=1.0, ge=1.0)
-    """seconds between edits of a streamed reply (at least 1)"""
+    matrix_edit_interval: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="seconds between edits of a streamed reply at first; doubles per room on "
+        "M_LIMIT_EXCEEDED",
+    )
+    matrix_max_edits: int = Field(
+        default=8, ge=0, description="edits of one streamed reply before only the final text"
+    )
     matrix_answer_dms: bool = True
     """answer in direct rooms without being mentioned"""
     matrix_answer_bots: bool = False
@@ -318,6 +328,20 @@ class Settings(BaseSettings):
     """seconds the homeserver may hold a sync open"""
     matrix_encryption: bool = False
     """end-to-end encryption; needs the `matrix-e2e` extra"""
+    matrix_store_dir: Path | None = Field(
+        default=None,
+        description="end-to-end keys (with MATRIX_ENCRYPTION); unset: DATA_DIR/matrix-store. "
+        "Keep it on a volume: a lost store means a new login as a new device",
+    )
+    matrix_typing_timeout: float = Field(
+        default=30.0,
+        ge=1.0,
+        description="seconds a typing notice lasts; renewed after two thirds of it while a "
+        "reply is prepared (cold starts take longer)",
+    )
+    matrix_unhealthy_after: float = Field(
+        default=60.0, gt=0, description="seconds of failing sync before /healthz says unhealthy"
+    )
 
     # Discord adapter (issue 3); the bot token is DISCORD_TOKEN above. ID lists: "1,2,3"
     discord_sharded: bool = Field(default=False)

@@ -32,6 +32,7 @@ class Human:
         self.client.restore_login(user.user_id, user.device_id, user.access_token)
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.typing: dict[str, set[str]] = {}
+        self.typing_log: list[tuple[float, str, set[str]]] = []  # (received, room, who types)
         self.decrypted: set[str] = set()  # ids of events that arrived encrypted
         self.invites: list[str] = []  # rooms this user was invited to
         self._since: str | None = None
@@ -112,6 +113,8 @@ class Human:
             )
             for event in info.ephemeral:
                 users = getattr(event, "users", None)
+                if users is not None:
+                    self.typing_log.append((time.time(), room_id, set(users)))
                 if users:
                     self.typing.setdefault(room_id, set()).update(users)
         self.invites.extend(r for r in response.rooms.invite if r not in self.invites)

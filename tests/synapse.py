@@ -1,15 +1,25 @@
 """A real Synapse homeserver for tests, on 127.0.0.1 with SQLite.
 
 `Synapse(directory).start()` generates a config (registration open without verification, no
-federation listener, rate limits relaxed, cheap password hashing), runs
-`python -m synapse.app.homeserver` as a subprocess on a free loopback port and waits until
-`/_matrix/client/versions` answers. `stop()` terminates it. `register()` makes a user through
-the ordinary client API (matrix-nio's `register`, the `m.login.dummy` flow).
+federation listener, cheap password hashing), runs `python -m synapse.app.homeserver` as a
+subprocess on a free loopback port and waits until `/_matrix/client/versions` answers.
+`stop()` terminates it. `register()` makes a user through the ordinary client API
+(matrix-nio's `register`, the `m.login.dummy` flow).
+
+Messages are rate limited as on a stock homeserver (`rc_message`: 0.2/s, burst 10), because
+that is what the bot meets in the wild; each test keeps to a few messages per user. The limits
+on registering, logging in, joining and inviting are relaxed: every test registers fresh users
+and rooms, which a real deployment does not. `admin()` calls Synapse's admin API as a server
+admin (made with the registration shared secret); a test about something other than rate limits
+that needs more messages may lift them for its users with `POST
+/_synapse/admin/v1/users/{user}/override_ratelimit`, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import subprocess
 import sys
 import time
@@ -26,6 +36,7 @@ from tests.fakes.loopback import free_port
 SERVER_NAME = "localhost"
 _START_TIMEOUT = 60.0
 _RELAXED = {"per_second": 1000, "burst_count": 1000}
+STOCK_RC_MESSAGE = {"per_second": 0.2, "burst_count": 10}  # Synapse's default, stated for tests
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Synapse:
         self.config_path = directory / "homeserver.yaml"
         self.log_path = directory / "synapse.out"
         self._process: subprocess.Popen[bytes] | None = None
+        self._admin_token: str | None = None
 
     def _generate(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -115,7 +127,7 @@ class Synapse:
                 "presence": {"enabled": False},
                 "url_preview_enabled": False,
                 "report_stats": False,
-                "rc_message": _RELAXED,
+                "rc_message": STOCK_RC_MESSAGE,
                 "rc_registration": _RELAXED,
                 "rc_login": {"address": _RELAXED, "account": _RELAXED, "failed_attempts": _RELAXED},
                 "rc_joins": {"local": _RELAXED, "remote": _RELAXED},
@@ -184,3 +196,34 @@ class Synapse:
         return MatrixUser(
             response.user_id, localpart, password, response.access_token, response.device_id
         )
+
+    async def admin_token(self) -> str:
+        """An access token of a server admin, registered once with the shared secret."""
+        if self._admin_token is None:
+            config = yaml.safe_load(self.config_path.read_text())
+            secret = str(config["registration_shared_secret"]).encode()
+            url = f"{self.url}/_synapse/admin/v1/register"
+            async with httpx.AsyncClient() as http:
+                nonce = (await http.get(url)).json()["nonce"]
+                name, password = f"admin_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+                message = b"\x00".join([nonce.encode(), name.encode(), password.encode(), b"admin"])
+                mac = hmac.new(secret, message, hashlib.sha1).hexdigest()
+                body = {
+                    "nonce": nonce,
+                    "username": name,
+                    "password": password,
+                    "admin": True,
+                    "mac": mac,
+                }
+                response = await http.post(url, json=body)
+                response.raise_for_status()
+                self._admin_token = str(response.json()["access_token"])
+        return self._admin_token
+
+    async def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Call Synapse's admin API (`/_synapse/admin/...`) as the server admin."""
+        headers = {"Authorization": f"Bearer {await self.admin_token()}"}
+        async with httpx.AsyncClient() as http:
+            response = await http.request(method, f"{self.url}{path}", json=body, headers=headers)
+        response.raise_for_status()
+        return response.json()

@@ -1,14 +1,18 @@
 """The Matrix adapter: personas in Matrix rooms, on matrix-nio's AsyncClient.
 
-    start: log in (password with the saved device id, or an access token) → catch-up sync
+    start: log in (login.py: the saved token, else the password) → `m.direct` → catch-up sync
            (joins allowed invites; every message in it predates the bot and is never answered)
            → the live sync loop
-    live sync: invites → join or decline; each new message → `MatrixMessages` (claim, trigger,
-           attention, rate limit, reply or `!` command); then the sync token is saved
+    live sync: invites → join or decline; encrypted rooms with encryption off → one notice and
+           leave; each new message → `MatrixMessages` (claim, trigger, attention, rate limit,
+           reply or `!` command); typing → pre-wake; then the sync token is saved. A refused
+           token (M_UNKNOWN_TOKEN) means a new login, not a stuck loop.
 
-The sync token, the catch-up marker (server time of the newest event seen) and the device id
-live in Postgres (`matrix_state`), so a restart neither re-answers old messages nor makes a new
-device. End-to-end encryption is optional (`MATRIX_ENCRYPTION`, needs `matrix-nio[e2e]`).
+The sync token, the catch-up marker (server time of the newest event seen), the device id and
+its access token live in Postgres (`matrix_state`), so a restart neither re-answers old
+messages nor makes a new login. `connected` (for /healthz) is the time since the last good
+sync. Sending goes through outbox.py, paced per room. End-to-end encryption is optional
+(`MATRIX_ENCRYPTION`, needs `matrix-nio[e2e]`).
 """
 
 from __future__ import annotations
@@ -16,26 +20,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from pathlib import Path
 from typing import Any
 
 from nio import (
     AsyncClient,
     AsyncClientConfig,
     InviteMemberEvent,
-    LoginResponse,
     MatrixRoom,
     MegolmEvent,
     RoomMemberEvent,
-    RoomSendResponse,
+    SyncError,
     SyncResponse,
-    WhoamiResponse,
+    TypingNoticeEvent,
 )
 
 from bot.adapters.matrix.commands import MatrixCommands
 from bot.adapters.matrix.deletions import honour_removal
+from bot.adapters.matrix.direct import DirectRooms
+from bot.adapters.matrix.login import UNKNOWN_TOKEN, Login
 from bot.adapters.matrix.messages import MatrixMessages, RoomMessage
+from bot.adapters.matrix.outbox import Outbox
+from bot.adapters.matrix.pacing import Pacers
 from bot.adapters.matrix.render import message_content
 from bot.adapters.matrix.state import MatrixState
+from bot.adapters.matrix.threads import ThreadContext
 from bot.app import App
 from bot.errors import ConfigError
 
@@ -44,6 +54,10 @@ log = logging.getLogger(__name__)
 _LIVE_FILTER = {"room": {"timeline": {"limit": 50}}, "presence": {"not_types": ["*"]}}
 _CATCH_UP_FILTER = {"room": {"timeline": {"limit": 1}}, "presence": {"not_types": ["*"]}}
 _RETRY_SECONDS = (1, 2, 5, 10, 30)
+_ENCRYPTED_ROOM = (
+    "This room is end-to-end encrypted and encryption is turned off for me, so I could not "
+    "read anything here. I'm leaving; invite me to an unencrypted room instead."
+)
 # Origin timestamps come from each sender's server clock; replays are stopped by claims anyway.
 _CLOCK_SKEW_MS = 60_000
 
@@ -68,26 +82,48 @@ class MatrixAdapter:
         self.settings = settings
         self.user_id = settings.matrix_user_id
         self.state = MatrixState(app.pool, self.user_id)
+        store = self._store()
         self.client = AsyncClient(
-            settings.matrix_homeserver, self.user_id, config=self._client_config(), **self._store()
+            settings.matrix_homeserver,
+            self.user_id,
+            config=self._client_config(),
+            store_path=str(store) if store else "",
         )
+        self.login = Login(self.client, settings, self.state, store)
+        self.direct = DirectRooms(self.client)
+        self.pacers = Pacers(settings.matrix_edit_interval)
+        self.outbox = Outbox(self.client, self.pacers)
+        self.send = self.outbox.send
         self.messages = MatrixMessages(
             app,
             self.state,
             self.user_id,
             send=self.send,
             typing=self.typing,
-            commands=MatrixCommands(self.client, app.commands, self.send),
+            commands=MatrixCommands(self.client, app.commands, self.send, self.direct),
+            direct=self.direct,
+            pacers=self.pacers,
+            redact=self.outbox.redact,
+            threads=ThreadContext(self.client, app.engine, self.user_id),
         )
         self._token: str | None = None
         self._marker: int | None = None  # newest event time seen (ms), saved
         self._catch_up_point = 0  # events older than this (less clock skew) are history
         self._sync_task: asyncio.Task[None] | None = None
-        self.connected = False  # the last sync succeeded (reported by /healthz)
-        self._synced = asyncio.Condition()  # notified after every processed sync
+        self._last_sync: float | None = None  # monotonic time of the last good sync
+        self._leaving: set[str] = set()  # encrypted rooms left (encryption off)
         self.allowed_inviters = {
             part.strip() for part in settings.matrix_allowed_inviters.split(",") if part.strip()
         } or {self.user_id.split(":", 1)[1]}
+
+    @property
+    def connected(self) -> bool:
+        """For /healthz: a sync succeeded within MATRIX_UNHEALTHY_AFTER (plus one long poll).
+        Time-based, so failures that never raise (nio retries network errors) count too."""
+        if self._last_sync is None:
+            return False
+        limit = self.settings.matrix_unhealthy_after + self.settings.matrix_sync_timeout
+        return time.monotonic() - self._last_sync < limit
 
     def _client_config(self) -> AsyncClientConfig:
         if self.settings.matrix_encryption:
@@ -99,22 +135,25 @@ class MatrixAdapter:
                     "pip install 'matrix-nio[e2e]'."
                 )
         return AsyncClientConfig(
-            encryption_enabled=self.settings.matrix_encryption, store_sync_tokens=False
+            encryption_enabled=self.settings.matrix_encryption,
+            store_sync_tokens=False,
+            max_limit_exceeded=0,  # M_LIMIT_EXCEEDED comes back to us: `send` paces per room
         )
 
-    def _store(self) -> dict[str, Any]:
+    def _store(self) -> Path | None:
         if not self.settings.matrix_encryption:
-            return {}
-        path = self.settings.data_dir / "matrix-store"
+            return None
+        path = self.settings.matrix_store_dir or self.settings.data_dir / "matrix-store"
         path.mkdir(parents=True, exist_ok=True)
-        return {"store_path": str(path)}
+        return path
 
     async def start(self) -> None:
         nio_log = logging.getLogger("nio")
         nio_log.setLevel(max(nio_log.getEffectiveLevel(), logging.WARNING))  # chatty at INFO
         saved = await self.state.load()
         self._token, self._marker = saved.next_batch, saved.caught_up_ts
-        await self._login(saved.device_id)
+        await self.login.login()
+        await self.direct.load()
         await self._catch_up()
         self._sync_task = asyncio.create_task(self._sync_forever())
         if self.settings.matrix_admin_room:
@@ -122,7 +161,7 @@ class MatrixAdapter:
         self.app.scheduler.every(86_400, self.state.prune, name=f"matrix-prune-{self.user_id}")
 
     async def stop(self) -> None:
-        self.connected = False
+        self._last_sync = None
         self.app.notifier.unregister("matrix")
         if self._sync_task is not None:
             self._sync_task.cancel()
@@ -133,28 +172,6 @@ class MatrixAdapter:
         finally:
             self.messages.cancel()
             await self.client.close()
-
-    async def _login(self, device_id: str | None) -> None:
-        token = self.settings.matrix_access_token
-        if token is not None:
-            self.client.access_token = token.get_secret_value()
-            whoami = await self.client.whoami()
-            if not isinstance(whoami, WhoamiResponse) or not whoami.device_id:
-                log.error("Matrix access token refused: %s", getattr(whoami, "status_code", ""))
-                raise ConfigError("Matrix refused MATRIX_ACCESS_TOKEN; check it in the settings.")
-            self.client.restore_login(self.user_id, whoami.device_id, token.get_secret_value())
-        else:
-            assert self.settings.matrix_password is not None
-            self.client.device_id = device_id
-            response = await self.client.login(
-                self.settings.matrix_password.get_secret_value(),
-                device_name=self.settings.matrix_device_name,
-            )
-            if not isinstance(response, LoginResponse):
-                log.error("Matrix login failed: %s", getattr(response, "status_code", ""))
-                raise ConfigError("Matrix login failed; check MATRIX_USER_ID and MATRIX_PASSWORD.")
-        await self.state.save_device(self.client.device_id)
-        log.info("logged in to Matrix as %s (device %s)", self.user_id, self.client.device_id)
 
     async def _catch_up(self) -> None:
         """One full-state sync from the saved position; its messages are history, not answered."""
@@ -170,17 +187,18 @@ class MatrixAdapter:
             log.error("Matrix catch-up sync failed: %s", getattr(response, "status_code", ""))
             raise ConfigError("The Matrix homeserver did not answer the first sync.")
         skipped = 0
-        for room_id, info in response.rooms.join.items():
-            self._note_state(room_id, [*info.state, *info.timeline.events])
+        for info in response.rooms.join.values():
             for event in info.timeline.events:
                 self._marker = max(self._marker or 0, _timestamp(event))
                 skipped += 1
         await self._invites(response)
+        await self.direct.recover(response.rooms.join, self.user_id)
         await self._crypto_upkeep()
         self._token = response.next_batch
         self._catch_up_point = self._marker or 0
         await self.state.save_position(self._token, self._marker)
-        self.connected = True
+        self._last_sync = time.monotonic()
+        await self._refuse_encrypted(response.rooms.join)
         log.info("Matrix caught up: %d earlier events are not answered", skipped)
 
     async def _sync_forever(self) -> None:
@@ -192,32 +210,40 @@ class MatrixAdapter:
                     since=self._token,
                     sync_filter=_LIVE_FILTER,
                 )
+                if isinstance(response, SyncError) and response.status_code == UNKNOWN_TOKEN:
+                    log.warning("Matrix refused the access token; logging in again")
+                    await self.login.relogin()
+                    continue
                 if not isinstance(response, SyncResponse):
                     raise RuntimeError(f"sync answered {getattr(response, 'status_code', '?')}")
                 await self._process(response)
                 failures = 0
-                self.connected = True
+                self._last_sync = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
                 failures += 1
-                self.connected = False
                 log.warning("Matrix sync failed; retrying in %ss", delay, exc_info=True)
                 await asyncio.sleep(delay)
 
     async def _process(self, response: SyncResponse) -> None:
         await self._invites(response)
         await self._crypto_upkeep()
+        await self._refuse_encrypted(response.rooms.join)
         for room_id, info in response.rooms.join.items():
             room = self.client.rooms.get(room_id)
-            self._note_state(room_id, [*info.state, *info.timeline.events])
-            if room is not None:
-                await self._timeline(room, info.timeline.events)
+            if room is None or room_id in self._leaving:
+                continue
+            await self._timeline(room, info.timeline.events)
+            for event in info.ephemeral:
+                if isinstance(event, TypingNoticeEvent):
+                    typing = [u for u in event.users if u != self.user_id]
+                    if typing:
+                        await self.messages.on_typing(room)
         self._token = response.next_batch
         await self.state.save_position(self._token, self._marker)
-        async with self._synced:
-            self._synced.notify_all()
+        await self.outbox.room_synced()
 
     async def _timeline(self, room: MatrixRoom, events: list[Any]) -> None:
         # A timeline that holds our own join shows the room's past first: skip up to the join.
@@ -228,7 +254,11 @@ class MatrixAdapter:
             if event.sender == self.user_id or older:
                 continue
             if isinstance(event, MegolmEvent):
-                await self._undecryptable(room, event)
+                if self.client.olm:
+                    await self._undecryptable(room, event)
+                else:
+                    await self._leave_encrypted(room.room_id)
+                    return
                 continue
             if await honour_removal(self.app.engine, event.source):
                 continue  # a redaction or an edit (issue 15)
@@ -239,16 +269,27 @@ class MatrixAdapter:
                 await self.messages.on_message(room, message)
 
     async def _undecryptable(self, room: MatrixRoom, event: MegolmEvent) -> None:
-        if self.client.olm:  # the key may just be late: ask the sender's devices for it
-            with contextlib.suppress(Exception):
-                await self.client.request_room_key(event)
+        with contextlib.suppress(Exception):  # the key may just be late: ask the sender for it
+            await self.client.request_room_key(event)
         await self.messages.on_undecryptable(room, event.event_id)
 
-    def _note_state(self, room_id: str, events: list[Any]) -> None:
-        for event in events:
-            source = getattr(event, "source", None)
-            if isinstance(source, dict):
-                self.messages.note_state(room_id, source)
+    async def _refuse_encrypted(self, joined: dict[str, Any]) -> None:
+        """Encryption off: an encrypted room gets one notice, and the bot leaves it."""
+        if self.client.olm:
+            return
+        for room_id in joined:
+            room = self.client.rooms.get(room_id)
+            if room is not None and room.encrypted:
+                await self._leave_encrypted(room_id)
+
+    async def _leave_encrypted(self, room_id: str) -> None:
+        if room_id in self._leaving:
+            return
+        self._leaving.add(room_id)
+        log.info("leaving %s: it is encrypted and MATRIX_ENCRYPTION is off", room_id)
+        content = message_content(_ENCRYPTED_ROOM, "m.notice")
+        await self.send(room_id, content, f"pb-encrypted-{room_id}")
+        await self.client.room_leave(room_id)
 
     def _is_own_join(self, event: Any) -> bool:
         return (
@@ -273,6 +314,8 @@ class MatrixAdapter:
             if inviter is not None and self._may_invite(inviter):
                 log.info("joining %s on %s's invitation", room_id, inviter)
                 await self.client.join(room_id)
+                if _invited_directly(info.invite_state, self.user_id):
+                    await self.direct.add(room_id, inviter)
             else:
                 log.info("declining invitation to %s from %s", room_id, inviter)
                 await self.client.room_leave(room_id)
@@ -294,37 +337,27 @@ class MatrixAdapter:
             await self.client.keys_claim(self.client.get_users_for_key_claiming())
         await self.client.send_to_device_messages()
 
-    async def send(self, room_id: str, content: dict[str, Any], txn: str | None) -> str | None:
-        """Send a room message; the event id, or None (logged) when the server refused it."""
-        await self._known(room_id)
-        try:
-            response = await self.client.room_send(
-                room_id, "m.room.message", content, tx_id=txn, ignore_unverified_devices=True
-            )
-        except Exception:
-            log.exception("sending to %s failed", room_id)
-            return None
-        if isinstance(response, RoomSendResponse):
-            return str(response.event_id)
-        log.warning("sending to %s failed: %s", room_id, getattr(response, "status_code", ""))
-        return None
-
-    async def _known(self, room_id: str, wait: float = 10.0) -> None:
-        """With encryption, nio sends only to rooms it has synced (a direct room just opened)."""
-        if not self.client.olm or room_id in self.client.rooms:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait), self._synced:
-                await self._synced.wait_for(lambda: room_id in self.client.rooms)
-
     async def typing(self, room_id: str, on: bool) -> None:
+        """A typing notice (MATRIX_TYPING_TIMEOUT); `MatrixMessages` renews it while a reply
+        is prepared."""
+        timeout = int(self.settings.matrix_typing_timeout * 1000)
         with contextlib.suppress(Exception):
-            await self.client.room_typing(room_id, typing_state=on, timeout=30_000)
+            await self.client.room_typing(room_id, typing_state=on, timeout=timeout)
 
     async def _admin_notice(self, text: str) -> None:
         room = self.settings.matrix_admin_room
         if room and await self.send(room, message_content(text, "m.notice"), None) is None:
             raise RuntimeError("the admin room did not take the notice")
+
+
+def _invited_directly(invite_state: list[Any], user_id: str) -> bool:
+    """The invitation says `is_direct` (what Element sets for a direct message)."""
+    return any(
+        isinstance(e, InviteMemberEvent)
+        and e.state_key == user_id
+        and bool((e.content or {}).get("is_direct"))
+        for e in invite_state
+    )
 
 
 def _timestamp(event: Any) -> int:

@@ -1,7 +1,8 @@
 """`!` commands on Matrix, through the platform-neutral command layer (bot/core/commands.py).
 
 Matrix has no ephemeral messages, so a private result (`!memories`, `!help`, …) asked for in a
-group room goes to a direct room with the asker, and the group room gets a pointer. Progress
+room that is not a direct room (`m.direct`) goes to a direct room with the asker, encrypted when
+the question came from an encrypted room, and the asking room gets a pointer. Progress
 reports (`!imagine`) edit one notice; a result's file (a picture, the `!spend` chart) is
 uploaded to the media repository and sent after the text (a flagged picture as a plain file,
 not shown inline).
@@ -18,21 +19,30 @@ from typing import Any
 
 from nio import AsyncClient, MatrixRoom, RoomCreateResponse, UploadResponse
 
+from bot.adapters.matrix.direct import DirectRooms
 from bot.adapters.matrix.render import edit_content, message_content, relation, transaction_id
 from bot.core.commands import CommandContext, CommandResult, Commands
 from bot.errors import BotError, user_message
 
 log = logging.getLogger(__name__)
 
+_ENCRYPTION = {
+    "type": "m.room.encryption",
+    "state_key": "",
+    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+}
 # (room id, content, transaction id) → the sent event's id, or None when it failed
 Sender = Callable[[str, dict[str, Any], str | None], Awaitable[str | None]]
 
 
 class MatrixCommands:
-    def __init__(self, client: AsyncClient, commands: Commands, send: Sender) -> None:
+    def __init__(
+        self, client: AsyncClient, commands: Commands, send: Sender, direct: DirectRooms
+    ) -> None:
         self.client = client
         self.commands = commands
         self._send = send
+        self.direct = direct
 
     async def run(
         self,
@@ -58,8 +68,8 @@ class MatrixCommands:
         result = await self._result(context, name, args)
         target_room, reply_to = room.room_id, event_id
         sent: list[str] = []
-        if result.private and room.member_count > 2:
-            direct = await self._direct_room(context.author_id)
+        if result.private and not self.direct.is_direct(room.room_id):
+            direct = await self._direct_room(context.author_id, encrypted=room.encrypted)
             if direct is not None:
                 pointer = "I sent you the answer in a direct message."
                 sent += await self._text(room.room_id, pointer, event_id, thread_root, "pointer")
@@ -102,15 +112,21 @@ class MatrixCommands:
         sent = await self._send(room_id, content, transaction_id(answered or reply_to, step))
         return [sent] if sent else []
 
-    async def _direct_room(self, user_id: str) -> str | None:
-        """A room with just the bot and the user: an existing one, else a new invitation."""
-        for room in self.client.rooms.values():
-            if room.member_count == 2 and user_id in room.users:
-                return str(room.room_id)
-        response = await self.client.room_create(invite=[user_id], is_direct=True)
+    async def _direct_room(self, user_id: str, *, encrypted: bool) -> str | None:
+        """A direct room with the user (`m.direct`): an existing one, else a new invitation.
+        An answer asked for in an encrypted room goes only to an encrypted direct room."""
+        for room_id in self.direct.room_with(user_id):
+            room = self.client.rooms.get(room_id)
+            if room is not None and user_id in room.users and (room.encrypted or not encrypted):
+                return room_id
+        state = [_ENCRYPTION] if encrypted else []
+        response = await self.client.room_create(
+            invite=[user_id], is_direct=True, initial_state=state
+        )
         if not isinstance(response, RoomCreateResponse):
             log.warning("could not open a direct room with %s", user_id)
             return None
+        await self.direct.add(str(response.room_id), user_id)
         return str(response.room_id)
 
     async def send_file(self, room_id: str, path: Path, spoiler: bool, event_id: str) -> list[str]:

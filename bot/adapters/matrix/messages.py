@@ -1,11 +1,14 @@
 """Matrix room messages → triggers, conversations, `!` commands and replies.
 
-Conversations: a thread (`m.thread`) is its own conversation; a reply to a message the bot
-answered or sent continues that message's conversation; anything else belongs to the room.
+Conversations: a thread (`m.thread`) is its own conversation, whose context starts from the
+thread's root and earlier messages (threads.py); a reply to a message the bot answered or sent
+continues that message's conversation; anything else belongs to the room. A thread message's
+`m.in_reply_to` only counts as a reply when `is_falling_back` is not set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -13,11 +16,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nio import MatrixRoom
 
 from bot.adapters.matrix.commands import MatrixCommands
+from bot.adapters.matrix.direct import DirectRooms
+from bot.adapters.matrix.pacing import Pacers
 from bot.adapters.matrix.render import (
     ReplyTarget,
     StreamedReply,
@@ -26,6 +31,7 @@ from bot.adapters.matrix.render import (
     transaction_id,
 )
 from bot.adapters.matrix.state import MatrixState
+from bot.adapters.matrix.threads import ThreadContext
 from bot.app import App
 from bot.core.attention import Attention, Trigger
 from bot.core.background import Background
@@ -38,16 +44,22 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "matrix"
 PREFIX = "!"
-ADMIN_POWER = 50
 # Commands the bot answers to on Matrix; those the command layer lacks say "not available yet".
 KNOWN_COMMANDS = ("help", "persona", "reset", "memories", "forget", "imagine", "spend")
 _UNDECRYPTABLE_EVERY = 600.0  # seconds between "can't decrypt" notices in one room
 _TEXT_TYPES = frozenset({"m.text", "m.notice", "m.emote"})
 _FALLBACK_QUOTE = re.compile(r"^(> .*\n)+\n?")
 
+
 # (room id, content, transaction id) → the sent event's id, or None when it failed
-Sender = Callable[[str, dict[str, Any], str | None], Awaitable[str | None]]
+class Sender(Protocol):
+    async def __call__(
+        self, room_id: str, content: dict[str, Any], txn: str | None, *, droppable: bool = False
+    ) -> str | None: ...
+
+
 Typing = Callable[[str, bool], Awaitable[None]]
+Redactor = Callable[[str, str, str], Awaitable[None]]  # (room id, event id, txn id)
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,8 @@ class RoomMessage:
     sender: str
     body: str
     msgtype: str
-    mentions: tuple[str, ...]
-    reply_to: str | None
+    mentions: tuple[str, ...] | None  # `m.mentions` user ids; None when the client sent none
+    reply_to: str | None  # a real reply (not a thread's fallback `m.in_reply_to`)
     thread_root: str | None
     formatted: str
 
@@ -73,16 +85,19 @@ class RoomMessage:
         relates = content.get("m.relates_to") or {}
         reply_to = (relates.get("m.in_reply_to") or {}).get("event_id")
         thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+        if thread_root and relates.get("is_falling_back", False):
+            reply_to = None  # only there for clients without threads: not a reply (spec)
         if reply_to and not thread_root:
             body = _FALLBACK_QUOTE.sub("", body)  # the quoted reply fallback of older clients
-        user_ids = (content.get("m.mentions") or {}).get("user_ids") or []
+        mentions = content.get("m.mentions")
+        user_ids = (mentions.get("user_ids") or []) if isinstance(mentions, dict) else None
         return cls(
             room_id=room_id,
             event_id=str(source.get("event_id")),
             sender=str(source.get("sender")),
             body=body.strip(),
             msgtype=str(content.get("msgtype", "m.text")),
-            mentions=tuple(str(u) for u in user_ids),
+            mentions=None if user_ids is None else tuple(str(u) for u in user_ids),
             reply_to=reply_to,
             thread_root=thread_root,
             formatted=str(content.get("formatted_body") or ""),
@@ -101,14 +116,22 @@ class MatrixMessages:
         send: Sender,
         typing: Typing,
         commands: MatrixCommands,
+        direct: DirectRooms,
+        pacers: Pacers,
+        redact: Redactor,
+        threads: ThreadContext,
     ) -> None:
         self.app = app
+        self.direct = direct
         self.commands = commands
         self.settings = app.settings
         self.state = state
         self.user_id = user_id
         self._send = send
         self._typing = typing
+        self.pacers = pacers
+        self.threads = threads
+        self._redact = redact
         self.attention = Attention()
         self.limiter = RateLimiter(
             app.pool, self.settings.matrix_rate_per_minute, self.settings.matrix_rate_burst
@@ -116,26 +139,11 @@ class MatrixMessages:
         self.admins = _csv(self.settings.matrix_admins)
         self._tasks = Background("handling a Matrix message")
         self._undecryptable: dict[str, float] = {}
-        self._creators: dict[str, set[str]] = {}
 
-    def note_state(self, room_id: str, source: dict[str, Any]) -> None:
-        """Remember a room's creators: from room version 12 on they outrank every power level."""
-        if source.get("type") == "m.room.create" and source.get("state_key") == "":
-            content = source.get("content") or {}
-            extra = content.get("additional_creators") or []
-            self._creators[room_id] = {str(source.get("sender")), *map(str, extra)}
-
-    def is_admin(self, room: MatrixRoom, user_id: str) -> bool:
-        if user_id in self.admins:
-            return True
-        version = room.room_version
-        if (
-            version.isdigit()
-            and int(version) >= 12
-            and user_id in self._creators.get(room.room_id, set())
-        ):
-            return True
-        return room.power_levels.get_user_level(user_id) >= ADMIN_POWER
+    def is_admin(self, user_id: str) -> bool:
+        """Deployment-wide commands (`!spend`, persona changes) are for `MATRIX_ADMINS` only:
+        anyone can create a room and hold power level 100 in it."""
+        return user_id in self.admins
 
     async def on_message(self, room: MatrixRoom, message: RoomMessage) -> None:
         conversation = await self._conversation(message)
@@ -165,7 +173,8 @@ class MatrixMessages:
         self._spawn(self._reply(room, message, conversation))
 
     async def on_undecryptable(self, room: MatrixRoom, event_id: str) -> None:
-        """A message the bot cannot decrypt gets a clear notice (at most one per room a while)."""
+        """With encryption on, a message the bot cannot decrypt gets a clear notice (at most one
+        per room a while). With it off the adapter leaves encrypted rooms instead."""
         now = time.monotonic()
         if now - self._undecryptable.get(room.room_id, -_UNDECRYPTABLE_EVERY) < (
             _UNDECRYPTABLE_EVERY
@@ -174,13 +183,7 @@ class MatrixMessages:
         if not await self.state.claim(event_id, room.room_id, room.room_id):
             return
         self._undecryptable[room.room_id] = now
-        if self.settings.matrix_encryption:
-            text = "I couldn't decrypt that message, so I can't answer it. Please send it again."
-        else:
-            text = (
-                "I can't read encrypted messages: encryption is turned off for me. "
-                "Talk to me in an unencrypted room."
-            )
+        text = "I couldn't decrypt that message, so I can't answer it. Please send it again."
         content = message_content(text, "m.notice")
         content["m.relates_to"] = relation(event_id, None)
         await self._send(room.room_id, content, transaction_id(event_id, "undecryptable"))
@@ -202,35 +205,37 @@ class MatrixMessages:
 
     async def _trigger(self, room: MatrixRoom, message: RoomMessage) -> Trigger:
         replied = await self.state.lookup(message.reply_to) if message.reply_to else None
+        root = await self.state.lookup(message.thread_root) if message.thread_root else None
         return Trigger(
-            mentioned=self._mentioned(room, message),
-            reply_to_bot=bool(replied and replied[1]),
-            is_dm=room.member_count == 2,
+            mentioned=self._mentioned(message),
+            reply_to_bot=bool((replied and replied[1]) or (root and root[1])),
+            is_dm=self.direct.is_direct(room.room_id),
             from_bot=message.msgtype == "m.notice",
         )
 
-    def _mentioned(self, room: MatrixRoom, message: RoomMessage) -> bool:
-        if self.user_id in message.mentions or self.user_id in message.formatted:
-            return True
-        names = {self.user_id, self.user_id.split(":")[0].lstrip("@")}
-        display = room.user_name(self.user_id)
-        if display:
-            names.add(display)
-        return any(
-            re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message.body, re.IGNORECASE)
-            for name in names
-        )
+    def _mentioned(self, message: RoomMessage) -> bool:
+        """`m.mentions` decides when the client sent it; otherwise a pill or the full user id.
+        The bot's localpart is no trigger word: persona names and aliases are (attention)."""
+        if message.mentions is not None:
+            return self.user_id in message.mentions
+        return self.user_id in message.formatted or self.user_id in message.body
 
     def _spawn(self, work: Awaitable[None]) -> None:
         self._tasks.spawn(work)
 
     async def _reply(self, room: MatrixRoom, message: RoomMessage, conversation: str) -> None:
+        before = ""
+        if message.thread_root and conversation == f"{room.room_id}|{message.thread_root}":
+            names = {user: room.user_name(user) or user for user in room.users}
+            before = await self.threads.seed(
+                room.room_id, message.thread_root, message.event_id, names
+            )
         incoming = Incoming(
             PLATFORM,
             conversation,
             message.sender,
             room.user_name(message.sender) or message.sender,
-            message.body,
+            before + message.body,
             guild=message.room_id.split(":", 1)[-1],
             message_id=message.event_id,
         )
@@ -239,27 +244,56 @@ class MatrixMessages:
             message.thread_root,
             self.settings.matrix_msgtype,
             self.settings.matrix_stream,
-            self.settings.matrix_edit_interval,
+            self.settings.matrix_max_edits,
             asker=message.sender,
         )
 
-        async def send(content: dict[str, Any], txn: str) -> str | None:
-            return await self._send(room.room_id, content, txn)
+        async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str | None:
+            return await self._send(room.room_id, content, txn, droppable=droppable)
 
         async def attach(path: Path, spoiler: bool) -> list[str]:
             return await self.commands.send_file(room.room_id, path, spoiler, message.event_id)
 
-        reply = StreamedReply(target, send, attach=attach)
-        await self._typing(room.room_id, True)
+        async def redact(event_id: str, txn: str) -> None:
+            await self._redact(room.room_id, event_id, txn)
+
+        reply = StreamedReply(target, send, self.pacers(room.room_id), attach=attach, redact=redact)
+        typing = asyncio.create_task(self._keep_typing(room.room_id))
         try:
             async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
                 await reply.render(events)
         finally:
+            typing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await typing
             await self._typing(room.room_id, False)
             if reply.event_id is not None:
                 await self.state.sent(reply.event_id, room.room_id, conversation)
             for event_id in reply.files:
                 await self.state.sent(event_id, room.room_id, conversation)
+
+    async def _keep_typing(self, room_id: str) -> None:
+        """Typing notices expire; renew them until the reply is done (cold starts)."""
+        while True:
+            await self._typing(room_id, True)
+            await asyncio.sleep(self.settings.matrix_typing_timeout * 2 / 3)
+
+    async def on_typing(self, room: MatrixRoom) -> None:
+        """Someone is typing where the persona would likely answer: wake a sleeping GPU now,
+        so the reply does not wait for its cold start (as on Discord). Never answers."""
+        try:
+            persona = await self.app.engine.persona_for(PLATFORM, room.room_id)
+            likely = (
+                self.direct.is_direct(room.room_id) and self.settings.matrix_answer_dms
+            ) or self.attention.probability(room.room_id, persona) > 0
+            if likely and await self.app.engine.router.prewake(persona.model):
+                log.info(
+                    "pre-waking a backend for %s: someone is typing in %s",
+                    persona.model,
+                    room.room_id,
+                )
+        except Exception:
+            log.exception("pre-wake on typing failed")
 
     async def _command(
         self, room: MatrixRoom, message: RoomMessage, conversation: str, name: str, args: list[str]
@@ -274,7 +308,7 @@ class MatrixMessages:
             conversation,
             message.sender,
             room.user_name(message.sender) or message.sender,
-            is_admin=self.is_admin(room, message.sender),
+            is_admin=self.is_admin(message.sender),
         )
         sent = await self.commands.run(
             room, context, name, args, event_id=message.event_id, thread_root=message.thread_root

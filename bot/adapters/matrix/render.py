@@ -2,25 +2,24 @@
 
 The model's text is Markdown; raw HTML in it is escaped (markdown-it with `html` off) and the
 result is cleaned again by nh3 to the tags Matrix clients render, so no model output can
-inject markup. A streamed reply is sent once and then replaced (`m.replace`) at most once per
-`edit_interval` seconds; a whole reply is sent once at the end. Transaction ids are derived
-from the answered event id, so a retried send can never post a second copy.
+inject markup. A streamed reply is sent once and then replaced (`m.replace`) as the room's
+pacer allows (bot/adapters/matrix/pacing.py); a whole reply is sent once at the end.
+Transaction ids are derived from the answered event id, so a retried send never posts twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nh3
 from markdown_it import MarkdownIt
 
+from bot.adapters.matrix.pacing import Pacer
 from bot.core.engine import Delta, Done, Event, Failed, Notice, Picture
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,15 @@ def transaction_id(event_id: str, step: str) -> str:
     return f"pb-{digest}-{step}"
 
 
-Send = Callable[[dict[str, Any], str], Awaitable[str | None]]  # (content, txn id) → event id
+class Send(Protocol):
+    """(content, txn id) → the sent event's id; a `droppable` edit may be skipped when limited."""
+
+    async def __call__(
+        self, content: dict[str, Any], txn: str, *, droppable: bool = False
+    ) -> str | None: ...
+
+
+Redact = Callable[[str, str], Awaitable[None]]  # (event id, txn id): take a message back
 Attach = Callable[[Path, bool], Awaitable[list[str]]]  # (file, spoiler) → event ids sent
 
 
@@ -88,30 +95,38 @@ class ReplyTarget:
     thread_root: str | None
     msgtype: str
     stream: bool
-    edit_interval: float
+    max_edits: int = 8  # edits in progress per reply; the final text is always sent
     asker: str | None = None  # mentioned intentionally in the reply, as clients do for replies
 
 
 class StreamedReply:
-    """Renders the engine's events into one Matrix message (edited while it grows)."""
+    """Renders the engine's events into one Matrix message (edited while it grows).
+
+    Edits in progress follow the room's `Pacer` (shared with the room's other replies) and
+    stop after `max_edits`; the final text waits only for a `retry_after_ms` the server named.
+    A reply the guard withholds after part of it was shown is redacted, the original and every
+    edit, and then the notice is posted.
+    """
 
     def __init__(
         self,
         target: ReplyTarget,
         send: Send,
-        clock: Callable[[], float] = time.monotonic,
+        pacer: Pacer,
         *,
         attach: Attach | None = None,
+        redact: Redact | None = None,
     ) -> None:
         self.target = target
         self._send = send
+        self._pacer = pacer
         self._attach = attach  # uploads a picture the model drew (the /imagine upload)
+        self._redact = redact
         self.files: list[str] = []  # event ids of the pictures sent
-        self._clock = clock
+        self.shown_events: list[str] = []  # the reply message and its edits, oldest first
         self._text = ""
         self._shown = ""
         self._sent_id: str | None = None
-        self._last_edit = 0.0
         self._edits = 0
 
     @property
@@ -131,13 +146,13 @@ class StreamedReply:
                 if self.target.stream:
                     await self._progress()
             elif isinstance(event, Done):
-                await self._pace()
+                await self._pacer.ready()
                 await self._show(event.text, step="final")
             elif isinstance(event, Picture) and self._attach is not None:
                 self.files += await self._attach(event.path, event.spoiler)
             elif isinstance(event, Failed):
                 if event.retract:
-                    self._text = ""  # the guard withheld what was shown: edit it away
+                    await self._retract()
                 await self._failed(event.text)
         return self._sent_id
 
@@ -147,18 +162,11 @@ class StreamedReply:
             return
         if self._sent_id is None:
             await self._show(text, step="first")
-        elif self._clock() - self._last_edit >= self.target.edit_interval:
+        elif self._edits < self.target.max_edits and self._pacer.edit_due():
             self._edits += 1
-            await self._show(text, step=f"edit{self._edits}")
+            await self._show(text, step=f"edit{self._edits}", droppable=True)
 
-    async def _pace(self) -> None:
-        """Before the last edit: keep edits at most one per `edit_interval`."""
-        if self._sent_id is not None and self._text.strip() != self._shown:
-            wait = self.target.edit_interval - (self._clock() - self._last_edit)
-            if wait > 0:
-                await asyncio.sleep(wait)
-
-    async def _show(self, text: str, *, step: str) -> None:
+    async def _show(self, text: str, *, step: str, droppable: bool = False) -> None:
         if text == self._shown:
             return
         txn = transaction_id(self.target.event_id, step)
@@ -167,17 +175,31 @@ class StreamedReply:
             content["m.relates_to"] = relation(self.target.event_id, self.target.thread_root)
             content["m.mentions"] = {"user_ids": [self.target.asker]} if self.target.asker else {}
             self._sent_id = await self._send(content, txn)
+            sent = self._sent_id
         else:
-            await self._send(edit_content(self._sent_id, text, self.target.msgtype), txn)
-        self._shown = text
-        self._last_edit = self._clock()
+            content = edit_content(self._sent_id, text, self.target.msgtype)
+            sent = await self._send(content, txn, droppable=droppable)
+        self._pacer.edited()
+        if sent is not None:
+            self.shown_events.append(sent)
+            self._shown = text
+
+    async def _retract(self) -> None:
+        """Take back what was shown: redact the edits and the original, newest first."""
+        self._text = ""
+        if self._redact is None or not self.shown_events:
+            return
+        for number, event_id in enumerate(reversed(self.shown_events)):
+            await self._redact(event_id, transaction_id(self.target.event_id, f"redact{number}"))
+        self.shown_events.clear()
+        self._sent_id, self._shown = None, ""
 
     async def _failed(self, message: str) -> None:
         partial = self._text.strip()
         if self._sent_id is not None and partial:
             await self._show(f"{partial}\n\n*({message})*", step="failed")
             return
-        if self._sent_id is not None:  # a notice or a retracted reply is showing: replace it
+        if self._sent_id is not None:  # a notice is showing: replace it
             await self._show(message, step="failed")
             return
         content = message_content(message, "m.notice")

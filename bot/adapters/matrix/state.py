@@ -1,4 +1,5 @@
-"""What the Matrix adapter keeps in Postgres: device id, sync token, catch-up marker, events.
+"""What the Matrix adapter keeps in Postgres: device id and access token, sync token, catch-up
+marker, events.
 
 A replayed event is never handled twice: `claim()` inserts the event id before the bot acts on
 it, and only the first insert wins (across restarts and processes).
@@ -13,6 +14,7 @@ from typing import Any
 @dataclass(frozen=True)
 class SavedState:
     device_id: str | None = None
+    access_token: str | None = None
     next_batch: str | None = None
     caught_up_ts: int | None = None
 
@@ -24,19 +26,25 @@ class MatrixState:
 
     async def load(self) -> SavedState:
         row = await self._pool.fetchrow(
-            "SELECT device_id, next_batch, caught_up_ts FROM matrix_state WHERE account = $1",
+            "SELECT device_id, access_token, next_batch, caught_up_ts FROM matrix_state"
+            " WHERE account = $1",
             self.account,
         )
         if row is None:
             return SavedState()
-        return SavedState(row["device_id"], row["next_batch"], row["caught_up_ts"])
+        return SavedState(
+            row["device_id"], row["access_token"], row["next_batch"], row["caught_up_ts"]
+        )
 
-    async def save_device(self, device_id: str) -> None:
+    async def save_login(self, device_id: str, access_token: str | None) -> None:
+        """The device and its access token, always saved together."""
         await self._pool.execute(
-            "INSERT INTO matrix_state (account, device_id) VALUES ($1, $2)"
-            " ON CONFLICT (account) DO UPDATE SET device_id = $2, updated_at = now()",
+            "INSERT INTO matrix_state (account, device_id, access_token) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account) DO UPDATE SET device_id = $2, access_token = $3,"
+            " updated_at = now()",
             self.account,
             device_id,
+            access_token,
         )
 
     async def save_position(self, next_batch: str, caught_up_ts: int | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from bot.adapters.matrix.pacing import Pacer
 from bot.adapters.matrix.render import ReplyTarget, StreamedReply, to_html, transaction_id
 from bot.core.engine import Delta, Done, Event, Failed, Notice
 from bot.core.personas import Persona
@@ -50,12 +51,12 @@ async def test_stream_sends_once_then_edits_at_most_once_per_interval() -> None:
     clock = _Clock()
     sent: list[tuple[dict[str, Any], str]] = []
 
-    async def send(content: dict[str, Any], txn: str) -> str:
+    async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str:
         sent.append((content, txn))
         return "$reply"
 
-    target = ReplyTarget("$asked", None, "m.notice", True, 1.0)
-    reply = StreamedReply(target, send, clock)
+    target = ReplyTarget("$asked", None, "m.notice", True)
+    reply = StreamedReply(target, send, Pacer(1.0, clock))
     words = [(0.1 * i, Delta(f"w{i} ")) for i in range(25)]  # 2.5 s of words
     done = (2.5, Done("".join(f"w{i} " for i in range(25)).strip(), _persona(), "test"))
     await reply.render(_events(clock, [*words, done]))
@@ -70,18 +71,20 @@ async def test_whole_reply_is_sent_once_and_failure_is_a_notice() -> None:
     clock = _Clock()
     sent: list[dict[str, Any]] = []
 
-    async def send(content: dict[str, Any], txn: str) -> str:
+    async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str:
         sent.append(content)
         return f"$e{len(sent)}"
 
-    target = ReplyTarget("$asked", "$root", "m.text", False, 1.0)
-    await StreamedReply(target, send, clock).render(
+    target = ReplyTarget("$asked", "$root", "m.text", False)
+    await StreamedReply(target, send, Pacer(1.0, clock)).render(
         _events(clock, [(0, Delta("a ")), (0, Delta("b")), (0, Done("a b", _persona(), "t"))])
     )
     assert [c["body"] for c in sent] == ["a b"]
     assert sent[0]["m.relates_to"]["rel_type"] == "m.thread"
     sent.clear()
-    await StreamedReply(target, send, clock).render(_events(clock, [(0, Failed("Sorry."))]))
+    await StreamedReply(target, send, Pacer(1.0, clock)).render(
+        _events(clock, [(0, Failed("Sorry."))])
+    )
     assert sent[0]["msgtype"] == "m.notice" and sent[0]["body"] == "Sorry."
 
 
@@ -89,34 +92,85 @@ async def test_wake_notice_is_shown_then_replaced_by_the_reply() -> None:
     clock = _Clock()
     sent: list[tuple[dict[str, Any], str]] = []
 
-    async def send(content: dict[str, Any], txn: str) -> str:
+    async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str:
         sent.append((content, txn))
         return "$reply"
 
-    target = ReplyTarget("$asked", None, "m.notice", False, 1.0)
+    target = ReplyTarget("$asked", None, "m.notice", False)
     events = [
         (0.0, Notice("ollama:10.0.0.5 is down", user_text=None)),  # operator-only: not shown
         (0.0, Notice("Waking up gpu…", user_text="Waking up gpu…")),
         (2.0, Delta("Morning!")),
         (2.0, Done("Morning!", _persona(), "t")),
     ]
-    await StreamedReply(target, send, clock).render(_events(clock, events))
+    await StreamedReply(target, send, Pacer(1.0, clock)).render(_events(clock, events))
     assert [c["body"] for c, _ in sent] == ["*Waking up gpu…*", "* Morning!"]
     assert sent[1][0]["m.new_content"]["body"] == "Morning!"
     assert "10.0.0.5" not in str(sent)
 
 
-async def test_a_retracted_reply_is_edited_away() -> None:
+async def test_a_withheld_reply_is_redacted_with_its_edits_then_the_notice_is_posted() -> None:
     clock = _Clock()
     sent: list[dict[str, Any]] = []
+    redacted: list[str] = []
 
-    async def send(content: dict[str, Any], txn: str) -> str:
+    async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str:
         sent.append(content)
+        return f"$e{len(sent)}"
+
+    async def redact(event_id: str, txn: str) -> None:
+        redacted.append(event_id)
+
+    target = ReplyTarget("$asked", None, "m.text", True)
+    events = [
+        (0.0, Delta("Fine start.\n\n")),
+        (1.5, Delta("More fine words.")),
+        (2.0, Failed("Withheld: S10 Hate.", retract=True)),
+    ]
+    reply = StreamedReply(target, send, Pacer(1.0, clock), redact=redact)
+    await reply.render(_events(clock, events))
+    assert [c["body"] for c in sent[:2]] == ["Fine start.", "* Fine start.\n\nMore fine words."]
+    assert redacted == ["$e2", "$e1"], "the edit and the original, newest first"
+    notice = sent[-1]
+    assert notice["body"] == "Withheld: S10 Hate." and notice["msgtype"] == "m.notice"
+    assert "m.new_content" not in notice and reply.event_id == "$e3"
+
+
+def test_the_pacer_doubles_on_a_limit_and_honours_retry_after() -> None:
+    clock = _Clock()
+    pacer = Pacer(2.0, clock)
+    assert pacer.edit_due()
+    pacer.edited()
+    clock.now = 1.9
+    assert not pacer.edit_due()
+    clock.now = 2.0
+    assert pacer.edit_due()
+    assert pacer.limited(5000) == 5.0
+    assert pacer.interval == 4.0
+    clock.now = 6.9
+    assert not pacer.edit_due(), "not before retry_after_ms"
+    clock.now = 7.0
+    assert pacer.edit_due()
+    for _ in range(10):
+        pacer.limited(None)
+    assert pacer.interval == 60.0, "capped"
+    pacer.succeeded()
+    assert 2.0 < pacer.interval < 60.0, "eases back after a success"
+
+
+async def test_edits_stop_at_the_cap_but_the_final_text_lands() -> None:
+    clock = _Clock()
+    sent: list[tuple[dict[str, Any], bool]] = []
+
+    async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str:
+        sent.append((content, droppable))
         return "$reply"
 
-    target = ReplyTarget("$asked", None, "m.text", True, 1.0)
-    events = [(0.0, Delta("Fine start.\n\n")), (1.5, Failed("Withheld: S10 Hate.", retract=True))]
-    await StreamedReply(target, send, clock).render(_events(clock, events))
-    assert sent[0]["body"] == "Fine start."
-    final = sent[-1]["m.new_content"]["body"]
-    assert final == "Withheld: S10 Hate." and "Fine start" not in final
+    target = ReplyTarget("$asked", None, "m.text", True, max_edits=2)
+    words = [(float(i), Delta(f"w{i} ")) for i in range(10)]
+    final = Done("".join(f"w{i} " for i in range(10)).strip(), _persona(), "t")
+    await StreamedReply(target, send, Pacer(1.0, clock)).render(
+        _events(clock, [*words, (10.0, final)])
+    )
+    assert [droppable for _, droppable in sent] == [False, True, True, False]
+    assert sent[-1][0]["m.new_content"]["body"] == final.text
