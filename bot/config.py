@@ -89,7 +89,12 @@ class Settings(BaseSettings):
     )
     backends_file: Path | None = Field(default=None, description="YAML file with the backends")
     backend_idle_stop: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"  # or seconds
-    backend_idle_check_interval: float = Field(default=10.0, gt=0)
+    backend_idle_check_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=1.0,
+        description="seconds between idle checks; at most 1, or the idle stop lags the policy",
+    )
     backend_wake_timeout: float = Field(default=180.0, gt=0)
     backend_wake_poll: float = Field(default=2.0, gt=0)
     backend_breaker_base: float = Field(default=5.0, gt=0)

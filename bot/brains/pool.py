@@ -9,10 +9,12 @@ requests wait on the same task), and is told once through its `notify` callback.
 the wake driver to start the machine, then polls Ollama with an empty chat until it answers with
 the model loaded. A wake that fails or times out rests the backend (breaker) and stops it again.
 
-Sleeping (`idle_check`, run by the scheduler): a woken backend with no request in flight and
-nothing to do for `idle_stop` seconds is stopped, and the wake-to-stop interval is recorded as
-GPU seconds at its price (sessions.py). In-flight requests are counted from `acquire` (before
-the wake) to `release` (after the last token), so a machine is never stopped under a reply.
+Sleeping (`idle_check`, run by the scheduler at least once a second): a woken backend with no
+request in flight and nothing to do for `idle_stop` seconds (or, for `auto`, the learned idle
+time of idle.py, from the gaps between uses and the billed cost of a restart) is stopped, and
+the wake-to-stop interval is recorded as GPU seconds at its price (sessions.py). In-flight
+requests are counted from `acquire` (before the wake) to `release` (after the last token), so a
+machine is never stopped under a reply.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Protocol
 
 from bot.brains.base import Brain
 from bot.brains.breaker import CircuitBreaker
+from bot.brains.idle import AutoIdle
 from bot.brains.sessions import Session, SessionSink
 from bot.brains.wake import WakeDriver, WakeFailed
 
@@ -36,9 +39,6 @@ log = logging.getLogger(__name__)
 
 WAKING_NOTICE = "Waking up {name} (it was asleep to save money); the first reply takes a moment…"
 _MS = Decimal("0.001")
-AUTO_IDLE_FACTOR = 1.0
-AUTO_IDLE_MIN = 15.0
-AUTO_IDLE_MAX = 900.0
 
 
 class PoolBrain(Brain, Protocol):
@@ -68,6 +68,8 @@ class Backend:
     woken_wall: datetime | None = None
     cold_starts: int = 0
     wake_seconds: float | None = None  # how long the last cold start took
+    auto: AutoIdle = field(default_factory=AutoIdle)  # the learned idle time, for "auto"
+    _used: bool = False  # a demand has been seen, so later ones end idle gaps
     _wake: asyncio.Task[None] | None = None
     _stop: asyncio.Event | None = None  # set when a stop under way has finished
 
@@ -77,15 +79,17 @@ class Backend:
             self.state = "up"
 
     def idle_limit(self) -> float:
-        """Seconds idle before stopping. "auto" is the ski-rental rule: stay up idle as long as
-        a cold start costs (AUTO_IDLE_FACTOR x the last wake's seconds, which are billed too);
-        stopping sooner risks paying a wake for a short gap, later pays idle time for nothing.
-        """
+        """Seconds idle before stopping: `idle_stop`, or for "auto" the learned time (idle.py)."""
         if self.idle_stop is not None:
             return self.idle_stop
-        if self.wake_seconds is None:
-            return AUTO_IDLE_MAX
-        return min(AUTO_IDLE_MAX, max(AUTO_IDLE_MIN, AUTO_IDLE_FACTOR * self.wake_seconds))
+        return self.auto.limit(self.last_used)
+
+    def demand(self, now: float) -> None:
+        """A message or typing is here: the idle gap it ends goes into the auto idle book."""
+        waking = self.state == "waking" or (self._wake is not None and not self._wake.done())
+        idle = self._used and self.in_flight == 0 and not waking
+        self.auto.demand(now, self.last_used if idle else None)
+        self._used = True
 
     def serves(self, model: str) -> bool:
         return not self.models or normalize_model(model) in self.models
@@ -125,6 +129,7 @@ class BackendPool:
         self, backend: Backend, model: str, notify: Callable[[str], None] | None = None
     ) -> None:
         """Count a request in flight on `backend`, waking it first if needed (shared wake)."""
+        backend.demand(self._clock())
         backend.in_flight += 1
         try:
             if backend.state != "up":
@@ -163,6 +168,7 @@ class BackendPool:
         if not usable:
             return False
         backend = usable[0]
+        backend.demand(self._clock())
         if backend.state == "up":
             backend.last_used = max(backend.last_used, self._clock())
             return False
@@ -186,13 +192,16 @@ class BackendPool:
         self._mark_up(backend, started=False)
         backend.cold_starts += 1
         log.info("waking %s (%s) for %s", backend.name, backend.driver.kind, model)
+        slept = 0.0  # the last polling sleep: the machine may have been ready through it
         try:
             async with asyncio.timeout(self.wake_timeout):
                 await backend.driver.start()
                 while True:  # poll: the remote machine has no way to tell us
                     if await backend.brain.ready(model):
                         break
+                    before = self._clock()
                     await asyncio.sleep(self.poll_interval)
+                    slept = self._clock() - before
         except (WakeFailed, TimeoutError) as exc:
             reason = str(exc) if isinstance(exc, WakeFailed) else "it did not wake in time"
             self._rest(backend)
@@ -202,6 +211,7 @@ class BackendPool:
         backend.last_used = self._clock()
         backend.breaker.success()
         backend.wake_seconds = self._clock() - (backend.woken_at or 0.0)
+        backend.auto.wake = round(backend.wake_seconds - slept, 3)  # ms, as sessions are
         log.info("%s is up after %.1fs", backend.name, backend.wake_seconds)
 
     def _mark_up(self, backend: Backend, *, started: bool) -> None:
@@ -227,8 +237,10 @@ class BackendPool:
         """Stop the machine and book its interval; on a failed stop it stays `up` (retried)."""
         backend.state = "stopping"
         backend._stop = done = asyncio.Event()
+        began = self._clock()
         try:
             await backend.driver.stop()
+            backend.auto.stop = round(self._clock() - began, 3)
         except WakeFailed as exc:
             log.error("%s could not be stopped (%s); it is still billing", backend.name, exc)
             if reason == "idle":
