@@ -26,10 +26,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 AUTO_IDLE_MAX = 900.0  # never stay up idle longer than this
-WAIT_WEIGHT = 0.4  # a restart (a cold start someone may wait for) counts as 1.4 restart costs
+WAIT_WEIGHT = 0.45  # a restart (a cold start someone may wait for) counts as 1.45 of them
 WINDOW = 120.0  # seconds of recent demand that set the context
 BUCKETS = (1, 2, 3, 5, 8, 13, 21)  # demands in the window: bucket edges
-HISTORY = 400  # gaps kept per context
+HISTORY = 2000  # gaps kept per context
 MIN_HISTORY = 30  # fewer in a context: the ski-rental rule
 _REFRESH = 20  # recompute a context's idle time after this many new gaps
 
