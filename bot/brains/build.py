@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from bot.brains.breaker import CircuitBreaker
+from bot.brains.idle import AutoIdle
 from bot.brains.ollama_brain import OllamaBrain
 from bot.brains.pool import Backend, BackendPool
 from bot.brains.sessions import SessionSink
@@ -85,6 +86,7 @@ def build_backend(
         models=frozenset(spec.models),
         usd_per_second=spec.cost.usd_per_second(),
         idle_stop=_idle_stop(spec.idle_stop or settings.backend_idle_stop),
+        auto=AutoIdle(billing_minimum=spec.billing_minimum),
         breaker=CircuitBreaker(
             base=settings.backend_breaker_base, cap=settings.backend_breaker_max, clock=clock
         ),

@@ -6,6 +6,7 @@
       cost: {usd_per_gpu_hour: 0.70}      # or {watts: 250, usd_per_kwh: 0.30}
       wake: {driver: fly, app: my-ollama, machine: 3d8d9…}
       idle_stop: auto                     # seconds idle before it is stopped, or auto
+      billing_minimum: 60                 # seconds the provider bills a session at least (0)
 
 Unset, the pool is one always-on backend at `OLLAMA_HOST`: the behaviour before pools existed.
 """
@@ -94,6 +95,7 @@ class BackendSpec(BaseModel):
     cost: Cost = Field(default_factory=Cost)
     wake: WakeSpec = Field(default_factory=NoWakeSpec)
     idle_stop: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None  # None: setting
+    billing_minimum: float = Field(default=0.0, ge=0)  # seconds; auto counts it in a restart
     keep_alive: str | float | None = None
 
 

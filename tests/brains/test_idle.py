@@ -79,6 +79,7 @@ async def test_the_pool_measures_a_restart_without_its_polling_sleep(
         "cost": {"usd_per_gpu_hour": "0.72"},
         "wake": {"driver": "fly", "app": fly.app, "machine": fly.machine, "api_url": fly.url},
         "idle_stop": "auto",
+        "billing_minimum": 0.5,
     }
     settings = make_settings(
         tmp_path,
@@ -106,4 +107,5 @@ async def test_the_pool_measures_a_restart_without_its_polling_sleep(
     finally:
         await pool.aclose()  # stops the machine it woke: the stop is measured
     assert fly.state == "stopped" and gpu.auto.stop > 0.0
-    assert gpu.auto.restart == pytest.approx(gpu.auto.wake + gpu.auto.stop)
+    assert gpu.auto.billing_minimum == 0.5, "from the backend's `billing_minimum`"
+    assert gpu.auto.restart == pytest.approx(max(0.5, gpu.auto.wake + gpu.auto.stop))
