@@ -215,6 +215,10 @@ def add_simulate_parser(sub: Any) -> None:
     p.add_argument("--speed", type=float, default=Machine.speed, help="tokens a second")
     p.add_argument("--reply-tokens", type=int, default=Machine.reply_tokens)
     p.add_argument("--prompt", type=float, default=Machine.prompt, help="seconds to first token")
+    _add_goal_arguments(p)
+
+
+def _add_goal_arguments(p: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=1500, help="--goal: tokens a prompt")
     p.add_argument(
         "--usd-in",
@@ -240,8 +244,9 @@ def add_simulate_parser(sub: Any) -> None:
         default=Decimal(300),
         help="--goal: home GPU box, watts while answering",
     )
-    p.add_argument("--usd-per-kwh", type=Decimal, default=Decimal("0.30"),
-                   help="--goal: home electricity")  # fmt: skip
+    p.add_argument(
+        "--usd-per-kwh", type=Decimal, default=Decimal("0.30"), help="--goal: home electricity"
+    )
 
 
 def trace_from_args(args: Any) -> tuple[list[Message], str]:
