@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 from decimal import Decimal
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def test_cli_goal_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert [t["name"] for t in report["traces"]] == ["community", "adversarial", "sparse", "ours"]
     assert set(report) >= {"traces", "cheapest_mix", "cheapest_mix_usd_per_month", "pass"}
     assert report["traces"][3]["messages_per_day"] == 80.0
+
+
+@pytest.mark.parametrize("minimum", [0.0, 40.0, 300.0])
+def test_the_optimum_is_the_cheapest_split_by_brute_force(minimum: float) -> None:
+    """Every way of cutting 9 messages into sessions, priced by hand, against the DP."""
+    rng = random.Random(int(minimum))
+    ats = sorted(rng.uniform(0, 200) for _ in range(9))
+    machine = ONE_SECOND  # a session: 12 s before its first message, 1 s reply, 2 s stop
+    cheapest = float("inf")
+    for cuts in itertools.product([False, True], repeat=len(ats) - 1):
+        total, first = 0.0, ats[0]
+        for i, cut in enumerate([*cuts, True]):
+            if cut:  # a session from first - 12 to ats[i] + 1 + 2
+                total += max(minimum, ats[i] + 3 - first + 12)
+                first = ats[i + 1] if i + 1 < len(ats) else 0.0
+        cheapest = min(cheapest, total)
+    trace = [Message(at) for at in ats]
+    assert optimum(trace, machine, minimum).billed == pytest.approx(cheapest)
