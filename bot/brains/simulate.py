@@ -5,8 +5,8 @@ pre-wake on typing, the idle stop, the session book) on a virtual clock (simtrac
 with one simulated GPU machine: it boots in `--boot` seconds once started, loads the model in
 `--load` seconds on the first chat, then answers `--reply-tokens` tokens at `--speed` tokens a
 second after `--prompt` seconds; a stop takes `--stop` seconds, and the provider bills each
-session at least `--billing-minimum` seconds. Idle checks run every second (the default and
-most of `BACKEND_IDLE_CHECK_INTERVAL`). Policies, side by side:
+session at least `--billing-minimum` seconds. Idle checks run every second (the default, and
+the longest `BACKEND_IDLE_CHECK_INTERVAL` allows). Policies, side by side:
 
     always on          the machine never sleeps
     idle 1/5/15 min    stopped after a fixed idle time; pre-wake on typing as ours
