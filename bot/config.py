@@ -122,11 +122,12 @@ class Settings(BaseSettings):
     backends_file: Path | None = Field(default=None)
     """a YAML file with the backend list (used when `BACKENDS` is unset)"""
     backend_idle_stop: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"  # or seconds
-    """seconds a woken backend may sit idle before it is stopped, or `auto` (as long as its last
-    cold start took, 15 s to 15 min); a backend's `idle_stop` overrides it
+    """seconds a woken backend may sit idle before it is stopped, or `auto` (learned from the gaps
+    between uses and the billed cost of a restart: see [Backends and cost](backends.md)); a
+    backend's `idle_stop` overrides it
     """
-    backend_idle_check_interval: float = Field(default=10.0, gt=0)
-    """seconds between idle checks"""
+    backend_idle_check_interval: float = Field(default=1.0, gt=0, le=1.0)
+    """seconds between idle checks; at most 1, or the idle stop lags the policy"""
     backend_wake_timeout: float = Field(default=180.0, gt=0)
     """seconds a wake may take, start to model loaded, before the backend counts as failed"""
     backend_wake_poll: float = Field(default=2.0, gt=0)

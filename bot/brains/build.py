@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pydantic import SecretStr
 
 from bot.brains.breaker import CircuitBreaker
+from bot.brains.idle import AutoIdle
 from bot.brains.ollama_brain import OllamaBrain
 from bot.brains.openai_brain import Alert, OpenAIBrain
 from bot.brains.pool import Backend, BackendPool, PoolBrain, normalize_model
@@ -128,6 +129,7 @@ def build_backend(
         usd_per_output_token=per_out,
         max_context=spec.max_context,
         idle_stop=_idle_stop(spec.idle_stop or settings.backend_idle_stop),
+        auto=AutoIdle(billing_minimum=spec.billing_minimum),
         breaker=CircuitBreaker(
             base=settings.backend_breaker_base, cap=settings.backend_breaker_max, clock=clock
         ),

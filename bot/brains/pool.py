@@ -17,8 +17,10 @@ backend's session (or joins the one another process opened), asks the wake drive
 the machine, then polls Ollama with an empty chat until it answers with the model loaded. Any
 failure of the driver or the backend ends the wake: the backend rests (breaker) and is stopped.
 
-Sleeping (`idle_check`, run by the scheduler in every process): a machine nobody (in any
-process) used for its idle time is stopped by the one process that claims its session; that
+Sleeping (`idle_check`, run by the scheduler in every process at least once a second): a
+machine nobody (in any process) used for its idle time (`idle_stop` seconds, or for `auto` the
+learned idle time of idle.py, from the gaps between uses and the billed cost of a restart) is
+stopped by the one process that claims its session; that
 process books the interval's last increment and closes it. `book` (every minute, once across
 replicas) books the GPU time of open sessions as it runs; `reconcile` (every few minutes) asks
 each driver for the machine's real state and mends the books.
@@ -41,6 +43,7 @@ from typing import Protocol
 
 from bot.brains.base import BackendRefused, Brain, RequestRejected
 from bot.brains.breaker import CircuitBreaker
+from bot.brains.idle import AutoIdle
 from bot.brains.lease import Lease
 from bot.brains.sessions import MemorySessions, SessionStore
 from bot.brains.wake import WakeDriver, WakeFailed
@@ -48,9 +51,6 @@ from bot.brains.wake import WakeDriver, WakeFailed
 log = logging.getLogger(__name__)
 
 WAKING_NOTICE = "Waking up {name} (it was asleep to save money); the first reply takes a moment…"
-AUTO_IDLE_FACTOR = 1.0
-AUTO_IDLE_MIN = 15.0
-AUTO_IDLE_MAX = 900.0
 LEASE_TTL = 900.0  # seconds without a chunk after which a lease left behind stops counting
 
 
@@ -83,6 +83,8 @@ class Backend:
     cold_starts: int = 0
     wake_seconds: float | None = None  # how long the last cold start took
     leases: set[Lease] = field(default_factory=set)
+    auto: AutoIdle = field(default_factory=AutoIdle)  # the learned idle time, for "auto"
+    _used: bool = False  # a demand has been seen, so later ones end idle gaps
     _wake: asyncio.Task[None] | None = None
     _stop: asyncio.Event | None = None  # set when a stop under way has finished
 
@@ -97,15 +99,17 @@ class Backend:
         return len(self.leases)
 
     def idle_limit(self) -> float:
-        """Seconds idle before stopping. "auto" is the ski-rental rule: stay up idle as long as
-        a cold start costs (AUTO_IDLE_FACTOR x the last wake's seconds, which are billed too);
-        stopping sooner risks paying a wake for a short gap, later pays idle time for nothing.
-        """
+        """Seconds idle before stopping: `idle_stop`, or for "auto" the learned time (idle.py)."""
         if self.idle_stop is not None:
             return self.idle_stop
-        if self.wake_seconds is None:
-            return AUTO_IDLE_MAX
-        return min(AUTO_IDLE_MAX, max(AUTO_IDLE_MIN, AUTO_IDLE_FACTOR * self.wake_seconds))
+        return self.auto.limit(self.last_used)
+
+    def demand(self, now: float) -> None:
+        """A message or typing is here: the idle gap it ends goes into the auto idle book."""
+        waking = self.state == "waking" or (self._wake is not None and not self._wake.done())
+        idle = self._used and self.in_flight == 0 and not waking
+        self.auto.demand(now, self.last_used if idle else None)
+        self._used = True
 
     def serves(self, model: str) -> bool:
         return not self.models or normalize_model(model) in self.models
@@ -173,6 +177,7 @@ class BackendPool:
         self, backend: Backend, model: str, notify: Callable[[str], None] | None = None
     ) -> Lease:
         """A lease on `backend`, waking it first if needed (shared wake)."""
+        backend.demand(self._clock())
         lease = Lease(self, backend)
         backend.leases.add(lease)
         lease.probe = backend.breaker.begin()
@@ -256,6 +261,7 @@ class BackendPool:
         if not usable:
             return False
         backend = usable[0]
+        backend.demand(self._clock())
         if not backend.driver.always_on:
             state = await self.sessions.hold(backend.name, self.holder, 0, self._wall())
             if state == "closed" and backend.state == "up":
@@ -296,11 +302,15 @@ class BackendPool:
         backend.cold_starts += 1
         log.info("waking %s (%s) for %s", backend.name, backend.driver.kind, model)
         await backend.driver.start()
+        slept = 0.0  # the last polling sleep: the machine may have been ready through it
         while True:  # poll: the remote machine has no way to tell us
             if await backend.brain.ready(model):
                 break
+            before = self._clock()
             await asyncio.sleep(self.poll_interval)
+            slept = self._clock() - before
         backend.wake_seconds = self._clock() - (backend.woken_at or 0.0)
+        backend.auto.wake = round(backend.wake_seconds - slept, 3)  # ms, as sessions are
         log.info("%s is up after %.1fs", backend.name, backend.wake_seconds)
 
     async def _wake_failed(self, backend: Backend, exc: Exception) -> None:
@@ -352,8 +362,10 @@ class BackendPool:
             return False
         backend.state = "stopping"
         backend._stop = done = asyncio.Event()
+        began = self._clock()
         try:
             await backend.driver.stop()
+            backend.auto.stop = round(self._clock() - began, 3)
         except Exception as exc:
             log.error("%s could not be stopped (%s); it is still billing", backend.name, exc)
             backend.state = "up" if reason == "idle" else "asleep"

@@ -4,14 +4,20 @@ The trace is replayed against the real BackendPool and BrainRouter (waking, the 
 pre-wake on typing, the idle stop, the session book) on a virtual clock (simtrace.VirtualLoop),
 with one simulated GPU machine: it boots in `--boot` seconds once started, loads the model in
 `--load` seconds on the first chat, then answers `--reply-tokens` tokens at `--speed` tokens a
-second after `--prompt` seconds. Policies, side by side:
+second after `--prompt` seconds; a stop takes `--stop` seconds, and the provider bills each
+session at least `--billing-minimum` seconds. Idle checks run every second (the default, and
+the longest `BACKEND_IDLE_CHECK_INTERVAL` allows). Policies, side by side:
 
     always on          the machine never sleeps
-    idle 1/5/15 min    stopped after a fixed idle time; woken by the message that needs it
-    ours               `idle_stop: auto` (the ski-rental rule, pool.py) and pre-wake on typing
+    idle 1/5/15 min    stopped after a fixed idle time; pre-wake on typing as ours
+    ours               `idle_stop: auto` (idle.py: the idle time learned from the gaps) and
+                       pre-wake on typing
+    optimum            knowing every message in advance, the cheapest schedule that adds no
+                       wait (simfast.optimum)
 
 Billed seconds are what the provider charges (start to stop); busy seconds are when a reply was
 being generated; added latency is the wait before the first token beyond a warm machine's.
+`--goal` (simgoal.py) prints the goal check as JSON instead.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,22 +33,16 @@ from decimal import Decimal
 
 from bot.brains.base import CallStats, ChatRequest, Chunk
 from bot.brains.breaker import CircuitBreaker
-from bot.brains.pool import AUTO_IDLE_MAX, Backend, BackendPool
+from bot.brains.idle import AUTO_IDLE_MAX
+from bot.brains.pool import Backend, BackendPool
 from bot.brains.router import BrainRouter
 from bot.brains.sessions import MemorySessions
-from bot.brains.simtrace import (
-    DAY,
-    Machine,
-    Message,
-    VirtualLoop,
-    community_trace,
-    load_trace,
-    percentile,
-)
+from bot.brains.simfast import Outcome, optimum
+from bot.brains.simtrace import DAY, Machine, Message, VirtualLoop, percentile, trace_from_args
 
 MODEL = "llama3.2:3b"
 DAYS_PER_MONTH = 30.4375
-CHECK_EVERY = 10.0  # seconds between idle checks: BACKEND_IDLE_CHECK_INTERVAL's default
+CHECK_EVERY = 1.0  # seconds between idle checks: BACKEND_IDLE_CHECK_INTERVAL's default
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Policy:
     name: str
     idle_stop: float | None  # None: auto
     always_on: bool = False
-    prewake: bool = False
+    prewake: bool = True
 
 
 POLICIES = (
@@ -57,7 +58,7 @@ POLICIES = (
     Policy("idle 1 min", 60.0),
     Policy("idle 5 min", 300.0),
     Policy("idle 15 min", 900.0),
-    Policy("ours (auto + pre-wake)", None, prewake=True),
+    Policy("ours (auto + pre-wake)", None),
 )
 
 
@@ -70,10 +71,32 @@ class Result:
     latency_p50: float
     latency_p95: float
     usd_month: Decimal
+    cold_hit_rate: float = 0.0  # the share of messages that waited for a wake
+    latency_p99: float = 0.0
 
     @property
     def ratio(self) -> float:
         return self.billed / self.busy if self.busy else float("inf")
+
+
+def result(name: str, out: Outcome, days: float, price: Decimal) -> Result:
+    """An outcome over `days` as a day's figures, and the month's dollars."""
+    billed = out.billed / days
+    return Result(
+        name,
+        billed,
+        out.busy / days,
+        out.starts / days,
+        percentile(out.waits, 0.5),
+        percentile(out.waits, 0.95),
+        Decimal(billed * DAYS_PER_MONTH) * price / 3600,
+        out.cold_hits / len(out.waits) if out.waits else 0.0,
+        percentile(out.waits, 0.99),
+    )
+
+
+def trace_days(trace: list[Message], machine: Machine) -> float:
+    return max(1.0, (trace[-1].at + machine.service) / DAY)
 
 
 class _SimGpu:
@@ -88,12 +111,15 @@ class _SimGpu:
         self.up = always_on
         self.loaded = always_on
         self.busy: list[tuple[float, float]] = []
+        self.started = asyncio.Event()
 
     async def start(self) -> None:
+        self.started.set()
         await asyncio.sleep(self.m.boot)
         self.up = True
 
     async def stop(self) -> None:
+        await asyncio.sleep(self.m.stop)
         self.up = self.loaded = False
 
     async def state(self) -> str:
@@ -132,90 +158,95 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-async def _replay(trace: list[Message], policy: Policy, machine: Machine, price: Decimal) -> Result:
+async def _idle_job(pool: BackendPool, backend: Backend, gpu: _SimGpu) -> None:
+    """The scheduler's idle check on the grid of whole `CHECK_EVERY`s; while the machine is
+    asleep nothing can stop, so the clock skips to its next start instead of ticking."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if backend.state == "asleep":
+            gpu.started.clear()
+            await gpu.started.wait()
+        now = loop.time()
+        await asyncio.sleep(math.floor(now / CHECK_EVERY + 1) * CHECK_EVERY - now)
+        await pool.idle_check()
+
+
+async def replay(
+    trace: list[Message], policy: Policy, machine: Machine, billing_minimum: float = 0.0
+) -> Outcome:
+    """`trace` through the real pool and router under `policy`, on the running virtual loop."""
     loop = asyncio.get_running_loop()
     gpu = _SimGpu(machine, policy.always_on)
     backend = Backend(
         name=gpu.name,
         brain=gpu,
         driver=gpu,
-        usd_per_second=price / 3600,
         idle_stop=policy.idle_stop,
         breaker=CircuitBreaker(clock=loop.time),
     )
+    backend.auto.billing_minimum = billing_minimum
     sessions = MemorySessions()
     pool = BackendPool([backend], sessions=sessions, clock=loop.time, poll_interval=0.5)
     router = BrainRouter([], pool)
     request = ChatRequest(MODEL, [{"role": "user", "content": "hi"}], 0.8, 1, 400, 4096)
-    latencies: list[float] = []
+    waits: list[float] = []
 
     async def message(msg: Message) -> None:
         if policy.prewake and msg.typing > 0:
             await asyncio.sleep(max(0.0, msg.at - msg.typing - loop.time()))
             await pool.prewake(MODEL)
+        if not msg.sent:
+            return
         await asyncio.sleep(max(0.0, msg.at - loop.time()))
         answer = await router.open(request)
-        latencies.append(max(0.0, loop.time() - msg.at - machine.prompt))
+        waits.append(max(0.0, loop.time() - msg.at - machine.prompt))
         async for _ in answer.chunks():
             pass
 
-    async def idle_job() -> None:
-        while True:
-            await asyncio.sleep(CHECK_EVERY)
-            await pool.idle_check()
-
-    job = None if policy.always_on else asyncio.create_task(idle_job())
+    job = None if policy.always_on else asyncio.create_task(_idle_job(pool, backend, gpu))
     await asyncio.gather(*(message(m) for m in trace))
     end = max(trace[-1].at + machine.service, loop.time())
     await asyncio.sleep(max(0.0, end - loop.time()))
     if job is not None:
-        for _ in range(int(AUTO_IDLE_MAX / CHECK_EVERY) + 2):  # the last idle tail is billed too
+        for _ in range(int(AUTO_IDLE_MAX / CHECK_EVERY) + 30):  # the last idle tail is billed
             if backend.state == "asleep":
                 break
             await asyncio.sleep(CHECK_EVERY)
         job.cancel()
     await pool.aclose()  # books the last session
-    days = max(1.0, end / DAY)
-    billed = end if policy.always_on else float(sum(s.seconds for s in sessions.sessions))
-    return Result(
-        policy.name,
-        billed / days,
-        _union(gpu.busy) / days,
-        backend.cold_starts / days,
-        percentile(latencies, 0.5),
-        percentile(latencies, 0.95),
-        Decimal(billed / days * DAYS_PER_MONTH) * price / 3600,
-    )
+    if policy.always_on:
+        billed = end
+    else:
+        billed = sum(max(billing_minimum, float(s.seconds)) for s in sessions.sessions)
+    return Outcome(billed, _union(gpu.busy), backend.cold_starts, waits)
 
 
-def hindsight(trace: list[Message], machine: Machine, price: Decimal) -> Result:
-    """The bound no online policy beats: knowing every message in advance, the machine is up
-    exactly while busy, and each idle gap costs min(gap, a cold start) (stay up, or restart)."""
-    cold = machine.boot + machine.load
-    busy = _union([(m.at, m.at + machine.service) for m in trace])
-    billed, starts, end = cold + busy, 1, float("-inf")
-    for m in trace:
-        if end != float("-inf") and m.at > end:
-            billed += min(m.at - end, cold)
-            starts += m.at - end > cold
-        end = max(end, m.at + machine.service)
-    days = max(1.0, end / DAY)
-    usd = Decimal(billed / days * DAYS_PER_MONTH) * price / 3600
-    return Result("hindsight best (bound)", billed / days, busy / days, starts / days, 0, 0, usd)
+def run_replay(
+    trace: list[Message], policy: Policy, machine: Machine, billing_minimum: float = 0.0
+) -> Outcome:
+    """`replay` on a fresh virtual clock."""
+    loop = VirtualLoop()
+    try:
+        return loop.run_until_complete(replay(trace, policy, machine, billing_minimum))
+    finally:
+        loop.close()
 
 
 def simulate(
-    trace: list[Message], machine: Machine, price: Decimal, policies: tuple[Policy, ...] = POLICIES
+    trace: list[Message],
+    machine: Machine,
+    price: Decimal,
+    policies: tuple[Policy, ...] = POLICIES,
+    billing_minimum: float = 0.0,
 ) -> list[Result]:
-    """Each policy on its own virtual clock, from the same trace."""
-    results = []
-    for policy in policies:
-        loop = VirtualLoop()
-        try:
-            results.append(loop.run_until_complete(_replay(trace, policy, machine, price)))
-        finally:
-            loop.close()
-    return results
+    """Each policy on its own virtual clock, from the same trace, and the optimum last."""
+    days = trace_days(trace, machine)
+    results = [
+        result(p.name, run_replay(trace, p, machine, billing_minimum), days, price)
+        for p in policies
+    ]
+    best = optimum(trace, machine, billing_minimum)
+    return [*results, result("optimum (no added wait)", best, days, price)]
 
 
 def table(results: list[Result]) -> str:
@@ -235,28 +266,20 @@ def table(results: list[Result]) -> str:
 
 def simulate_cli(args: argparse.Namespace) -> int:
     logging.getLogger("bot.brains").setLevel(logging.ERROR)  # thousands of wakes and stops
-    if args.trace is not None:
-        trace = load_trace(args.trace)
-        source = str(args.trace)
-    else:
-        trace = community_trace(
-            days=args.days,
-            per_day=args.per_day,
-            burst_mean=args.burst,
-            gap_mean=args.gap,
-            seed=args.seed,
-        )
-        source = (
-            f"generated: {args.days} days x {args.per_day} messages in bursts of"
-            f" {args.burst:g} messages {args.gap:g} s apart (means), seed {args.seed}"
-        )
-    machine = Machine(args.boot, args.load, args.speed, args.reply_tokens, args.prompt)
+    if args.goal:
+        from bot.brains.simgoal import goal_cli
+
+        return goal_cli(args)
+    trace, source = trace_from_args(args)
+    machine = Machine(args.boot, args.load, args.speed, args.reply_tokens, args.prompt, args.stop)
+    sent = sum(1 for m in trace if m.sent)
     sys.stdout.write(
-        f"trace: {source} ({len(trace)} messages)\n"
+        f"trace: {source} ({sent} messages, {len(trace) - sent} typed and never sent)\n"
         f"machine: ${args.price}/GPU-hour, cold start {machine.boot:g}+{machine.load:g} s, "
+        f"stop {machine.stop:g} s, billing minimum {args.billing_minimum:g} s, "
         f"{machine.reply_tokens} tokens at {machine.speed:g}/s "
         f"({machine.service:.2f} s a reply)\n\n"
     )
-    results = [*simulate(trace, machine, args.price), hindsight(trace, machine, args.price)]
+    results = simulate(trace, machine, args.price, billing_minimum=args.billing_minimum)
     sys.stdout.write(table(results) + "\n")
     return 0

@@ -7,6 +7,7 @@
       wake: {driver: fly, app: my-ollama, machine: 3d8d9…}
       idle_stop: auto                     # seconds idle before it is stopped, or auto
       max_context: 8192                   # prompts (plus the reply) longer than this skip it
+      billing_minimum: 60                 # seconds the provider bills a session at least (0)
 
     - name: api                           # any OpenAI-compatible server (vLLM, llama.cpp's
       kind: openai                        #   server, LM Studio, a hosted API)
@@ -120,6 +121,7 @@ class BackendSpec(BaseModel):
     cost: Cost = Field(default_factory=Cost)
     wake: WakeSpec = Field(default_factory=NoWakeSpec)
     idle_stop: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None  # None: setting
+    billing_minimum: float = Field(default=0.0, ge=0)  # seconds; auto counts it in a restart
     keep_alive: str | float | None = None
     max_context: int | None = Field(default=None, gt=0)  # tokens: longer requests skip it
 

@@ -1,0 +1,111 @@
+"""`idle_stop: auto`: the learned idle time (idle.py) and what the pool measures for it.
+
+Real parts: the official `ollama` client against a fake Ollama on loopback, httpx against the
+fake Fly Machines API on loopback (tests/fakes/fly.py), the embedded PostgreSQL for settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.brains.build import build_pool
+from bot.brains.idle import AUTO_IDLE_MAX, MIN_HISTORY, AutoIdle, best_idle
+from tests.conftest import make_settings
+from tests.fakes.fly import FakeFly, MachineOllama
+from tests.fakes.loopback import dead_url
+
+MODEL = "llama3.2:3b"
+
+
+def test_restart_cost_is_wake_plus_stop_or_the_billing_minimum() -> None:
+    idle = AutoIdle(wake=12.0, stop=3.0)
+    assert idle.restart == 15.0
+    idle.billing_minimum = 60.0
+    assert idle.restart == 60.0
+    assert AutoIdle().restart is None
+
+
+def test_best_idle_on_gaps_worked_by_hand() -> None:
+    # R = 10, no penalty. T = 0: 3 restarts, 30. T = 2: 2 + 2*(2+10) = 26. T = 4: 2+4+(4+10) = 20.
+    # T = 50: 56. So 4: stay through the short gaps, stop before the long one.
+    assert best_idle([2.0, 4.0, 50.0], restart=10.0, penalty=0.0) == 4.0
+    # Every gap long: stop at once (each costs R instead of R + the gap).
+    assert best_idle([100.0, 200.0, 300.0], restart=10.0, penalty=0.0) == 0.0
+    # Gaps longer than the cap are never stayed through.
+    assert best_idle([AUTO_IDLE_MAX + 1] * 3, restart=1e6, penalty=0.0) == 0.0
+
+
+def test_ski_rental_until_there_is_history_then_learned() -> None:
+    idle = AutoIdle()
+    assert idle.limit(0.0) == AUTO_IDLE_MAX, "before the first wake nothing is known"
+    idle.wake, idle.stop = 12.0, 3.0
+    assert idle.limit(0.0) == 15.0, "no history: the ski-rental rule, stay up for R"
+    now = 0.0
+    for _ in range(MIN_HISTORY + 1):  # a lone message an hour: every gap is long
+        idle.demand(now + 3600, now)
+        now += 3600
+    assert idle.limit(now) == 0.0, "quiet: stop as soon as the reply is done"
+
+
+def test_a_busy_context_stays_up_through_short_gaps() -> None:
+    idle = AutoIdle(wake=12.0, stop=3.0)
+    now = 0.0
+    for _ in range(3 * MIN_HISTORY):  # a lively channel: a demand every 8 s
+        idle.demand(now + 8.0, now)
+        now += 8.0
+    # Each 8 s gap stayed through costs 8; a stop and restart would cost R = 15 plus the
+    # penalty, so T = 8 beats T = 0.
+    assert idle.limit(now) == pytest.approx(8.0), "stay up through the 8 s gaps"
+
+
+@pytest.fixture
+async def machine() -> AsyncIterator[tuple[FakeFly, MachineOllama]]:
+    async with MachineOllama() as ollama, FakeFly(ollama=ollama, boot_seconds=0.05) as fly:
+        yield fly, ollama
+
+
+async def test_the_pool_measures_a_restart_without_its_polling_sleep(
+    tmp_path: Path, database_url: str, machine: tuple[FakeFly, MachineOllama]
+) -> None:
+    fly, ollama = machine
+    backend = {
+        "name": "fly-l40s",
+        "url": ollama.url,
+        "models": [MODEL],
+        "cost": {"usd_per_gpu_hour": "0.72"},
+        "wake": {"driver": "fly", "app": fly.app, "machine": fly.machine, "api_url": fly.url},
+        "idle_stop": "auto",
+        "billing_minimum": 0.5,
+    }
+    settings = make_settings(
+        tmp_path,
+        database_url,
+        dead_url(),
+        backends=[backend],
+        fly_api_token="fly-test-token-123",
+        backend_wake_poll=0.3,
+        backend_wake_timeout=10.0,
+        memory_enabled=False,
+    )
+    pool = build_pool(settings, clock=time.monotonic)
+    [gpu] = pool.backends
+    try:
+        # Asked once before the start (a machine left running?), then polled: two misses,
+        # each followed by a polling sleep.
+        ollama.fail_next(503, "loading", count=3)
+        assert await pool.prewake(MODEL)
+        await pool.acquire(gpu, MODEL)  # waits on the same wake
+        pool.release(gpu)
+        assert gpu.wake_seconds is not None and gpu.auto.wake is not None
+        assert gpu.wake_seconds >= 0.6, "two polling sleeps of 0.3 s"
+        assert 0.3 <= gpu.wake_seconds - gpu.auto.wake < 0.45, "the last sleep is not billed"
+        assert gpu.auto.stop == 0.0
+    finally:
+        await pool.aclose()  # stops the machine it woke: the stop is measured
+    assert fly.state == "stopped" and gpu.auto.stop > 0.0
+    assert gpu.auto.billing_minimum == 0.5, "from the backend's `billing_minimum`"
+    assert gpu.auto.restart == pytest.approx(max(0.5, gpu.auto.wake + gpu.auto.stop))
