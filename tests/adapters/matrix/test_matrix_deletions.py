@@ -8,14 +8,7 @@ import asyncio
 
 from bot.app import App
 from bot.config import Settings
-from tests.adapters.matrix.test_matrix import (  # noqa: F401 - fixtures
-    bot_user,
-    group_room,
-    human,
-    matrix_settings,
-    running_bot,
-    settle,
-)
+from tests.adapters.matrix.helpers import group_room, running_bot, settle
 from tests.fakes.ollama import FakeOllama
 from tests.matrix_human import Human
 from tests.synapse import MatrixUser, Synapse
@@ -37,10 +30,10 @@ async def until(app: App, wanted: list[str], wait: float = 20.0) -> None:
 
 
 async def test_redacted_and_edited_messages(
-    matrix_settings: Settings,  # noqa: F811
+    matrix_settings: Settings,
     synapse: Synapse,
-    bot_user: MatrixUser,  # noqa: F811
-    human: Human,  # noqa: F811
+    bot_user: MatrixUser,
+    human: Human,
     fake_ollama: FakeOllama,
 ) -> None:
     async with running_bot(matrix_settings) as (app, adapter):
