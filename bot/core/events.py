@@ -28,6 +28,10 @@ class Incoming:
     addressed: bool = True
     guild: str | None = None  # Discord guild or Matrix server, for per-guild policy and budgets
     nsfw: bool = False  # the channel is marked NSFW (the guard may relax S12 for some personas)
+    # A cast (issue 21): which cast member answers (None: the conversation's persona), and
+    # when the message is another cast member's reply, that persona's name (bot/core/cast.py).
+    persona: str | None = None
+    from_persona: str | None = None
 
     @property
     def user_key(self) -> str:
