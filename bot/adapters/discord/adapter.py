@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 import aiohttp
 import discord
 from discord import app_commands
 
+from bot.adapters.discord.cast import Faces, said_of
 from bot.adapters.discord.commands import SlashCommands
 from bot.adapters.discord.policy import DiscordPolicy
 from bot.adapters.discord.render import (
@@ -34,7 +36,8 @@ from bot.adapters.discord.render import (
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
 from bot.adapters.message_map import MessageMap
 from bot.app import App
-from bot.core.attention import Attention, Trigger
+from bot.core.attention import Attention
+from bot.core.cast import Choice, Said, Stage, who_speaks
 from bot.core.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.core.events import user_key
 from bot.core.personas import Persona
@@ -102,6 +105,8 @@ class DiscordAdapter:
             app.pool, app.settings.discord_rate_per_minute, app.settings.discord_rate_burst
         )
         self.messages = MessageMap(app.pool, PLATFORM)
+        self.stage = Stage()  # a cast: who wrote which message, who answered what
+        self.faces = Faces(self.settings.discord_edit_interval)
         self.tree = app_commands.CommandTree(self.client)
         self.slash = SlashCommands(self)
         self._inflight: set[asyncio.Task[object]] = set()
@@ -226,32 +231,70 @@ class DiscordAdapter:
         if not self.policy.permits(message.author.id, roles, ids, is_dm=is_dm):
             return
         key, reply_to_bot = await self._conversation_of(message)
-        persona = await self._persona(key, message.channel)
-        trigger = Trigger(
-            mentioned=_mentions_me(message, me.id),
+        await self._persona(key, message.channel)  # a new thread takes its channel's persona
+        cast = await self.app.engine.cast_for(PLATFORM, key)
+        said = said_of(
+            message,
+            cast,
+            self.stage,
             reply_to_bot=reply_to_bot,
-            is_dm=is_dm,
+            mentioned=_mentions_me(message, me.id),
             always_listen=self.policy.listens(ids),
-            from_bot=message.author.bot,
         )
-        decision = self.attention.decide(
-            conversation_key=key,
-            persona=persona,
-            text=message.content,
-            trigger=trigger,
-            answer_dms=self.settings.discord_answer_dms,
-            answer_bots=self.settings.discord_answer_bots,
-        )
-        if not decision.answer:
+        choices = self._who_speaks(cast, said, key)
+        if not choices:
             return
-        log.info("answering %s in %s: %s", message.author.id, key, decision.reason)
+        log.info("answering %s in %s: %s", message.author.id, key, choices[0].reason)
         if not await self.limiter.allow(user_key(PLATFORM, str(message.author.id))):
-            if not decision.reason.startswith("following"):
-                await send_plain(message, rate_limited_notice(persona.display_name))
+            if not choices[0].reason.startswith("following"):
+                await send_plain(message, rate_limited_notice(choices[0].persona.display_name))
             return
         text = await self._text_of(message)
         if text:
-            await self._reply(message, self._incoming(message, key, text))
+            await self._cast_replies(message, self._incoming(message, key, text), cast, choices)
+
+    def _who_speaks(self, cast: list[Persona], said: Said, key: str) -> list[Choice]:
+        return who_speaks(
+            cast,
+            said,
+            self.attention,
+            key,
+            answer_dms=self.settings.discord_answer_dms,
+            answer_bots=self.settings.discord_answer_bots,
+        )
+
+    async def _cast_replies(
+        self,
+        message: discord.Message,
+        incoming: Incoming,
+        cast: list[Persona],
+        choices: list[Choice],
+        turn: int = 0,
+    ) -> None:
+        """Each chosen cast member answers `message` once; then the others may answer its
+        reply, within the persona-turn budget (bot/core/cast.py)."""
+        for choice in choices:
+            persona = choice.persona
+            if not self.stage.claim(str(message.id), persona.name):
+                continue
+            view = self.faces.view(message, persona, len(cast) > 1)
+            asked = dataclasses.replace(incoming, persona=persona.name)
+            reply = await self._reply(message, asked, view)
+            if reply is None or not view.sent:
+                continue
+            said = view.sent[0]
+            self.stage.wrote(str(said.id), persona.name, turn + 1)
+            heard = Said(reply, author=persona.name, turn=turn + 1)
+            after = self._who_speaks(cast, heard, incoming.conversation)
+            if after:
+                spoken = dataclasses.replace(
+                    incoming,
+                    author_id=f"persona:{persona.name}",
+                    author_name=persona.display_name,
+                    text=reply,
+                    from_persona=persona.name,
+                )
+                await self._cast_replies(said, spoken, cast, after, turn + 1)
 
     async def on_typing(self, channel: object, user: object, when: object) -> None:
         """Someone is typing where the persona would answer: wake a sleeping GPU now, so the
@@ -357,8 +400,12 @@ class DiscordAdapter:
             nsfw=bool(is_nsfw()) if callable(is_nsfw) else False,
         )
 
-    async def _reply(self, message: discord.Message, incoming: Incoming) -> None:
-        view = ReplyView(message, self.settings.discord_edit_interval)
+    async def _reply(
+        self, message: discord.Message, incoming: Incoming, view: ReplyView | None = None
+    ) -> str | None:
+        """Render the engine's answer; returns the reply's text when one was given."""
+        view = view or ReplyView(message, self.settings.discord_edit_interval)
+        answered: str | None = None
         await view.start_typing()
         try:
             async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
@@ -367,6 +414,7 @@ class DiscordAdapter:
                         await view.grow(event.text)
                     elif isinstance(event, Done):
                         await view.finish(event.text)
+                        answered = event.text
                     elif isinstance(event, Failed):
                         await view.fail(event.text, retract=event.retract)
                     elif isinstance(event, Notice):
@@ -382,6 +430,7 @@ class DiscordAdapter:
         finally:
             await view.stop_typing()
             await self._remember(incoming.conversation, message, view)
+        return answered
 
     async def _remember(self, key: str, message: discord.Message, view: ReplyView) -> None:
         try:

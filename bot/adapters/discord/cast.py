@@ -1,0 +1,100 @@
+"""A cast of personas on Discord: the glue between the adapter and bot/core/cast.py.
+
+Describes a Discord message as a `Said` (who it replies to: a persona's message is known by its
+id in the `Stage`, by the webhook's name, or by the bold name the bot's account puts first),
+and renders a cast member's reply under its own name: through the channel's webhook when the
+bot may manage webhooks (webhooks.py), else from the bot's account with the name in bold.
+A cast of one speaks exactly as before: from the bot's account, no name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import discord
+
+from bot.adapters.discord.reply import ReplyView
+from bot.core.cast import Said, Stage
+from bot.core.personas import Persona
+
+_BOLD_NAME = re.compile(r"\*\*(?P<name>[^*\n]{1,80})\*\*")
+
+
+class NamedReplyView(ReplyView):
+    """A reply from the bot's account with the persona's name in bold before it."""
+
+    def __init__(self, source: discord.Message, interval: float, name: str) -> None:
+        super().__init__(source, interval)
+        self.name = name
+
+    async def show(self, text: str) -> None:
+        await super().show(f"**{self.name}**: {text}" if text else text)
+
+
+def persona_by_display(cast: Sequence[Persona], name: str) -> Persona | None:
+    wanted = name.strip().lower()
+    for persona in cast:
+        if wanted in (persona.display_name.lower(), persona.name.lower()):
+            return persona
+    return None
+
+
+def replied_persona(
+    message: discord.Message, cast: Sequence[Persona], stage: Stage, *, reply_to_bot: bool
+) -> str | None:
+    """The cast member whose message `message` replies to, when it is one."""
+    reference = message.reference
+    if reference is None or reference.message_id is None:
+        return None
+    known = stage.author(str(reference.message_id))
+    if known is not None:
+        return known[0]
+    resolved = reference.resolved
+    if isinstance(resolved, discord.Message):
+        if resolved.webhook_id is not None:  # a persona's face: the webhook message's name
+            found = persona_by_display(cast, resolved.author.name)
+            if found is not None:
+                return found.name
+        bold = _BOLD_NAME.match(resolved.content)
+        if reply_to_bot and bold is not None:
+            found = persona_by_display(cast, bold.group("name"))
+            if found is not None:
+                return found.name
+    if reply_to_bot and len(cast) == 1:
+        return cast[0].name
+    return None
+
+
+def said_of(
+    message: discord.Message,
+    cast: Sequence[Persona],
+    stage: Stage,
+    *,
+    reply_to_bot: bool,
+    mentioned: bool,
+    always_listen: bool,
+) -> Said:
+    """A person's Discord message as the cast sees it."""
+    replied = replied_persona(message, cast, stage, reply_to_bot=reply_to_bot)
+    return Said(
+        text=message.content,
+        reply_to=replied,
+        # a reply to the bot whose persona is unknown still speaks to the cast
+        mentioned=mentioned or (reply_to_bot and replied is None),
+        is_dm=message.guild is None,
+        always_listen=always_listen,
+        from_bot=message.author.bot,
+    )
+
+
+class Faces:
+    """How a cast member's reply looks: a cast of one as before, else under its own name."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+
+    def view(self, source: discord.Message, persona: Persona, named: bool) -> ReplyView:
+        if not named:
+            return ReplyView(source, self.interval)
+        return NamedReplyView(source, self.interval, persona.display_name)
