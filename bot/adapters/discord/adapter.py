@@ -221,7 +221,7 @@ class DiscordAdapter:
 
     async def _on_message(self, message: discord.Message) -> None:
         me = self.client.user
-        if me is None or message.author.id == me.id:
+        if me is None or message.author.id == me.id or self.faces.ours(message):
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
@@ -277,7 +277,7 @@ class DiscordAdapter:
             persona = choice.persona
             if not self.stage.claim(str(message.id), persona.name):
                 continue
-            view = self.faces.view(message, persona, len(cast) > 1)
+            view = await self.faces.view(message, persona, len(cast) > 1)
             asked = dataclasses.replace(incoming, persona=persona.name)
             reply = await self._reply(message, asked, view)
             if reply is None or not view.sent:

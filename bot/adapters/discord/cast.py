@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import discord
 
 from bot.adapters.discord.reply import ReplyView
+from bot.adapters.discord.webhooks import WebhookReplyView, Webhooks
 from bot.core.cast import Said, Stage
 from bot.core.personas import Persona
 
@@ -89,12 +90,24 @@ def said_of(
 
 
 class Faces:
-    """How a cast member's reply looks: a cast of one as before, else under its own name."""
+    """How a cast member's reply looks: a cast of one as before (the bot's account, no name);
+    in a larger cast, through the channel's webhook under the persona's name and face, or from
+    the bot's account with the name in bold where the bot may not manage webhooks."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, webhooks: Webhooks | None = None) -> None:
         self.interval = interval
+        self.webhooks = webhooks or Webhooks()
 
-    def view(self, source: discord.Message, persona: Persona, named: bool) -> ReplyView:
+    def ours(self, message: discord.Message) -> bool:
+        """A message one of our webhooks posted (it comes back through the gateway)."""
+        return message.webhook_id is not None and message.webhook_id in self.webhooks.ids
+
+    async def view(self, source: discord.Message, persona: Persona, named: bool) -> ReplyView:
         if not named:
             return ReplyView(source, self.interval)
-        return NamedReplyView(source, self.interval, persona.display_name)
+        hook = await self.webhooks.hook(source.channel)
+        if hook is None:
+            return NamedReplyView(source, self.interval, persona.display_name)
+        return WebhookReplyView(
+            source, self.interval, hook=hook, persona=persona, hooks=self.webhooks
+        )
