@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 
 import aiohttp
 import discord
 from discord import app_commands
 
-from bot.adapters.discord.cast import Faces, said_of
+from bot.adapters.discord.cast import CastPlayer, Faces, said_of
 from bot.adapters.discord.commands import SlashCommands
 from bot.adapters.discord.policy import DiscordPolicy
 from bot.adapters.discord.render import (
@@ -37,7 +36,6 @@ from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
 from bot.adapters.message_map import MessageMap
 from bot.app import App
 from bot.core.attention import Attention
-from bot.core.cast import Choice, Said, Stage, who_speaks
 from bot.core.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.core.events import user_key
 from bot.core.personas import Persona
@@ -105,8 +103,12 @@ class DiscordAdapter:
             app.pool, app.settings.discord_rate_per_minute, app.settings.discord_rate_burst
         )
         self.messages = MessageMap(app.pool, PLATFORM)
-        self.stage = Stage()  # a cast: who wrote which message, who answered what
-        self.faces = Faces(self.settings.discord_edit_interval)
+        self.cast = CastPlayer(
+            Faces(self.settings.discord_edit_interval),
+            self.attention,
+            answer_dms=self.settings.discord_answer_dms,
+            answer_bots=self.settings.discord_answer_bots,
+        )
         self.tree = app_commands.CommandTree(self.client)
         self.slash = SlashCommands(self)
         self._inflight: set[asyncio.Task[object]] = set()
@@ -221,7 +223,7 @@ class DiscordAdapter:
 
     async def _on_message(self, message: discord.Message) -> None:
         me = self.client.user
-        if me is None or message.author.id == me.id or self.faces.ours(message):
+        if me is None or message.author.id == me.id or self.cast.faces.ours(message):
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
@@ -236,12 +238,12 @@ class DiscordAdapter:
         said = said_of(
             message,
             cast,
-            self.stage,
+            self.cast.stage,
             reply_to_bot=reply_to_bot,
             mentioned=_mentions_me(message, me.id),
             always_listen=self.policy.listens(ids),
         )
-        choices = self._who_speaks(cast, said, key)
+        choices = self.cast.who_speaks(cast, said, key)
         if not choices:
             return
         log.info("answering %s in %s: %s", message.author.id, key, choices[0].reason)
@@ -251,50 +253,8 @@ class DiscordAdapter:
             return
         text = await self._text_of(message)
         if text:
-            await self._cast_replies(message, self._incoming(message, key, text), cast, choices)
-
-    def _who_speaks(self, cast: list[Persona], said: Said, key: str) -> list[Choice]:
-        return who_speaks(
-            cast,
-            said,
-            self.attention,
-            key,
-            answer_dms=self.settings.discord_answer_dms,
-            answer_bots=self.settings.discord_answer_bots,
-        )
-
-    async def _cast_replies(
-        self,
-        message: discord.Message,
-        incoming: Incoming,
-        cast: list[Persona],
-        choices: list[Choice],
-        turn: int = 0,
-    ) -> None:
-        """Each chosen cast member answers `message` once; then the others may answer its
-        reply, within the persona-turn budget (bot/core/cast.py)."""
-        for choice in choices:
-            persona = choice.persona
-            if not self.stage.claim(str(message.id), persona.name):
-                continue
-            view = await self.faces.view(message, persona, len(cast) > 1)
-            asked = dataclasses.replace(incoming, persona=persona.name)
-            reply = await self._reply(message, asked, view)
-            if reply is None or not view.sent:
-                continue
-            said = view.sent[0]
-            self.stage.wrote(str(said.id), persona.name, turn + 1)
-            heard = Said(reply, author=persona.name, turn=turn + 1)
-            after = self._who_speaks(cast, heard, incoming.conversation)
-            if after:
-                spoken = dataclasses.replace(
-                    incoming,
-                    author_id=f"persona:{persona.name}",
-                    author_name=persona.display_name,
-                    text=reply,
-                    from_persona=persona.name,
-                )
-                await self._cast_replies(said, spoken, cast, after, turn + 1)
+            incoming = self._incoming(message, key, text)
+            await self.cast.play(message, incoming, cast, choices, self._reply)
 
     async def on_typing(self, channel: object, user: object, when: object) -> None:
         """Someone is typing where the persona would answer: wake a sleeping GPU now, so the

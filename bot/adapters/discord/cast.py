@@ -10,13 +10,16 @@ A cast of one speaks exactly as before: from the bot's account, no name.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 import discord
 
 from bot.adapters.discord.reply import ReplyView
 from bot.adapters.discord.webhooks import WebhookReplyView, Webhooks
-from bot.core.cast import Said, Stage
+from bot.core.attention import Attention
+from bot.core.cast import Choice, Said, Stage, who_speaks
+from bot.core.events import Incoming
 from bot.core.personas import Persona
 
 _BOLD_NAME = re.compile(r"\*\*(?P<name>[^*\n]{1,80})\*\*")
@@ -111,3 +114,64 @@ class Faces:
         return WebhookReplyView(
             source, self.interval, hook=hook, persona=persona, hooks=self.webhooks
         )
+
+
+Reply = Callable[[discord.Message, Incoming, ReplyView], Awaitable[str | None]]
+
+
+class CastPlayer:
+    """Plays a cast's turns in one channel: each chosen persona answers a message once, then
+    the others may answer that reply, within the persona-turn budget (bot/core/cast.py)."""
+
+    def __init__(
+        self, faces: Faces, attention: Attention, *, answer_dms: bool, answer_bots: bool
+    ) -> None:
+        self.faces = faces
+        self.attention = attention
+        self.stage = Stage()  # who wrote which message, who answered what
+        self._answer_dms = answer_dms
+        self._answer_bots = answer_bots
+
+    def who_speaks(self, cast: list[Persona], said: Said, key: str) -> list[Choice]:
+        return who_speaks(
+            cast,
+            said,
+            self.attention,
+            key,
+            answer_dms=self._answer_dms,
+            answer_bots=self._answer_bots,
+        )
+
+    async def play(
+        self,
+        message: discord.Message,
+        incoming: Incoming,
+        cast: list[Persona],
+        choices: list[Choice],
+        reply: Reply,
+        *,
+        turn: int = 0,
+    ) -> None:
+        """`reply` renders the engine's answer into the view and returns its text."""
+        for choice in choices:
+            persona = choice.persona
+            if not self.stage.claim(str(message.id), persona.name):
+                continue
+            view = await self.faces.view(message, persona, len(cast) > 1)
+            text = await reply(message, replace(incoming, persona=persona.name), view)
+            if text is None or not view.sent:
+                continue
+            said = view.sent[0]
+            self.stage.wrote(str(said.id), persona.name, turn + 1)
+            after = self.who_speaks(
+                cast, Said(text, author=persona.name, turn=turn + 1), incoming.conversation
+            )
+            if after:
+                heard = replace(
+                    incoming,
+                    author_id=f"persona:{persona.name}",
+                    author_name=persona.display_name,
+                    text=text,
+                    from_persona=persona.name,
+                )
+                await self.play(said, heard, cast, after, reply, turn=turn + 1)
