@@ -1,6 +1,6 @@
 """Slash commands, mapped onto the platform-neutral command layer (bot/core/commands.py).
 
-`/persona list|show|set`, `/reset`, `/memories`, `/forget`, `/imagine` and `/spend`. A command
+`/persona list|show|set|cast`, `/reset`, `/memories`, `/forget`, `/imagine` and `/spend`. A command
 the layer does not have yet (memory, images or the ledger are not wired in) answers that it is
 "not available yet". Every command defers first, inside Discord's 3-second window; errors reach
 the user as ephemeral messages in plain words. Nothing sent can mention anyone.
@@ -49,6 +49,19 @@ class SlashCommands:
         @app_commands.describe(name="the persona's name")
         async def persona_set(interaction: discord.Interaction, name: str) -> None:
             await self.run(interaction, "persona", [name], admin_only=True)
+
+        @persona.command(name="cast", description="This channel's cast; add or remove (admins)")
+        @app_commands.describe(action="list, add or remove", name="the persona (add, remove)")
+        async def persona_cast(
+            interaction: discord.Interaction,
+            action: Literal["list", "add", "remove"] = "list",
+            name: str | None = None,
+        ) -> None:
+            if action == "list":
+                await self.run(interaction, "persona", ["cast"], private=True)
+                return
+            args = ["cast", action, *([name] if name else [])]
+            await self.run(interaction, "persona", args, admin_only=True)
 
         @app_commands.command(name="reset", description="Forget this conversation's history")
         async def reset(interaction: discord.Interaction) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import discord.ext.test as dpytest
 
+from bot.adapters.discord.policy import DiscordPolicy
 from bot.config import REPO_ROOT
 from bot.core.commands import CommandContext
 from tests.adapters.discord.test_discord import Env, make_env
-from tests.discord_helpers import reply_to
+from tests.discord_helpers import FakeInteraction, FakeUser, reply_to
 from tests.fakes.ollama import FakeOllama
 
 
@@ -92,3 +93,25 @@ async def test_persona_turns_stop_at_the_budget(
             ("assistant", "mimi"),
             ("assistant", "sage"),
         ]
+
+
+async def test_slash_persona_cast_maps_onto_the_command_layer(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    async for env in make_env(tmp_path, database_url, fake_ollama):
+        cast = env.adapter.tree.get_command("persona").get_command("cast").callback  # type: ignore[union-attr]
+        key = str(env.channel.id)
+        admin = FakeUser(1, "admin")
+        env.adapter.policy = DiscordPolicy(admin_users=frozenset({1}))
+        it = FakeInteraction(admin, env.channel)
+        await cast(it, "add", "sage")
+        [(text, ephemeral)] = it.answers()
+        assert "joins the cast" in text and not ephemeral
+        assert "sage" in [p.name for p in await env.app.engine.cast_for("discord", key)]
+        refused = FakeInteraction(FakeUser(2, "member"), env.channel)
+        await cast(refused, "remove", "sage")
+        assert refused.answers() == [("Only an admin can use /persona.", True)]
+        listing = FakeInteraction(FakeUser(2, "member"), env.channel)
+        await cast(listing, "list", None)
+        [(text, ephemeral)] = listing.answers()
+        assert ephemeral and "Sage" in text
