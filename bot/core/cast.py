@@ -8,9 +8,10 @@ Platform-neutral; adapters describe a message as a `Said` and post one reply per
   to. A message that names nobody (an @mention of the bot included) is answered by at most one
   persona: the most attentive one (`Attention.probability`), with that probability, or surely
   when the bot was mentioned or the channel always listens.
-- Personas answer each other too, within a budget: a persona's reply carries its turn number
-  (1 after a human message, 2 after that reply, ...); a persona answers it only while that number
-  is below its `max_persona_turns`, never answers itself, and never answers one message twice
+- Personas answer each other too, within a budget: a persona's reply carries the number of
+  persona replies since the last person's message (`Said.turn`: 1 for the first, and so on, all
+  branches counted together); a persona answers it only while that number is below its
+  `max_persona_turns`, never answers itself, and never answers one message twice
   (`Stage.claim`).
 - Each persona sees the others' replies as named user lines (`view_for`), its own as its own.
 """
@@ -41,7 +42,7 @@ class Said:
     is_dm: bool = False
     always_listen: bool = False
     from_bot: bool = False  # another bot (not one of our personas)
-    turn: int = 0  # persona turns since the last human message; a person's message is 0
+    turn: int = 0  # persona replies since the last person's message; a person's message is 0
 
 
 @dataclass(frozen=True)
@@ -145,16 +146,22 @@ def view_for(
     display: Callable[[str], str],
     *,
     heard_from: str | None = None,
+    repeat_of: str | None = None,
 ) -> list[Turn]:
     """History as `persona` sees it: its own replies stay its own; other personas' replies
-    become user lines under their display names. `heard_from`: the message being answered is
-    that persona's latest reply, already the last row, so it is dropped (it comes as the new
-    message)."""
+    become user lines under their display names. The message being answered comes last as the
+    new message, so its stored copy is dropped: `heard_from`, another persona's latest reply
+    (the last row); `repeat_of`, a person's message another cast member answered first."""
     view = list(turns)
     if heard_from is not None and view:
         last = view[-1]
         if last.role == "assistant" and last.author_name == heard_from:
             view.pop()
+    if repeat_of is not None:
+        for index in range(len(view) - 1, -1, -1):
+            if view[index].role == "user" and view[index].content == repeat_of:
+                del view[index]
+                break
     return [
         Turn("user", display(t.author_name), t.content)
         if t.role == "assistant" and t.author_name != persona.name

@@ -170,7 +170,7 @@ class Engine:
             text=incoming.text,
             persona=persona.name,
             reply=reply,
-            heard=incoming.from_persona is None,
+            heard=incoming.from_persona is None and not incoming.repeat,
         )
         self._remember(incoming, conversation, persona, reply)
         log.info("%s answered %s with %s", persona.name, incoming.user_key, answer.label)
@@ -352,7 +352,13 @@ class Engine:
         turns, memories = await asyncio.gather(
             self.history.recent(conversation.id), self._recall(incoming, conversation, persona)
         )
-        turns = view_for(persona, turns, self._display, heard_from=incoming.from_persona)
+        turns = view_for(
+            persona,
+            turns,
+            self._display,
+            heard_from=incoming.from_persona,
+            repeat_of=incoming.text if incoming.repeat else None,
+        )
         system = self.prompts.system(persona, speaker=incoming.author_name, memories=memories)
         budget = persona.context_window - persona.max_reply_tokens
         messages = build_messages(system, turns, incoming.author_name, incoming.text, budget)

@@ -32,6 +32,7 @@ class Incoming:
     # when the message is another cast member's reply, that persona's name (bot/core/cast.py).
     persona: str | None = None
     from_persona: str | None = None
+    repeat: bool = False  # another cast member already answered (and stored) this message
 
     @property
     def user_key(self) -> str:

@@ -201,3 +201,23 @@ async def test_engine_answers_as_the_chosen_member(app: App, fake_ollama: FakeOl
         ("assistant", "sage", "Hello from Sage."),
         ("assistant", "mimi", "Mimi agrees."),
     ]
+
+
+async def test_a_second_member_answering_one_message_stores_it_once(
+    app: App, fake_ollama: FakeOllama
+) -> None:
+    first = Incoming("test", "c8", "alice", "Alice", "hi all", persona="sage")
+    fake_ollama.queue_reply("Hello from Sage.")
+    [e async for e in app.engine.handle(first)]
+    fake_ollama.queue_reply("Nya, hi Alice.")
+    again = Incoming("test", "c8", "alice", "Alice", "hi all", persona="mimi", repeat=True)
+    [e async for e in app.engine.handle(again)]
+    messages = fake_ollama.chat_requests()[-1]["messages"][1:]
+    assert [m["content"] for m in messages] == ["Sage: Hello from Sage.", "Alice: hi all"]
+    conversation = await app.engine.conversation("test", "c8")
+    rows = await app.engine.history.recent(conversation.id)
+    assert [(t.role, t.author_name) for t in rows] == [
+        ("user", "Alice"),
+        ("assistant", "sage"),
+        ("assistant", "mimi"),
+    ]

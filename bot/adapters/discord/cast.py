@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import discord
 
@@ -149,29 +149,49 @@ class CastPlayer:
         cast: list[Persona],
         choices: list[Choice],
         reply: Reply,
-        *,
-        turn: int = 0,
     ) -> None:
         """`reply` renders the engine's answer into the view and returns its text."""
+        await self._play(message, incoming, cast, choices, reply, spent=_Spent())
+
+    async def _play(
+        self,
+        message: discord.Message,
+        incoming: Incoming,
+        cast: list[Persona],
+        choices: list[Choice],
+        reply: Reply,
+        *,
+        spent: _Spent,
+    ) -> None:
         for choice in choices:
             persona = choice.persona
+            if incoming.from_persona is not None and spent.turns >= persona.max_persona_turns:
+                continue  # siblings used up the budget meanwhile
             if not self.stage.claim(str(message.id), persona.name):
                 continue
             view = await self.faces.view(message, persona, len(cast) > 1)
             text = await reply(message, replace(incoming, persona=persona.name), view)
             if text is None or not view.sent:
                 continue
-            said = view.sent[0]
-            self.stage.wrote(str(said.id), persona.name, turn + 1)
-            after = self.who_speaks(
-                cast, Said(text, author=persona.name, turn=turn + 1), incoming.conversation
-            )
+            incoming = replace(incoming, repeat=True)  # stored now, with this first answer
+            said, spent.turns = view.sent[0], spent.turns + 1
+            self.stage.wrote(str(said.id), persona.name, spent.turns)
+            heard = Said(text, author=persona.name, turn=spent.turns)
+            after = self.who_speaks(cast, heard, incoming.conversation)
             if after:
-                heard = replace(
+                spoken = replace(
                     incoming,
                     author_id=f"persona:{persona.name}",
                     author_name=persona.display_name,
                     text=text,
                     from_persona=persona.name,
+                    repeat=False,
                 )
-                await self.play(said, heard, cast, after, reply, turn=turn + 1)
+                await self._play(said, spoken, cast, after, reply, spent=spent)
+
+
+@dataclass
+class _Spent:
+    """Persona replies so far after one person's message: the budget is shared by the chain."""
+
+    turns: int = 0

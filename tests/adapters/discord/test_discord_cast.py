@@ -95,6 +95,27 @@ async def test_persona_turns_stop_at_the_budget(
         ]
 
 
+async def test_the_budget_counts_every_branch_after_one_message(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    async for env in cast_env(tmp_path, database_url, fake_ollama):
+        env.ollama.queue_reply("Sage, fish tonight?")  # Mimi answers Alice: 1
+        env.ollama.queue_reply("Mimi, yes, fish.")  # Sage answers Mimi: 2, the budget
+        env.ollama.queue_reply("Mimi, hello to you too, Alice.")  # Sage answers Alice herself
+        env.ollama.queue_reply("Sage, again!")  # Mimi would answer that: over the budget
+        await dpytest.message("Mimi and Sage, hello!", env.channel, env.alice)
+        replies = [m.content for m in env.bot_messages()]
+        assert replies == [
+            "**Mimi**: Sage, fish tonight?",
+            "**Sage**: Mimi, yes, fish.",
+            "**Sage**: Mimi, hello to you too, Alice.",
+        ]
+        assert len(env.ollama.chat_requests()) == 3
+        conversation = await env.app.engine.conversation("discord", str(env.channel.id))
+        turns = await env.app.engine.history.recent(conversation.id)
+        assert [t.author_name for t in turns] == [env.alice.display_name, "mimi", "sage", "sage"]
+
+
 async def test_slash_persona_cast_maps_onto_the_command_layer(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
