@@ -83,7 +83,7 @@ def who_speaks(
             answer_dms=answer_dms,
             answer_bots=answer_bots,
         )
-    if said.from_bot and not answer_bots:
+    if (said.from_bot and not answer_bots) or (said.is_dm and not answer_dms):
         return []
     candidates = [p for p in cast if p.name != said.author]
     if said.author is not None:

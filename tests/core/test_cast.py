@@ -131,6 +131,10 @@ def test_mention_of_the_bot() -> None:
     alone = who_speaks([MIMI], Said("hello", mentioned=True), attention, "k2")
     assert names(alone) == ["mimi"]  # a cast of one: a mention counts, as before
     assert who_speaks([MIMI], Said("hello"), Attention(rng=Dice(0.99)), "k3") == []
+    dm = Said("hello", is_dm=True)
+    assert len(who_speaks(CAST, dm, attention, "k4")) == 1
+    assert who_speaks(CAST, dm, attention, "k4", answer_dms=False) == []
+    assert who_speaks(CAST, Said("Sage?", from_bot=True), attention, "k5") == []
 
 
 def test_persona_turns_stop_at_the_budget_and_never_self() -> None:
