@@ -80,9 +80,23 @@ class FakeDiscord:
         """The bodies of the calls of `method` to paths starting with `prefix` (after /api/v10)."""
         return [body for m, path, body in self.calls if m == method and path.startswith(prefix)]
 
-    def add_message(self, channel_id: int, author_id: int, content: str) -> int:
-        message = self._message(channel_id, _user(author_id, f"user{author_id}"), content)
-        return int(message["id"])
+    def add_message(
+        self, channel_id: int, author_id: int, content: str, *, reply_to: int | None = None
+    ) -> int:
+        """A person's message; `reply_to`: a Discord reply (message_reference) to that one."""
+        extra: dict[str, Any] = {}
+        if reply_to is not None:
+            extra = {
+                "type": 19,
+                "message_reference": {
+                    "message_id": str(reply_to),
+                    "channel_id": str(channel_id),
+                    "guild_id": str(GUILD_ID),
+                },
+                "referenced_message": self.messages[reply_to],
+            }
+        author = _user(author_id, f"user{author_id}")
+        return int(self._message(channel_id, author, content, **extra)["id"])
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ import discord
 import pytest
 from discord.http import Route
 
-from bot.adapters.discord.cast import Faces, NamedReplyView
+from bot.adapters.discord.cast import Faces, NamedReplyView, replied_persona
 from bot.adapters.discord.webhooks import HOOK_NAME, WebhookReplyView, Webhooks
+from bot.core.cast import Stage
 from bot.core.personas import Persona
 from tests.fakes.discord_rest import FakeDiscord
 
@@ -119,3 +120,23 @@ async def test_a_deleted_webhook_falls_back_mid_reply(
     assert [s["content"] for s in sent] == ["**Sage**: Hel"]
     assert fake.messages[view.sent[0].id]["content"] == "**Sage**: Hello."
     assert hooks.ids == set(), "the dead webhook is forgotten; the next reply makes a new one"
+
+
+async def test_replies_to_a_persona_message_are_known_without_the_stage(
+    discord_api: tuple[FakeDiscord, discord.Client],
+) -> None:
+    """After a restart the stage is empty: the webhook's name or the bold name tells."""
+    fake, client = discord_api
+    source = await source_in(fake, client, ALLOWED)
+    webhook_view = await Faces(0.0).view(source, SAGE, True)
+    await webhook_view.finish("Good day.")
+    fallback = NamedReplyView(source, 0.0, "Mimi")
+    await fallback.finish("Nya.")
+    channel = source.channel
+    cast = [MIMI, SAGE]
+    for target, expected in ((webhook_view.sent[0].id, "sage"), (fallback.sent[0].id, "mimi")):
+        reply_id = fake.add_message(ALLOWED, 42, "really?", reply_to=target)
+        reply = await channel.fetch_message(reply_id)
+        assert replied_persona(reply, cast, Stage(), reply_to_bot=True) == expected
+    plain = await channel.fetch_message(fake.add_message(ALLOWED, 42, "no reply"))
+    assert replied_persona(plain, cast, Stage(), reply_to_bot=False) is None
