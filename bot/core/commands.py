@@ -73,8 +73,8 @@ class Commands:
         self.register("help", "help", "list the commands", self._help)
         self.register(
             "persona",
-            "persona [NAME]",
-            "show the personas, or switch this conversation to NAME",
+            "persona [NAME] | persona cast [add|remove NAME]",
+            "show the personas, switch this conversation to NAME, or show and change its cast",
             self._persona,
         )
         self.register("reset", "reset", "forget this conversation's history", self._reset)
@@ -97,6 +97,8 @@ class Commands:
         return CommandResult("\n".join(lines), private=True)
 
     async def _persona(self, context: CommandContext, args: list[str]) -> CommandResult:
+        if args and args[0].lower() == "cast":
+            return await self._cast(context, args[1:])
         conversation = await self.engine.conversation(context.platform, context.conversation)
         current = self.engine.persona_named(conversation.persona)
         if not args:
@@ -115,6 +117,43 @@ class Commands:
             raise CommandError(f"There is no persona called {args[0]!r}. Choose one of: {names}.")
         await self.engine.history.set_persona(conversation.id, chosen.name)
         return CommandResult(f"{chosen.display_name} is here now. {chosen.greeting}")
+
+    async def _cast(self, context: CommandContext, args: list[str]) -> CommandResult:
+        """persona cast: list; persona cast add NAME / remove NAME (admins)."""
+        engine = self.engine
+        conversation = await engine.conversation(context.platform, context.conversation)
+        cast = await engine.cast_for(context.platform, context.conversation)
+        if not args:
+            lines = [f"The cast here ({len(cast)}):"]
+            lines += [f"- {p.name}: {p.display_name}" for p in cast]
+            return CommandResult("\n".join(lines), private=True)
+        action = args[0].lower()
+        if action not in ("add", "remove") or len(args) != 2:
+            raise CommandError(
+                "Usage: persona cast, persona cast add NAME, persona cast remove NAME"
+            )
+        if not context.is_admin:
+            raise CommandError("Only an admin can change the cast here.")
+        chosen = engine.personas.find(args[1])
+        if chosen is None:
+            names = ", ".join(engine.personas.names())
+            raise CommandError(f"There is no persona called {args[1]!r}. Choose one of: {names}.")
+        names_now = [p.name for p in cast]
+        if action == "add":
+            if chosen.name in names_now:
+                return CommandResult(f"{chosen.display_name} is already in the cast here.")
+            await engine.history.add_to_cast(conversation.id, [*names_now, chosen.name])
+            return CommandResult(f"{chosen.display_name} joins the cast. {chosen.greeting}")
+        if chosen.name not in names_now:
+            raise CommandError(f"{chosen.display_name} is not in the cast here.")
+        if len(names_now) == 1:
+            raise CommandError(
+                f"{chosen.display_name} is the whole cast; add another persona first, "
+                "or switch with: persona NAME"
+            )
+        await engine.history.add_to_cast(conversation.id, names_now)  # a cast of one stored
+        await engine.history.remove_from_cast(conversation.id, chosen.name)
+        return CommandResult(f"{chosen.display_name} leaves the cast.")
 
     async def _reset(self, context: CommandContext, args: list[str]) -> CommandResult:
         conversation = await self.engine.conversation(context.platform, context.conversation)

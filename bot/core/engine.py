@@ -22,6 +22,7 @@ from bot.brains.local import LocalBrain
 from bot.brains.router import Answer, NoBackend
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
+from bot.core.cast import cast_for, view_for
 from bot.core.events import Delta, Done, Event, Failed, Incoming, Notice, Picture
 from bot.core.history import Conversation, History
 from bot.core.locks import ConversationLocks
@@ -82,6 +83,15 @@ class Engine:
     async def conversation(self, platform: str, external_id: str) -> Conversation:
         return await self.history.conversation(platform, external_id)
 
+    async def cast_for(self, platform: str, external_id: str) -> list[Persona]:
+        """The conversation's cast of personas (bot/core/cast.py); one persona is a cast of one."""
+        conversation = await self.history.conversation(platform, external_id)
+        return await cast_for(self.history, self.persona_named, conversation)
+
+    def _display(self, name: str) -> str:
+        found = self.personas.find(name)
+        return found.display_name if found is not None else name
+
     async def persona_for(self, platform: str, external_id: str) -> Persona:
         conversation = await self.history.conversation(platform, external_id)
         return self.persona_named(conversation.persona)
@@ -113,7 +123,7 @@ class Engine:
 
     async def _answer(self, incoming: Incoming) -> AsyncIterator[Event]:
         conversation = await self.history.conversation(incoming.platform, incoming.conversation)
-        persona = self.persona_named(conversation.persona)
+        persona = self.persona_named(incoming.persona or conversation.persona)
         where = Where(
             incoming.platform,
             incoming.conversation,
@@ -161,6 +171,7 @@ class Engine:
             persona=persona.name,
             reply=reply,
             message_id=incoming.message_id,
+            heard=incoming.from_persona is None and not incoming.repeat,
         )
         self._remember(incoming, conversation, persona, reply, message_row)
         log.info("%s answered %s with %s", persona.name, incoming.user_key, answer.label)
@@ -342,6 +353,13 @@ class Engine:
         turns, memories = await asyncio.gather(
             self.history.recent(conversation.id), self._recall(incoming, conversation, persona)
         )
+        turns = view_for(
+            persona,
+            turns,
+            self._display,
+            heard_from=incoming.from_persona,
+            repeat_of=incoming.text if incoming.repeat else None,
+        )
         system = self.prompts.system(persona, speaker=incoming.author_name, memories=memories)
         budget = persona.context_window - persona.max_reply_tokens
         messages = build_messages(system, turns, incoming.author_name, incoming.text, budget)
@@ -378,8 +396,8 @@ class Engine:
         message_row: int | None = None,
     ) -> None:
         """Hand an answered exchange to memory extraction, in the background."""
-        if self.memory is None or not self.memory.active(persona):
-            return
+        if self.memory is None or not self.memory.active(persona) or incoming.from_persona:
+            return  # nothing to learn about a person from another persona's words
         exchange = Exchange(
             incoming.user_key,
             incoming.author_name,

@@ -29,6 +29,11 @@ class Incoming:
     guild: str | None = None  # Discord guild or Matrix server, for per-guild policy and budgets
     nsfw: bool = False  # the channel is marked NSFW (the guard may relax S12 for some personas)
     message_id: str | None = None  # the platform's id of the message, to honour its deletion
+    # A cast (issue 21): which cast member answers (None: the conversation's persona), and
+    # when the message is another cast member's reply, that persona's name (bot/core/cast.py).
+    persona: str | None = None
+    from_persona: str | None = None
+    repeat: bool = False  # another cast member already answered (and stored) this message
 
     @property
     def user_key(self) -> str:

@@ -61,9 +61,40 @@ class History:
             )
 
     async def set_persona(self, conversation_id: int, persona: str | None) -> None:
-        await self._pool.execute(
-            "UPDATE conversations SET persona = $2 WHERE id = $1", conversation_id, persona
+        """Switch the conversation to one persona: a cast of one (any larger cast is cleared)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE conversations SET persona = $2 WHERE id = $1", conversation_id, persona
+            )
+            await conn.execute(
+                "DELETE FROM conversation_cast WHERE conversation_id = $1", conversation_id
+            )
+
+    async def cast(self, conversation_id: int) -> list[str]:
+        """The cast's persona names in the order they joined; empty: the single persona."""
+        rows = await self._pool.fetch(
+            "SELECT persona FROM conversation_cast WHERE conversation_id = $1"
+            " ORDER BY added_at, persona",
+            conversation_id,
         )
+        return [r["persona"] for r in rows]
+
+    async def add_to_cast(self, conversation_id: int, names: list[str]) -> None:
+        """Add personas to the cast (already there: no change)."""
+        await self._pool.executemany(
+            "INSERT INTO conversation_cast (conversation_id, persona) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING",
+            [(conversation_id, name) for name in names],
+        )
+
+    async def remove_from_cast(self, conversation_id: int, name: str) -> bool:
+        """Take a persona out of the cast; False when it was not in it."""
+        result = await self._pool.execute(
+            "DELETE FROM conversation_cast WHERE conversation_id = $1 AND persona = $2",
+            conversation_id,
+            name,
+        )
+        return bool(int(result.split()[-1]))
 
     async def recent(self, conversation_id: int, limit: int = _HISTORY_ROWS) -> list[Turn]:
         """The latest messages, oldest first."""
@@ -85,21 +116,33 @@ class History:
         persona: str,
         reply: str,
         message_id: str | None = None,
-    ) -> int:
+        heard: bool = True,
+    ) -> int | None:
         """The user's message (with the platform's id of it) and the persona's reply, together
-        or not at all; returns the user message's row id."""
+        or not at all; returns the user message's row id. `heard=False`: the message is another
+        persona's reply (or one another cast member answered), already stored; only the reply
+        is added, and None is returned."""
         insert = (
             "INSERT INTO messages (conversation_id, role, author_id, author_name, persona,"
             " content, platform_message_id) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id"
         )
+        row_id = None
         async with self._pool.acquire() as conn, conn.transaction():
-            row_id = await conn.fetchval(
-                insert, conversation_id, "user", author_id, author_name, persona, text, message_id
-            )
+            if heard:
+                row_id = await conn.fetchval(
+                    insert,
+                    conversation_id,
+                    "user",
+                    author_id,
+                    author_name,
+                    persona,
+                    text,
+                    message_id,
+                )
             await conn.execute(
                 insert, conversation_id, "assistant", persona, persona, persona, reply, message_id
             )
-        return int(row_id)
+        return None if row_id is None else int(row_id)
 
     async def delete_message(self, platform: str, message_id: str) -> list[int]:
         """A message deleted on the platform leaves the history, with the reply to it; returns

@@ -60,6 +60,9 @@ class Persona(BaseModel):
     # probability starting at attention_start and falling to 0 over attention_window seconds.
     attention_window: float = Field(default=300.0, gt=0)
     attention_start: float = Field(default=0.6, ge=0.0, le=1.0)
+    # A cast (issue 21): how many persona turns may follow one human message before this
+    # persona stops answering other personas in the channel.
+    max_persona_turns: int = Field(default=2, ge=0, le=10)
     # Backends (issue 6): when every backend for `model` is down, answer with the local CPU
     # model (with a notice), apologise, or queue: wait for one to come back (BACKEND_QUEUE_WAIT).
     fallback: Literal["local", "apologise", "queue"] = "local"

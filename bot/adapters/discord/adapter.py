@@ -22,6 +22,7 @@ import discord
 from discord import app_commands
 
 from bot.adapters.discord.budget import ChannelBudget
+from bot.adapters.discord.cast import CastPlayer, Faces, said_of
 from bot.adapters.discord.commands import SlashCommands
 from bot.adapters.discord.context import reply_context
 from bot.adapters.discord.conversations import Conversations
@@ -34,14 +35,13 @@ from bot.adapters.discord.render import (
     is_text_attachment,
     rate_limited_notice,
     split_message,
-    trigger_text,
     with_attachments,
 )
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
 from bot.adapters.discord.sync import sync_commands
 from bot.adapters.message_map import MessageMap
 from bot.app import App
-from bot.core.attention import Attention, Trigger
+from bot.core.attention import Attention
 from bot.core.engine import Delta, Done, Failed, Incoming, Notice, Picture
 from bot.core.events import user_key
 from bot.errors import ConfigError
@@ -117,6 +117,12 @@ class DiscordAdapter:
         self.budget = ChannelBudget()
         self.conversations = Conversations(app.engine, self.messages)
         self._bot_turns: dict[int, int] = {}  # channel → answers to bots since a person spoke
+        self.cast = CastPlayer(
+            Faces(self.settings.discord_edit_interval, self.budget),
+            self.attention,
+            answer_dms=self.settings.discord_answer_dms,
+            answer_bots=self.settings.discord_answer_bots,
+        )
         self.tree = app_commands.CommandTree(self.client)
         self.gateway = Gateway(self.client)
         self.fatal = self.gateway.fatal  # the runner exits non-zero when this is set
@@ -224,7 +230,7 @@ class DiscordAdapter:
 
     async def _on_message(self, message: discord.Message) -> None:
         me = self.client.user
-        if me is None or message.author.id == me.id:
+        if me is None or message.author.id == me.id or self.cast.faces.ours(message):
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
@@ -236,30 +242,26 @@ class DiscordAdapter:
         if not self.policy.permits(message.author.id, roles, ids, is_dm=is_dm):
             return
         key = self.conversations.key_of(message.channel)
-        persona = await self.conversations.persona(key, message.channel)
+        cast = await self.conversations.cast(key, message.channel)
         mentioned = _mentions_me(message, me.id)
-        trigger = Trigger(
+        reply_to_bot = await self.conversations.replies_to_bot(message, me.id)
+        said = said_of(
+            message,
+            cast,
+            self.cast.stage,
+            reply_to_bot=reply_to_bot,
             mentioned=mentioned,
-            reply_to_bot=await self.conversations.replies_to_bot(message, me.id),
-            is_dm=is_dm,
             always_listen=self.policy.listens(ids),
-            from_bot=message.author.bot,
         )
-        decision = self.attention.decide(
-            conversation_key=key,
-            persona=persona,
-            text=trigger_text(message.content),
-            trigger=trigger,
-            answer_dms=self.settings.discord_answer_dms,
-            answer_bots=self.settings.discord_answer_bots,
-        )
-        if not decision.answer or not self._bot_may_talk(message):
+        choices = self.cast.who_speaks(cast, said, key)
+        if not choices or not self._bot_may_talk(message):
             return
         # Decided to answer: from here on the database is written.
-        log.info("answering %s in %s: %s", message.author.id, key, decision.reason)
+        log.info("answering %s in %s: %s", message.author.id, key, choices[0].reason)
         if not await self.limiter.allow(user_key(PLATFORM, str(message.author.id))):
-            if not decision.reason.startswith("following"):
-                await send_plain(message, rate_limited_notice(persona.display_name), self.budget)
+            if not choices[0].reason.startswith("following"):
+                notice = rate_limited_notice(choices[0].persona.display_name)
+                await send_plain(message, notice, self.budget)
             return
         await self.conversations.adopt(key, message.channel)
         text = await self._text_of(message)
@@ -267,11 +269,12 @@ class DiscordAdapter:
             message, links=self.settings.discord_reply_chain, my_id=me.id, known=self._known
         )
         if not text and not context:
-            if mentioned or trigger.reply_to_bot or is_dm:  # a bare "@Mimi": say hello
-                await send_plain(message, persona.greeting, self.budget)
+            if mentioned or reply_to_bot or is_dm:  # a bare "@Mimi": say hello
+                await send_plain(message, choices[0].persona.greeting, self.budget)
             return
         text = "\n\n".join(part for part in (context, text) if part)
-        await self._reply(message, self._incoming(message, key, text))
+        incoming = self._incoming(message, key, text)
+        await self.cast.play(message, incoming, cast, choices, self._reply)
 
     def _bot_may_talk(self, message: discord.Message) -> bool:
         """Two bots answering each other would talk forever: a few turns, then silence until a
@@ -393,8 +396,12 @@ class DiscordAdapter:
             message_id=str(message.id),
         )
 
-    async def _reply(self, message: discord.Message, incoming: Incoming) -> None:
-        view = ReplyView(message, self.settings.discord_edit_interval, self.budget)
+    async def _reply(
+        self, message: discord.Message, incoming: Incoming, view: ReplyView | None = None
+    ) -> str | None:
+        """Render the engine's answer; returns the reply's text when one was given."""
+        view = view or ReplyView(message, self.settings.discord_edit_interval, self.budget)
+        answered: str | None = None
         await view.start_typing()
         try:
             async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
@@ -403,6 +410,7 @@ class DiscordAdapter:
                         await view.grow(event.text)
                     elif isinstance(event, Done):
                         await view.finish(event.text)
+                        answered = event.text
                     elif isinstance(event, Failed):
                         await view.fail(event.text, retract=event.retract)
                     elif isinstance(event, Notice):
@@ -419,6 +427,7 @@ class DiscordAdapter:
         finally:
             await view.close()
             await self._remember(incoming.conversation, message, view)
+        return answered
 
     async def _remember(self, key: str, message: discord.Message, view: ReplyView) -> None:
         try:

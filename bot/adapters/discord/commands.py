@@ -1,7 +1,7 @@
 """Slash commands, mapped onto the platform-neutral command layer (bot/core/commands.py).
 
-`/persona list|show|set` (names autocomplete), `/reset`, `/memories`, `/forget`, `/imagine`, and
-under `/admin` (default permission: Manage Server) `/admin spend`. A command
+`/persona list|show|set|cast` (names autocomplete), `/reset`, `/memories`, `/forget`, `/imagine`,
+and under `/admin` (default permission: Manage Server) `/admin spend`. A command
 the layer does not have yet (memory, images or the ledger are not wired in) answers that it is
 "not available yet". Every command defers first, inside Discord's 3-second window; errors reach
 the user as ephemeral messages in plain words. Nothing sent can mention anyone.
@@ -59,6 +59,19 @@ class SlashCommands:
 
         persona_set.autocomplete("name")(self.persona_names)
         persona_show.autocomplete("name")(self.persona_names)
+
+        @persona.command(name="cast", description="This channel's cast; add or remove (admins)")
+        @app_commands.describe(action="list, add or remove", name="the persona (add, remove)")
+        async def persona_cast(
+            interaction: discord.Interaction,
+            action: Literal["list", "add", "remove"] = "list",
+            name: str | None = None,
+        ) -> None:
+            if action == "list":
+                await self.run(interaction, "persona", ["cast"], private=True)
+                return
+            args = ["cast", action, *([name] if name else [])]
+            await self.run(interaction, "persona", args, admin_only=True)
 
         @app_commands.command(name="reset", description="Forget this conversation's history")
         async def reset(interaction: discord.Interaction) -> None:

@@ -53,6 +53,7 @@ class Conversations:
         self._messages = messages
         self._clock = clock
         self._personas: dict[str, tuple[float, str | None]] = {}
+        self._casts: dict[str, tuple[float, list[str]]] = {}
 
     @staticmethod
     def key_of(channel: object) -> str:
@@ -89,9 +90,30 @@ class Conversations:
         self._personas[key] = (now + _TTL, name)
         return name
 
+    async def cast(self, key: str, channel: object) -> list[Persona]:
+        """The conversation's cast (bot/core/cast.py), cached like the persona: a cast of one is
+        the conversation's persona. Personas no longer loaded are left out; never empty."""
+        persona = await self.persona(key, channel)
+        now = self._clock()
+        cached = self._casts.get(key)
+        if cached is None or cached[0] <= now:
+            found = await self._engine.history.find(PLATFORM, key)
+            names = await self._engine.history.cast(found.id) if found is not None else []
+            if len(self._casts) >= _MAX_CACHED:
+                self._casts.clear()
+            cached = self._casts[key] = (now + _TTL, names)
+        members: dict[str, Persona] = {}
+        for name in cached[1]:
+            member = self._engine.personas.find(name)
+            if member is not None:
+                members.setdefault(name, member)
+        return list(members.values()) or [persona]
+
     def forget(self) -> None:
-        """Drop cached personas (after `/persona set`; threads inherit, so all of them)."""
+        """Drop cached personas and casts (after `/persona set` or `cast`; threads inherit, so
+        all of them)."""
         self._personas.clear()
+        self._casts.clear()
 
     async def adopt(self, key: str, channel: object) -> None:
         """Before the first answer (or command) in a thread: give it its persona and, when it was

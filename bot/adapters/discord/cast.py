@@ -1,0 +1,205 @@
+"""A cast of personas on Discord: the glue between the adapter and bot/core/cast.py.
+
+Describes a Discord message as a `Said` (who it replies to: a persona's message is known by its
+id in the `Stage`, by the webhook's name, or by the bold name the bot's account puts first),
+and renders a cast member's reply under its own name: through the channel's webhook when the
+bot may manage webhooks (webhooks.py), else from the bot's account with the name in bold.
+A cast of one speaks exactly as before: from the bot's account, no name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+import discord
+
+from bot.adapters.discord.budget import ChannelBudget
+from bot.adapters.discord.conversations import replied_to
+from bot.adapters.discord.render import trigger_text
+from bot.adapters.discord.reply import ReplyView
+from bot.adapters.discord.webhooks import WebhookReplyView, Webhooks
+from bot.core.attention import Attention
+from bot.core.cast import Choice, Said, Stage, who_speaks
+from bot.core.events import Incoming
+from bot.core.personas import Persona
+
+_BOLD_NAME = re.compile(r"\*\*(?P<name>[^*\n]{1,80})\*\*")
+
+
+class NamedReplyView(ReplyView):
+    """A reply from the bot's account with the persona's name in bold before it."""
+
+    def __init__(
+        self, source: discord.Message, interval: float, name: str, budget: ChannelBudget
+    ) -> None:
+        super().__init__(source, interval, budget)
+        self.name = name
+
+    async def _show_now(self, text: str) -> None:
+        await super()._show_now(f"**{self.name}**: {text}" if text else text)
+
+
+def persona_by_display(cast: Sequence[Persona], name: str) -> Persona | None:
+    wanted = name.strip().lower()
+    for persona in cast:
+        if wanted in (persona.display_name.lower(), persona.name.lower()):
+            return persona
+    return None
+
+
+def replied_persona(
+    message: discord.Message, cast: Sequence[Persona], stage: Stage, *, reply_to_bot: bool
+) -> str | None:
+    """The cast member whose message `message` replies to, when it is one."""
+    reference = replied_to(message)  # a forward is not a reply
+    if reference is None or reference.message_id is None:
+        return None
+    known = stage.author(str(reference.message_id))
+    if known is not None:
+        return known[0]
+    resolved = reference.resolved
+    if isinstance(resolved, discord.Message):
+        if resolved.webhook_id is not None:  # a persona's face: the webhook message's name
+            found = persona_by_display(cast, resolved.author.name)
+            if found is not None:
+                return found.name
+        bold = _BOLD_NAME.match(resolved.content)
+        if reply_to_bot and bold is not None:
+            found = persona_by_display(cast, bold.group("name"))
+            if found is not None:
+                return found.name
+    if reply_to_bot and len(cast) == 1:
+        return cast[0].name
+    return None
+
+
+def said_of(
+    message: discord.Message,
+    cast: Sequence[Persona],
+    stage: Stage,
+    *,
+    reply_to_bot: bool,
+    mentioned: bool,
+    always_listen: bool,
+) -> Said:
+    """A person's Discord message as the cast sees it."""
+    replied = replied_persona(message, cast, stage, reply_to_bot=reply_to_bot)
+    return Said(
+        text=trigger_text(message.content),  # names in what a person reads
+        reply_to=replied,
+        # a reply to the bot whose persona is unknown still speaks to the cast
+        mentioned=mentioned or (reply_to_bot and replied is None),
+        is_dm=message.guild is None,
+        always_listen=always_listen,
+        from_bot=message.author.bot,
+    )
+
+
+class Faces:
+    """How a cast member's reply looks: a cast of one as before (the bot's account, no name);
+    in a larger cast, through the channel's webhook under the persona's name and face, or from
+    the bot's account with the name in bold where the bot may not manage webhooks."""
+
+    def __init__(
+        self, interval: float, budget: ChannelBudget, webhooks: Webhooks | None = None
+    ) -> None:
+        self.interval = interval
+        self.budget = budget  # the channel's sends and edits, shared with every reply there
+        self.webhooks = webhooks or Webhooks()
+
+    def ours(self, message: discord.Message) -> bool:
+        """A message one of our webhooks posted (it comes back through the gateway)."""
+        return message.webhook_id is not None and message.webhook_id in self.webhooks.ids
+
+    async def view(self, source: discord.Message, persona: Persona, named: bool) -> ReplyView:
+        if not named:
+            return ReplyView(source, self.interval, self.budget)
+        hook = await self.webhooks.hook(source.channel)
+        if hook is None:
+            return NamedReplyView(source, self.interval, persona.display_name, self.budget)
+        return WebhookReplyView(
+            source, self.interval, self.budget, hook=hook, persona=persona, hooks=self.webhooks
+        )
+
+
+Reply = Callable[[discord.Message, Incoming, ReplyView], Awaitable[str | None]]
+
+
+class CastPlayer:
+    """Plays a cast's turns in one channel: each chosen persona answers a message once, then
+    the others may answer that reply, within the persona-turn budget (bot/core/cast.py)."""
+
+    def __init__(
+        self, faces: Faces, attention: Attention, *, answer_dms: bool, answer_bots: bool
+    ) -> None:
+        self.faces = faces
+        self.attention = attention
+        self.stage = Stage()  # who wrote which message, who answered what
+        self._answer_dms = answer_dms
+        self._answer_bots = answer_bots
+
+    def who_speaks(self, cast: list[Persona], said: Said, key: str) -> list[Choice]:
+        return who_speaks(
+            cast,
+            said,
+            self.attention,
+            key,
+            answer_dms=self._answer_dms,
+            answer_bots=self._answer_bots,
+        )
+
+    async def play(
+        self,
+        message: discord.Message,
+        incoming: Incoming,
+        cast: list[Persona],
+        choices: list[Choice],
+        reply: Reply,
+    ) -> None:
+        """`reply` renders the engine's answer into the view and returns its text."""
+        await self._play(message, incoming, cast, choices, reply, spent=_Spent())
+
+    async def _play(
+        self,
+        message: discord.Message,
+        incoming: Incoming,
+        cast: list[Persona],
+        choices: list[Choice],
+        reply: Reply,
+        *,
+        spent: _Spent,
+    ) -> None:
+        for choice in choices:
+            persona = choice.persona
+            if incoming.from_persona is not None and spent.turns >= persona.max_persona_turns:
+                continue  # siblings used up the budget meanwhile
+            if not self.stage.claim(str(message.id), persona.name):
+                continue
+            view = await self.faces.view(message, persona, len(cast) > 1)
+            text = await reply(message, replace(incoming, persona=persona.name), view)
+            if text is None or not view.sent:
+                continue
+            incoming = replace(incoming, repeat=True)  # stored now, with this first answer
+            said, spent.turns = view.sent[0], spent.turns + 1
+            self.stage.wrote(str(said.id), persona.name, spent.turns)
+            heard = Said(text, author=persona.name, turn=spent.turns)
+            after = self.who_speaks(cast, heard, incoming.conversation)
+            if after:
+                spoken = replace(
+                    incoming,
+                    author_id=f"persona:{persona.name}",
+                    author_name=persona.display_name,
+                    text=text,
+                    from_persona=persona.name,
+                    repeat=False,
+                )
+                await self._play(said, spoken, cast, after, reply, spent=spent)
+
+
+@dataclass
+class _Spent:
+    """Persona replies so far after one person's message: the budget is shared by the chain."""
+
+    turns: int = 0
