@@ -5,6 +5,7 @@ through discord.py's own gateway parsing (dpytest's backend for the delete; the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +28,15 @@ async def history(env: Env) -> list[str]:
     return [t.content for t in await env.app.engine.history.recent(conversation.id)]
 
 
+async def eventually(env: Env, wanted: list[str], wait: float = 10.0) -> list[str]:
+    """The history once it is `wanted`, or as it is when `wait` seconds have passed."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while (found := await history(env)) != wanted and asyncio.get_running_loop().time() < deadline:
+        await env.app.engine.drain()
+        await asyncio.sleep(0.05)
+    return found
+
+
 async def test_a_deleted_message_leaves_the_history(env: Env) -> None:
     env.ollama.queue_reply("Noted!")
     said = await dpytest.message(f"{env.mention} my PIN is 1234", env.channel, env.alice)
@@ -34,8 +44,8 @@ async def test_a_deleted_message_leaves_the_history(env: Env) -> None:
     await dpytest.message(f"{env.mention} hello", env.channel, env.alice)
     assert await history(env) == ["my PIN is 1234", "Noted!", "hello", "Hi!"]
     backend.delete_message(said)  # the gateway's MESSAGE_DELETE → on_raw_message_delete
-    await env.app.engine.drain()
-    assert await history(env) == ["hello", "Hi!"]
+    await dpytest.run_all_events()  # the event handler runs as its own task
+    assert await eventually(env, ["hello", "Hi!"]) == ["hello", "Hi!"]
 
 
 async def test_an_edited_message_replaces_the_stored_text(env: Env) -> None:
@@ -46,4 +56,5 @@ async def test_an_edited_message_replaces_the_stored_text(env: Env) -> None:
     data["content"] = f"{env.mention} I like coffee"
     backend.get_state().parse_message_update(data)  # MESSAGE_UPDATE → on_raw_message_edit
     await dpytest.run_all_events()
-    assert await history(env) == ["I like coffee", "Coffee it is."]
+    wanted = ["I like coffee", "Coffee it is."]
+    assert await eventually(env, wanted) == wanted
