@@ -23,10 +23,18 @@ from bot.brains.router import Answer, NoBackend
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
 from bot.core.events import Delta, Done, Event, Failed, Incoming, Notice, Picture
-from bot.core.history import Conversation, History
+from bot.core.history import HISTORY_ROWS, Conversation, History
 from bot.core.locks import ConversationLocks
 from bot.core.personas import Persona, PersonaRegistry
-from bot.core.prompts import PromptBuilder, build_messages, user_seed
+from bot.core.prompts import (
+    PromptBuilder,
+    Turn,
+    build_messages,
+    fixed_tokens,
+    history_window,
+    is_group,
+    user_seed,
+)
 from bot.errors import BotError, ModelError, user_message
 from bot.images.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
 from bot.memory.service import Memory
@@ -339,11 +347,10 @@ class Engine:
         self, incoming: Incoming, conversation: Conversation, persona: Persona
     ) -> ChatRequest:
         turns, memories = await asyncio.gather(
-            self.history.recent(conversation.id), self._recall(incoming, conversation, persona)
+            self.history.recent(conversation.id, since=conversation.history_from),
+            self._recall(incoming, conversation, persona),
         )
-        system = self.prompts.system(persona, speaker=incoming.author_name, memories=memories)
-        budget = persona.context_window - persona.max_reply_tokens
-        messages = build_messages(system, turns, incoming.author_name, incoming.text, budget)
+        messages = self._messages(incoming, conversation, persona, turns, memories)
         return ChatRequest(
             model=persona.model,
             messages=messages,
@@ -354,6 +361,31 @@ class Engine:
             repeat_penalty=persona.repeat_penalty,
             tools=self.drawing.tools(persona) if self.drawing is not None else (),
         )
+
+    def _messages(
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        persona: Persona,
+        turns: list[Turn],
+        memories: list[str],
+    ) -> list[dict[str, str]]:
+        """The prompt, laid out for a model's prompt cache (see bot/core/prompts.py): stable
+        system prompt, the history window from its remembered start, then the notes and the
+        new message. A window that stepped forward is remembered in the background."""
+        speaker = incoming.author_name
+        notes = self.prompts.notes(persona, speaker=speaker, memories=memories)
+        solo, group = self.prompts.system(persona, speaker=speaker), self.prompts.system(persona)
+        fixed = max(
+            fixed_tokens(solo, notes, incoming.text), fixed_tokens(group, notes, incoming.text)
+        )
+        room = persona.context_window - persona.max_reply_tokens - fixed
+        start = conversation.history_from
+        window = history_window(turns, room, start=start, max_turns=HISTORY_ROWS)
+        if window and window[0].id is not None and window[0].id != start:
+            self.spawn(self.history.set_window(conversation.id, window[0].id))
+        system = group if is_group(window, speaker) else solo
+        return build_messages(system, window, speaker, incoming.text, notes=notes)
 
     async def _recall(
         self, incoming: Incoming, conversation: Conversation, persona: Persona

@@ -7,7 +7,7 @@ from typing import Any
 
 from bot.core.prompts import Turn
 
-_HISTORY_ROWS = 200
+HISTORY_ROWS = 200  # the most messages one prompt's history is chosen from
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class Conversation:
     platform: str
     external_id: str
     persona: str | None
+    history_from: int | None = None  # first message id of the prompt's history window
 
 
 class History:
@@ -27,26 +28,37 @@ class History:
         row = await self._pool.fetchrow(
             "INSERT INTO conversations (platform, external_id) VALUES ($1, $2)"
             " ON CONFLICT (platform, external_id) DO UPDATE SET platform = EXCLUDED.platform"
-            " RETURNING id, platform, external_id, persona",
+            " RETURNING id, platform, external_id, persona, history_from",
             platform,
             external_id,
         )
-        return Conversation(row["id"], row["platform"], row["external_id"], row["persona"])
+        return Conversation(
+            row["id"], row["platform"], row["external_id"], row["persona"], row["history_from"]
+        )
 
     async def set_persona(self, conversation_id: int, persona: str | None) -> None:
         await self._pool.execute(
             "UPDATE conversations SET persona = $2 WHERE id = $1", conversation_id, persona
         )
 
-    async def recent(self, conversation_id: int, limit: int = _HISTORY_ROWS) -> list[Turn]:
-        """The latest messages, oldest first."""
+    async def recent(
+        self, conversation_id: int, limit: int = HISTORY_ROWS, *, since: int | None = None
+    ) -> list[Turn]:
+        """The latest messages (from the message id `since` on, when given), oldest first."""
         rows = await self._pool.fetch(
-            "SELECT role, author_name, content FROM messages WHERE conversation_id = $1"
-            " ORDER BY id DESC LIMIT $2",
+            "SELECT id, role, author_name, content FROM messages WHERE conversation_id = $1"
+            " AND id >= $3 ORDER BY id DESC LIMIT $2",
             conversation_id,
             limit,
+            since or 0,
         )
-        return [Turn(r["role"], r["author_name"], r["content"]) for r in reversed(rows)]
+        return [Turn(r["role"], r["author_name"], r["content"], r["id"]) for r in reversed(rows)]
+
+    async def set_window(self, conversation_id: int, first_id: int) -> None:
+        """Remember where the prompt's history window starts (see prompts.history_window)."""
+        await self._pool.execute(
+            "UPDATE conversations SET history_from = $2 WHERE id = $1", conversation_id, first_id
+        )
 
     async def append_exchange(
         self,
