@@ -18,7 +18,9 @@ To make the changing parts visible, recall uses no similarity floor (every turn 
 top five of the user's facts, whose order changes with the message) and the persona's context
 window is small, so history is trimmed within the 20 turns.
 
-    .venv/bin/python bench/prefix.py [--turns 20] [--window 1536] [--json]
+With `--no-memory` nothing is recalled, so no turn has notes: the floor of what is evaluated.
+
+    .venv/bin/python bench/prefix.py [--turns 20] [--window 1536] [--no-memory] [--json]
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--window", type=int, default=1536)
+    parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -178,7 +181,7 @@ async def main() -> None:
                     log_file=False,
                     personas_dir=persona_dir(tmp, args.window),
                     guard_enabled=False,
-                    memory_enabled=True,
+                    memory_enabled=not args.no_memory,
                     memory_min_similarity=-1.0,
                 )
                 result = report(await conversation(settings, fake, args.turns))
