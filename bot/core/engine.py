@@ -23,18 +23,10 @@ from bot.brains.router import Answer, NoBackend
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
 from bot.core.events import Delta, Done, Event, Failed, Incoming, Notice, Picture
-from bot.core.history import HISTORY_ROWS, Conversation, History
+from bot.core.history import Conversation, History
 from bot.core.locks import ConversationLocks
 from bot.core.personas import Persona, PersonaRegistry
-from bot.core.prompts import (
-    PromptBuilder,
-    Turn,
-    build_messages,
-    fixed_tokens,
-    history_window,
-    is_group,
-    user_seed,
-)
+from bot.core.prompts import PromptBuilder, lay_out, user_seed
 from bot.errors import BotError, ModelError, user_message
 from bot.images.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
 from bot.memory.service import Memory
@@ -350,7 +342,17 @@ class Engine:
             self.history.recent(conversation.id, since=conversation.history_from),
             self._recall(incoming, conversation, persona),
         )
-        messages = self._messages(incoming, conversation, persona, turns, memories)
+        messages, moved = lay_out(
+            self.prompts,
+            persona,
+            speaker=incoming.author_name,
+            text=incoming.text,
+            turns=turns,
+            memories=memories,
+            start=conversation.history_from,
+        )
+        if moved is not None:  # the history window stepped forward: remember where it starts
+            self.spawn(self.history.set_window(conversation.id, moved))
         return ChatRequest(
             model=persona.model,
             messages=messages,
@@ -361,31 +363,6 @@ class Engine:
             repeat_penalty=persona.repeat_penalty,
             tools=self.drawing.tools(persona) if self.drawing is not None else (),
         )
-
-    def _messages(
-        self,
-        incoming: Incoming,
-        conversation: Conversation,
-        persona: Persona,
-        turns: list[Turn],
-        memories: list[str],
-    ) -> list[dict[str, str]]:
-        """The prompt, laid out for a model's prompt cache (see bot/core/prompts.py): stable
-        system prompt, the history window from its remembered start, then the notes and the
-        new message. A window that stepped forward is remembered in the background."""
-        speaker = incoming.author_name
-        notes = self.prompts.notes(persona, speaker=speaker, memories=memories)
-        solo, group = self.prompts.system(persona, speaker=speaker), self.prompts.system(persona)
-        fixed = max(
-            fixed_tokens(solo, notes, incoming.text), fixed_tokens(group, notes, incoming.text)
-        )
-        room = persona.context_window - persona.max_reply_tokens - fixed
-        start = conversation.history_from
-        window = history_window(turns, room, start=start, max_turns=HISTORY_ROWS)
-        if window and window[0].id is not None and window[0].id != start:
-            self.spawn(self.history.set_window(conversation.id, window[0].id))
-        system = group if is_group(window, speaker) else solo
-        return build_messages(system, window, speaker, incoming.text, notes=notes)
 
     async def _recall(
         self, incoming: Incoming, conversation: Conversation, persona: Persona

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bot.core.prompts import Turn
+from bot.core.prompts import HISTORY_ROWS, Turn
 
-HISTORY_ROWS = 200  # the most messages one prompt's history is chosen from
 _CONVERSATION = "id, platform, external_id, persona, history_from"
 
 

@@ -27,6 +27,7 @@ from bot.core.personas import Persona
 from bot.errors import ConfigError
 
 _PER_MESSAGE_TOKENS = 4
+HISTORY_ROWS = 200  # the most messages one prompt's history is chosen from
 _NOTES_TEMPLATE = "notes.j2"
 # When the history outgrows its budget, the oldest turns are dropped until it fills at most this
 # share of the budget, so that the window's start (and the prompt's prefix) then stays put for
@@ -177,3 +178,26 @@ def build_messages(
     last = user_line(speaker, text)
     messages.append({"role": "user", "content": f"{notes}\n\n{last}" if notes else last})
     return messages
+
+
+def lay_out(
+    builder: PromptBuilder,
+    persona: Persona,
+    *,
+    speaker: str,
+    text: str,
+    turns: Sequence[Turn],
+    memories: Sequence[str],
+    start: int | None,
+) -> tuple[list[dict[str, str]], int | None]:
+    """The messages for one reply, laid out for a model's prompt cache (see the module's
+    docstring), and the history window's new start when it stepped forward (else None).
+    `start` is where the window started for the turn before (a message id)."""
+    notes = builder.notes(persona, speaker=speaker, memories=memories)
+    solo, group = builder.system(persona, speaker=speaker), builder.system(persona)
+    fixed = max(fixed_tokens(solo, notes, text), fixed_tokens(group, notes, text))
+    room = persona.context_window - persona.max_reply_tokens - fixed
+    window = history_window(turns, room, start=start, max_turns=HISTORY_ROWS)
+    moved = window[0].id if window and window[0].id != start else None
+    system = group if is_group(window, speaker) else solo
+    return build_messages(system, window, speaker, text, notes=notes), moved

@@ -7,6 +7,7 @@ from bot.core.prompts import (
     Turn,
     build_messages,
     history_window,
+    lay_out,
     turn_tokens,
     user_seed,
 )
@@ -118,3 +119,22 @@ def test_names_prefixed_only_in_group_conversations() -> None:
     assert solo[1]["content"] == "hi" and solo[2]["content"] == "again"
     group = build_messages("s", [Turn("user", "bob", "yo")], "alice", "hey", notes="[n]")
     assert group[1]["content"] == "bob: yo" and group[2]["content"] == "[n]\n\nalice: hey"
+
+
+def test_lay_out_reports_only_a_window_that_moved() -> None:
+    builder = PromptBuilder(REPO_ROOT / "prompts")
+    small = MIMI.model_copy(update={"context_window": 1024, "max_reply_tokens": 200})
+    turns = chat(40, start_id=101)
+    messages, moved = lay_out(
+        builder, small, speaker="alice", text="hi", turns=turns, memories=["Has a cat."], start=None
+    )
+    assert moved is not None and moved > 101, "the first lay-out trimmed the long history"
+    assert messages[0]["content"] == builder.system(small, speaker="alice")
+    assert messages[1]["content"] == next(t.content for t in turns if t.id == moved)
+    assert messages[-1]["content"].endswith(
+        "> Has a cat.\n[End of notes. alice's message follows.]\n\nhi"
+    )
+    again, same = lay_out(
+        builder, small, speaker="alice", text="more", turns=turns, memories=[], start=moved
+    )
+    assert same is None and again[:-1] == messages[:-1]
