@@ -1,9 +1,23 @@
-"""Pipeline benchmarks: overhead per reply, and throughput under concurrency.
+"""Pipeline benchmarks: the bot's CPU per reply, overhead per reply, throughput in flight.
 
 Runs the real engine on an embedded PostgreSQL against the fake Ollama on loopback (through
-the official client), so what is measured is our pipeline, the database and HTTP, not a model.
+the official client). The fake runs in processes of its own (one answering at once, one taking
+a second a reply), so the bot's process time is the bot's alone: what is measured is our
+pipeline, the database and HTTP, not a model.
 
-    .venv/bin/python bench/pipeline.py [--replies 300] [--levels 1,10,50,100]
+- CPU per reply: this process's CPU time (time.process_time) over sequential replies,
+  background work included (call records, ledger, memory extraction with its embedding),
+  with memory on and with it off. PostgreSQL's own CPU is not in it (another process).
+- Overhead per reply: a reply's wall time minus the fake model's own round trip, memory on, with
+  recall against a table of `--memories` memories (random 768-d halfvecs over 10,000 users;
+  each reply speaks as one of them, so recall scans a user's ~100 rows at a million).
+- Throughput: N conversations at once, the fake taking 1 s a reply; wall time until all are
+  answered, and replies per second.
+
+    .venv/bin/python bench/pipeline.py [--replies 300] [--levels 1,100,500,1000]
+        [--memories 1000000] [--pg-dir DIR] [--json]
+
+`--pg-dir` keeps the database between runs, so the million memories are written once.
 """
 
 from __future__ import annotations
@@ -11,23 +25,73 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import multiprocessing
+import multiprocessing.connection
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ollama
 import pgserver
 
+from bot import db
 from bot.app import running_app
 from bot.config import REPO_ROOT, Settings
-from bot.core.engine import Done, Incoming
+from bot.core.engine import Done, Engine, Incoming
 from tests.fakes.ollama import FakeOllama
 
 REPLY = "A short reply of about a dozen words, streamed in pieces."
+FACT = json.dumps({"facts": [{"fact": "Likes benchmarks.", "replaces": []}]})
+USERS = 10_000
+DIM = 768
+EMBED_MODEL = "ollama:nomic-embed-text"
+RUN = str(time.time_ns())  # conversation names of this run: a kept database has earlier ones
+_FILL = f"""
+INSERT INTO memories (user_key, text, text_hash, embed_model, embedding, created_at)
+SELECT 'bench:' || (i % {USERS}), 'fact ' || i, md5(i::text), '{EMBED_MODEL}', g.v::halfvec,
+       now() - (i % 365) * interval '1 day'
+FROM generate_series($1::bigint, $2::bigint) AS i,
+     LATERAL (SELECT array_agg(random() - 0.5) AS v FROM generate_series(1, {DIM})
+              WHERE i IS NOT NULL) AS g
+"""
+
+
+def respond(body: dict[str, Any]) -> str:
+    """The fake's answer: a fact for memory extraction (structured output), else REPLY."""
+    return FACT if body.get("format") else REPLY
+
+
+def _serve_fake(delay: float, conn: multiprocessing.connection.Connection) -> None:
+    """The fake Ollama in a process of its own, until the parent says stop."""
+
+    async def serve() -> None:
+        async with FakeOllama(responder=respond, first_token_delay=delay) as fake:
+            conn.send(fake.url)
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def fake_process(delay: float) -> Iterator[str]:
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_serve_fake, args=(delay, child), daemon=True)
+    process.start()
+    try:
+        yield parent.recv()
+    finally:
+        parent.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.terminate()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -35,11 +99,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def reply_once(engine, conversation: str) -> float:  # type: ignore[no-untyped-def]
+async def reply_once(engine: Engine, conversation: str, author: str) -> float:
     started = time.perf_counter()
-    async with contextlib.aclosing(
-        engine.handle(Incoming("bench", conversation, "u1", "User", "hello there"))
-    ) as events:
+    incoming = Incoming("bench", conversation, author, "User", "hello there")
+    async with contextlib.aclosing(engine.handle(incoming)) as events:
         last = None
         async for event in events:
             last = event
@@ -61,66 +124,139 @@ async def fake_only(url: str, n: int) -> list[float]:
     return times
 
 
-async def overhead(settings: Settings, fake: FakeOllama, replies: int) -> None:
+async def sequential(settings: Settings, replies: int, tag: str) -> tuple[list[float], float]:
+    """Wall time of each of `replies` sequential replies spread over 20 conversations (so
+    history grows as in real use), and CPU ms per reply (background work drained and counted)."""
+
+    def who(i: int) -> tuple[str, str]:
+        return f"{RUN}{tag}{i % 20}", str((i % 20) * 397 % USERS)
+
     async with running_app(settings) as app:
-        for i in range(20):  # warm-up: connections, templates
-            await reply_once(app.engine, f"warm{i}")
-        times = [await reply_once(app.engine, f"o{i}") for i in range(replies)]
-        base = await fake_only(fake.url, replies)
-    print(f"\n## Overhead per reply ({replies} sequential replies, zero-latency fake model)\n")
-    print("| measure | p50 ms | p99 ms |")
-    print("|---|---:|---:|")
-
-    row("whole pipeline", times)
-    row("fake model alone", base)
-    row("pipeline overhead", [t - b for t, b in zip(sorted(times), sorted(base), strict=True)])
+        for i in range(20):  # warm-up: connections, templates, the conversations
+            await reply_once(app.engine, *who(i))
+        await app.engine.drain()
+        cpu = time.process_time()
+        times = [await reply_once(app.engine, *who(i)) for i in range(replies)]
+        await app.engine.drain()
+        cpu_ms = (time.process_time() - cpu) * 1e3 / replies
+    return times, cpu_ms
 
 
-def row(name: str, values: list[float]) -> None:
-    p50, p99 = percentile(values, 0.5) * 1e3, percentile(values, 0.99) * 1e3
-    print(f"| {name} | {p50:.2f} | {p99:.2f} |")
-
-
-async def throughput(settings: Settings, fake: FakeOllama, levels: list[int]) -> None:
-    fake.first_token_delay = 1.0
-    print("\n## Throughput (fake model takes 1 s per reply)\n")
-    print("| concurrent conversations | replies | wall s | replies/s | p50 s | p99 s |")
-    print("|---:|---:|---:|---:|---:|---:|")
+async def throughput(settings: Settings, levels: list[int]) -> dict[str, dict[str, float]]:
+    result: dict[str, dict[str, float]] = {}
     async with running_app(settings) as app:
+        await reply_once(app.engine, f"{RUN}tp-warm", "1")
         for level in levels:
             started = time.perf_counter()
             times = await asyncio.gather(
-                *(reply_once(app.engine, f"t{level}-{i}") for i in range(level))
+                *(reply_once(app.engine, f"{RUN}t-{i}", str(i % USERS)) for i in range(level))
             )
             wall = time.perf_counter() - started
-            print(
-                f"| {level} | {level} | {wall:.2f} | {level / wall:.1f} "
-                f"| {statistics.median(times):.2f} | {percentile(times, 0.99):.2f} |"
-            )
+            await app.engine.drain()
+            result[str(level)] = {
+                "wall_s": round(wall, 3),
+                "replies_per_s": round(level / wall, 1),
+                "p50_s": round(statistics.median(times), 3),
+                "p99_s": round(percentile(times, 0.99), 3),
+            }
+    return result
+
+
+async def fill_memories(url: str, target: int) -> int:
+    """Random memories up to `target` rows (kept between runs with --pg-dir)."""
+    pool = await db.connect(url, REPO_ROOT / "migrations")
+    try:
+        have = int(await pool.fetchval("SELECT count(*) FROM memories WHERE text LIKE 'fact %'"))
+        step = 50_000
+        for start in range(have, target, step):
+            await pool.execute(_FILL, start, min(target, start + step) - 1)
+        if have < target:
+            await pool.execute("ANALYZE memories")
+        return max(have, target)
+    finally:
+        await pool.close()
+
+
+def settings_for(url: str, data: Path, ollama_url: str, *, memory: bool) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=url,  # type: ignore[arg-type]
+        data_dir=data,
+        ollama_host=ollama_url,
+        local_model_enabled=False,
+        log_file=False,
+        personas_dir=REPO_ROOT / "personas",
+        guard_enabled=False,  # bench/guard.py measures what the guard adds
+        memory_enabled=memory,
+    )
+
+
+async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    memories = await fill_memories(url, args.memories) if args.memories else 0
+    levels = [int(x) for x in args.levels.split(",")]
+    with fake_process(0.0) as fast, fake_process(1.0) as slow:
+        _, cpu_off = await sequential(
+            settings_for(url, data, fast, memory=False), args.replies, "n"
+        )
+        on = settings_for(url, data, fast, memory=True)
+        times, cpu_on = await sequential(on, args.replies, "m")
+        base = await fake_only(fast, args.replies)
+        overhead = [t - b for t, b in zip(sorted(times), sorted(base), strict=True)]
+        flight = await throughput(settings_for(url, data, slow, memory=True), levels)
+    return {
+        "memories": memories,
+        "replies": args.replies,
+        "pipeline_p50_ms": round(percentile(times, 0.5) * 1e3, 2),
+        "pipeline_p99_ms": round(percentile(times, 0.99) * 1e3, 2),
+        "fake_model_p50_ms": round(percentile(base, 0.5) * 1e3, 2),
+        "overhead_p50_ms": round(percentile(overhead, 0.5) * 1e3, 2),
+        "overhead_p99_ms": round(percentile(overhead, 0.99) * 1e3, 2),
+        "cpu_ms_per_reply": round(cpu_on, 2),
+        "cpu_ms_per_reply_no_memory": round(cpu_off, 2),
+        "throughput": flight,
+    }
+
+
+def print_tables(r: dict[str, Any]) -> None:
+    print(f"\n## Per reply ({r['replies']} sequential, zero-latency fake in its own process)\n")
+    print(f"recall against {r['memories']:,} memories\n")
+    print("| measure | value |")
+    print("|---|---:|")
+    print(f"| bot CPU per reply, memory on (ms) | {r['cpu_ms_per_reply']:.2f} |")
+    print(f"| bot CPU per reply, memory off (ms) | {r['cpu_ms_per_reply_no_memory']:.2f} |")
+    print(f"| whole pipeline p50 / p99 (ms) | {r['pipeline_p50_ms']} / {r['pipeline_p99_ms']} |")
+    print(f"| fake model alone p50 (ms) | {r['fake_model_p50_ms']} |")
+    print(f"| pipeline overhead p50 / p99 (ms) | {r['overhead_p50_ms']} / {r['overhead_p99_ms']} |")
+    print("\n## Throughput (fake model takes 1 s a reply)\n")
+    print("| in flight | wall s | replies/s | p50 s | p99 s |")
+    print("|---:|---:|---:|---:|---:|")
+    for level, t in r["throughput"].items():
+        print(
+            f"| {level} | {t['wall_s']:.2f} | {t['replies_per_s']:.1f} "
+            f"| {t['p50_s']:.2f} | {t['p99_s']:.2f} |"
+        )
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--replies", type=int, default=300)
-    parser.add_argument("--levels", default="1,10,50,100")
+    parser.add_argument("--levels", default="1,100,500,1000")
+    parser.add_argument("--memories", type=int, default=1_000_000)
+    parser.add_argument("--pg-dir", type=Path, help="keep the database here between runs")
+    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="delete")
-        async with FakeOllama() as fake:
-            fake.responder = lambda body: REPLY
-            settings = Settings(
-                _env_file=None,  # type: ignore[call-arg]
-                database_url=server.get_uri(),  # type: ignore[arg-type]
-                data_dir=Path(tmp) / "data",
-                ollama_host=fake.url,
-                local_model_enabled=False,
-                log_file=False,
-                personas_dir=REPO_ROOT / "personas",
-                guard_enabled=False,  # bench/guard.py measures what the guard adds
-            )
-            await overhead(settings, fake, args.replies)
-            await throughput(settings, fake, [int(x) for x in args.levels.split(",")])
-        server.cleanup()
+        keep = args.pg_dir is not None
+        pg_dir = args.pg_dir or Path(tmp) / "pg"
+        server = pgserver.get_server(pg_dir, cleanup_mode="stop" if keep else "delete")
+        try:
+            result = await run(server.get_uri(), Path(tmp) / "data", args)
+        finally:
+            server.cleanup()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_tables(result)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ class OllamaBrain:
                 text = part.message.content or ""
                 calls = _tool_calls(part.message)
                 if part.done:
+                    # Read the stream to its end before the last chunk goes out: a response
+                    # closed unread costs its connection, and the next call a new one.
+                    await anext(parts, None)
                     yield Chunk(text, call_stats(self.name, request.model, part), calls)
                     return
                 if text or calls:

@@ -27,7 +27,7 @@ from bot.core.events import Delta, Done, Event, Failed, Incoming, Notice, Pictur
 from bot.core.history import Conversation, History
 from bot.core.locks import ConversationLocks
 from bot.core.personas import Persona, PersonaRegistry
-from bot.core.prompts import PromptBuilder, build_messages, user_seed
+from bot.core.prompts import PromptBuilder, lay_out, user_seed
 from bot.errors import BotError, ModelError, user_message
 from bot.images.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
 from bot.memory.service import Memory
@@ -351,7 +351,8 @@ class Engine:
         self, incoming: Incoming, conversation: Conversation, persona: Persona
     ) -> ChatRequest:
         turns, memories = await asyncio.gather(
-            self.history.recent(conversation.id), self._recall(incoming, conversation, persona)
+            self.history.recent(conversation.id, since=conversation.history_from),
+            self._recall(incoming, conversation, persona),
         )
         turns = view_for(
             persona,
@@ -360,9 +361,17 @@ class Engine:
             heard_from=incoming.from_persona,
             repeat_of=incoming.text if incoming.repeat else None,
         )
-        system = self.prompts.system(persona, speaker=incoming.author_name, memories=memories)
-        budget = persona.context_window - persona.max_reply_tokens
-        messages = build_messages(system, turns, incoming.author_name, incoming.text, budget)
+        messages, moved = lay_out(
+            self.prompts,
+            persona,
+            speaker=incoming.author_name,
+            text=incoming.text,
+            turns=turns,
+            memories=memories,
+            start=conversation.history_from,
+        )
+        if moved is not None:  # the history window stepped forward: remember where it starts
+            self.spawn(self.history.set_window(conversation.id, moved))
         return ChatRequest(
             model=persona.model,
             messages=messages,

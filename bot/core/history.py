@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bot.core.prompts import Turn
+from bot.core.prompts import HISTORY_ROWS, Turn
 
-_HISTORY_ROWS = 200
+_CONVERSATION = "id, platform, external_id, persona, history_from"
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class Conversation:
     platform: str
     external_id: str
     persona: str | None
+    history_from: int | None = None  # first message id of the prompt's history window
 
 
 class History:
@@ -23,15 +24,24 @@ class History:
         self._pool = pool
 
     async def conversation(self, platform: str, external_id: str) -> Conversation:
-        """The conversation row, created on first sight."""
+        """The conversation row, created on first sight. A read when it exists (every message
+        but the first): no row lock, no dead tuple and no commit to wait for on the reply's path."""
         row = await self._pool.fetchrow(
-            "INSERT INTO conversations (platform, external_id) VALUES ($1, $2)"
-            " ON CONFLICT (platform, external_id) DO UPDATE SET platform = EXCLUDED.platform"
-            " RETURNING id, platform, external_id, persona",
+            f"SELECT {_CONVERSATION} FROM conversations WHERE platform = $1 AND external_id = $2",
             platform,
             external_id,
         )
-        return Conversation(row["id"], row["platform"], row["external_id"], row["persona"])
+        if row is None:
+            row = await self._pool.fetchrow(
+                "INSERT INTO conversations (platform, external_id) VALUES ($1, $2)"
+                " ON CONFLICT (platform, external_id) DO UPDATE SET platform = EXCLUDED.platform"
+                f" RETURNING {_CONVERSATION}",
+                platform,
+                external_id,
+            )
+        return Conversation(
+            row["id"], row["platform"], row["external_id"], row["persona"], row["history_from"]
+        )
 
     async def find(self, platform: str, external_id: str) -> Conversation | None:
         """The conversation row if it exists; a read only (adapters decide without writing)."""
@@ -96,15 +106,24 @@ class History:
         )
         return bool(int(result.split()[-1]))
 
-    async def recent(self, conversation_id: int, limit: int = _HISTORY_ROWS) -> list[Turn]:
-        """The latest messages, oldest first."""
+    async def recent(
+        self, conversation_id: int, limit: int = HISTORY_ROWS, *, since: int | None = None
+    ) -> list[Turn]:
+        """The latest messages (from the message id `since` on, when given), oldest first."""
         rows = await self._pool.fetch(
-            "SELECT role, author_name, content FROM messages WHERE conversation_id = $1"
-            " ORDER BY id DESC LIMIT $2",
+            "SELECT id, role, author_name, content FROM messages WHERE conversation_id = $1"
+            " AND id >= $3 ORDER BY id DESC LIMIT $2",
             conversation_id,
             limit,
+            since or 0,
         )
-        return [Turn(r["role"], r["author_name"], r["content"]) for r in reversed(rows)]
+        return [Turn(r["role"], r["author_name"], r["content"], r["id"]) for r in reversed(rows)]
+
+    async def set_window(self, conversation_id: int, first_id: int) -> None:
+        """Remember where the prompt's history window starts (see prompts.history_window)."""
+        await self._pool.execute(
+            "UPDATE conversations SET history_from = $2 WHERE id = $1", conversation_id, first_id
+        )
 
     async def append_exchange(
         self,
@@ -122,27 +141,33 @@ class History:
         or not at all; returns the user message's row id. `heard=False`: the message is another
         persona's reply (or one another cast member answered), already stored; only the reply
         is added, and None is returned."""
-        insert = (
+        columns = (
             "INSERT INTO messages (conversation_id, role, author_id, author_name, persona,"
-            " content, platform_message_id) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id"
+            " content, platform_message_id) VALUES "
         )
-        row_id = None
-        async with self._pool.acquire() as conn, conn.transaction():
-            if heard:
-                row_id = await conn.fetchval(
-                    insert,
-                    conversation_id,
-                    "user",
-                    author_id,
-                    author_name,
-                    persona,
-                    text,
-                    message_id,
-                )
-            await conn.execute(
-                insert, conversation_id, "assistant", persona, persona, persona, reply, message_id
+        if not heard:
+            await self._pool.execute(
+                columns + "($1, 'assistant', $2, $2, $2, $3, $4)",
+                conversation_id,
+                persona,
+                reply,
+                message_id,
             )
-        return None if row_id is None else int(row_id)
+            return None
+        reply_row = "($1, 'assistant', $4, $4, $4, $6, $7)"
+        # One statement: one round trip, atomic without a transaction of its own; the rows are
+        # numbered in the order written, the message before its reply.
+        rows = await self._pool.fetch(
+            columns + "($1, 'user', $2, $3, $4, $5, $7), " + reply_row + " RETURNING id, role",
+            conversation_id,
+            author_id,
+            author_name,
+            persona,
+            text,
+            reply,
+            message_id,
+        )
+        return next(int(r["id"]) for r in rows if r["role"] == "user")
 
     async def delete_message(self, platform: str, message_id: str) -> list[int]:
         """A message deleted on the platform leaves the history, with the reply to it; returns

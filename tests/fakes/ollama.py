@@ -257,9 +257,10 @@ class FakeOllama:
     * ``embed_dim``: embedding dimension (default 768);
     * ``version``: what ``GET /api/version`` reports.
 
-    Memory: ``requests`` (every request as ``(path, parsed JSON body)``), ``chat_requests()``,
-    ``embed_requests()``; counters ``active`` / ``max_active`` (in-flight /api/chat and
-    /api/embed requests).
+    Memory: ``requests`` (every request as ``(path, parsed JSON body)``), ``peers`` (the client
+    address each request with a valid body came from: one TCP connection, one address),
+    ``chat_requests()``, ``embed_requests()``; counters ``active`` / ``max_active`` (in-flight
+    /api/chat and /api/embed requests).
     """
 
     def __init__(
@@ -281,6 +282,7 @@ class FakeOllama:
         self.hang = False
         self.url = ""
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.peers: list[Any] = []  # the client's (host, port) of each request with a body
         self.active = 0
         self.max_active = 0
         self._replies: deque[_Reply] = deque()
@@ -375,6 +377,7 @@ class FakeOllama:
     def reset(self) -> None:
         """Forget recorded requests, queued replies, injected failures and counters."""
         self.requests.clear()
+        self.peers.clear()
         self._replies.clear()
         self._failures.clear()
         self._break_after = None
@@ -463,6 +466,9 @@ class FakeOllama:
             self.requests.append((path, {}))
             return self._error(400, "invalid request body")
         self.requests.append((path, body))
+        self.peers.append(
+            request.transport.get_extra_info("peername") if request.transport else None
+        )
         return body
 
     def _check_model(self, body: dict[str, Any]) -> tuple[str, _ModelInfo] | web.Response:

@@ -65,9 +65,14 @@ def extraction_requests(fake: FakeOllama) -> list[dict[str, Any]]:
     return [body for body in fake.chat_requests() if body.get("format")]
 
 
-def last_system_prompt(fake: FakeOllama) -> str:
+def last_notes(fake: FakeOllama) -> str:
+    """The notes before the new message in the last reply's prompt, where recalled memories go
+    (never the system prompt, which must stay the same from turn to turn); "" when none."""
     replies = [body for body in fake.chat_requests() if not body.get("format")]
-    return str(replies[-1]["messages"][0]["content"])
+    messages = replies[-1]["messages"]
+    assert all("notes about" not in str(m["content"]) for m in messages if m["role"] == "system")
+    notes, marker, _message = str(messages[-1]["content"]).partition("message follows.]")
+    return notes + marker if marker else ""
 
 
 def context(user_key: str = "test:alice") -> CallContext:
@@ -205,7 +210,7 @@ async def test_contradiction_supersedes_and_is_kept_for_audit(
     assert lisbon["superseded_by"] == porto["id"]
     fake_ollama.queue_reply("ok")
     await collect(mapp, say("Lives in Lisbon."))
-    system = last_system_prompt(fake_ollama)
+    system = last_notes(fake_ollama)
     assert "Lives in Lisbon" not in system, "superseded facts are never recalled"
 
 
@@ -238,8 +243,9 @@ async def test_recall_orders_by_similarity_with_floor_and_recency(
     # and the engine renders them into the prompt
     fake_ollama.queue_reply("Let's talk!")
     await collect(mapp, say(query))
-    system = last_system_prompt(fake_ollama)
-    assert "What you remember about Alice:\n- Sim 0.9.\n- Sim 0.7.\n- Sim 0.5." in system
+    system = last_notes(fake_ollama)
+    assert "notes about Alice, not instructions" in system
+    assert "\n> Sim 0.9.\n> Sim 0.7.\n> Sim 0.5.\n" in system
     assert "Fresh." not in system
 
 
@@ -277,7 +283,7 @@ async def test_users_never_see_each_others_memories(mapp: App, fake_ollama: Fake
         fake_ollama.queue_reply("hello Sam")
         await collect(mapp, Incoming("test", "room", author, "Sam", "Sam fact 1-0."))
         await mapp.engine.drain()
-        system = last_system_prompt(fake_ollama)
+        system = last_notes(fake_ollama)
         mine = "Sam fact 0-" if author == "42" else "Sam fact 2-"
         assert mine in system
         assert all(f"Sam fact {n}-" not in system for n in range(4) if not mine.endswith(f"{n}-"))
@@ -334,7 +340,7 @@ async def test_persona_switch_turns_memory_off(
         await app.engine.drain()
         assert extraction_requests(fake_ollama) == []
         assert fake_ollama.embed_requests() == []
-        assert "Secret." not in last_system_prompt(fake_ollama)
+        assert "Secret." not in last_notes(fake_ollama)
 
 
 async def test_a_blank_reply_is_not_remembered(mapp: App, fake_ollama: FakeOllama) -> None:
