@@ -7,6 +7,7 @@ Secrets are `SecretStr` so that `repr()`, logs and error messages never show the
 from __future__ import annotations
 
 import json
+import shlex
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +30,19 @@ def _split_ids(value: object) -> object:
 
 
 DiscordIds = Annotated[list[int], NoDecode, BeforeValidator(_split_ids)]
+
+
+def _split_command(value: object) -> object:
+    """'python -m x' (shell words) or '["python", "-m", "x"]' (JSON) → a list of arguments."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        return json.loads(text) if text.startswith("[") else shlex.split(text)
+    return value
+
+
+Command = Annotated[list[str] | None, NoDecode, BeforeValidator(_split_command)]
 
 
 def _default_data_dir() -> Path:
@@ -81,6 +95,17 @@ class Settings(BaseSettings):
     local_model_threads: int = 2
     local_model_context: int = 2048
     local_model_repeat_penalty: float = 1.3
+    local_model_worker_command: Command = Field(
+        default=None,
+        description="the command that runs the local model's worker process; unset: "
+        "`python -m bot.brains.local_worker` with this Python",
+    )
+    local_model_worker_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds the local model's worker may stay silent (loading, or between two "
+        "tokens) before it is taken for hung, killed and replaced",
+    )
     log_prompts: bool = False
 
     # Backend pool (issue 6): ordered Ollama backends woken on demand, stopped when idle

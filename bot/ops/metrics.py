@@ -160,6 +160,12 @@ class Metrics:
             "Model calls by backend and result (ok, error).",
             ("backend", "result"),
         )
+        self.local_worker_crashes = Counter(
+            "personabot_local_worker_crashes_total",
+            "Local model worker processes lost, by worker (chat, embed) and cause "
+            "(SIGILL, SIGKILL, SIGSEGV, exit N, hang, load, protocol).",
+            ("worker", "cause"),
+        )
         self.scheduled_runs = Counter(
             "personabot_scheduled_jobs_total",
             "Scheduled job runs by job and result (ok, error, skipped).",
