@@ -17,11 +17,14 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from bot.errors import ModelUnavailable
@@ -31,12 +34,22 @@ log = logging.getLogger(__name__)
 OnFailure = Callable[[str, str], None]  # (worker, cause) → count it
 DEFAULT_COMMAND = (sys.executable, "-m", "bot.brains.local_worker")
 _STOP_GRACE = 5.0  # seconds a stopped generation has to say "done" before it is killed
+_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|KEY|DATABASE_URL", re.IGNORECASE)
 _LINE_LIMIT = 64 * 1024 * 1024  # an embedding answer is one long line
 _HINTS = {
     "SIGILL": "rebuild llama-cpp-python with portable flags (deploy/llama-wheel.sh, "
     "see docs/backends.md)",
     "SIGKILL": "killed from outside, often by the kernel when memory ran out",
 }
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment without its secrets (the worker needs none), and with this copy of `bot`
+    first on the path, so that the worker runs the same code as the bot."""
+    env = {k: v for k, v in os.environ.items() if not _SECRET.search(k)}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def exit_cause(returncode: int | None) -> str:
@@ -125,6 +138,7 @@ class WorkerProcess:
         self._stderr.clear()
         proc = await asyncio.create_subprocess_exec(
             *self._command,
+            env=_child_env(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
