@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     local_model_worker_command: Command = Field(
         default=None,
         description="the command that runs the local model's worker process; unset: "
-        "`python -m bot.brains.local_worker` with this Python",
+        "`python -P bot/brains/local_worker.py` with this Python",
     )
     local_model_worker_timeout: float = Field(
         default=60.0,

