@@ -54,6 +54,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _is_last(message: dict[str, Any]) -> bool:
+    """A request's last answer: "done" (chat), "vectors" (embed) or "error"."""
+    return any(key in message for key in ("done", "vectors", "error"))
+
+
 def exit_cause(returncode: int | None) -> str:
     """`SIGILL`, `exit 3`: the short cause, for the metric's label."""
     if returncode is None:
@@ -123,7 +128,7 @@ class WorkerProcess:
                     message = await self._read(proc)
                     if message.get("id") != ident:
                         continue  # the tail of an earlier, stopped request
-                    last = any(k in message for k in ("done", "vectors", "error"))
+                    last = _is_last(message)
                     finished = last
                     yield message
                     if last:
@@ -171,6 +176,9 @@ class WorkerProcess:
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), self._timeout)
+        except ValueError:  # a line longer than the limit
+            await self._kill(proc)
+            self._failed("protocol", "it wrote a line longer than the limit")
         except TimeoutError:
             await self._kill(proc)
             self._failed("hang", f"no answer for {self._timeout:g}s; the worker was killed")
@@ -210,7 +218,7 @@ class WorkerProcess:
             async with asyncio.timeout(_STOP_GRACE):
                 while True:
                     message = await self._read(proc)
-                    if message.get("id") == ident and ("done" in message or "error" in message):
+                    if message.get("id") == ident and _is_last(message):
                         self.stopped = message.get("done")
                         log.info("local %s worker stopped early: %s", self.kind, self.stopped)
                         return

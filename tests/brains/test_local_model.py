@@ -185,6 +185,19 @@ async def test_a_hung_worker_is_killed_after_the_timeout() -> None:
         await brain.aclose()
 
 
+async def test_a_worker_that_writes_garbage_is_killed() -> None:
+    # Native code that prints on the protocol's stdout: the real worker points fd 1 at stderr.
+    garbage = [sys.executable, "-c", "import sys; sys.stdin.readline(); print('llama says hi')"]
+    failures = Failures()
+    brain = LocalBrain(worker_command=garbage, on_failure=failures)
+    try:
+        with pytest.raises(ModelUnavailable, match="not a JSON line"):
+            await answer(brain, seed=1)
+        assert failures.seen == [("chat", "protocol")] and brain.worker.pid is None
+    finally:
+        await brain.aclose()
+
+
 async def test_local_embeddings_run_in_a_worker_and_survive_its_death() -> None:
     failures = Failures()
     embedder = LocalEmbedder(threads=THREADS, on_failure=failures)
