@@ -3,6 +3,9 @@
 #
 #   docker build -t personabot .                               # models on Ollama only
 #   docker build -t personabot --build-arg LOCAL_MODEL=true .  # + the CPU fallback (SmolLM2)
+#     llama.cpp is built for a portable x86-64 target (AVX2/FMA/F16C, no AVX-512/AMX), not for
+#     the build machine's CPU, so the image runs wherever it is pulled; other targets with
+#     --build-arg LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF ..." (see deploy/llama-wheel.sh)
 #   docker build -t personabot --build-arg EXTRAS=matrix-e2e . # + Matrix encryption
 #   docker run --env-file bot.env -p 127.0.0.1:8080:8080 personabot
 #
@@ -15,6 +18,8 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG LOCAL_MODEL=false
+# Empty: deploy/llama-wheel.sh's portable default. Never GGML_NATIVE: the build CPU is not the host's.
+ARG LLAMA_CMAKE_ARGS=""
 # Other optional extras, comma-separated, e.g. EXTRAS=matrix-e2e for encrypted Matrix rooms.
 ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
@@ -31,6 +36,14 @@ RUN if [ "$LOCAL_MODEL" = "true" ]; then \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# llama-cpp-python compiles llama.cpp at install; the script pins the CPU flags (and the version)
+# before pip can build it for this machine's CPU.
+COPY deploy/llama-wheel.sh deploy/llama-wheel.sh
+RUN if [ "$LOCAL_MODEL" = "true" ]; then \
+        LLAMA_WHEEL_DIR=/tmp/llama-wheels LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" \
+            bash deploy/llama-wheel.sh \
+        && rm -rf /tmp/llama-wheels; \
+    fi
 COPY pyproject.toml README.md ./
 COPY bot/ bot/
 # The project itself (its dependencies are pinned by pyproject.toml's ranges).

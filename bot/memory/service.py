@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from bot.brains.base import CallStats, ChatRequest
+from bot.brains.supervisor import OnFailure
 from bot.config import Settings
 from bot.core.calls import CallContext, CallLog
 from bot.core.personas import Persona
@@ -307,9 +308,16 @@ class Memory:
         await self.extractor.aclose()
 
 
-def build_memory(settings: Settings, pool: Any, calls: CallLog | None = None) -> Memory:
+def build_memory(
+    settings: Settings,
+    pool: Any,
+    calls: CallLog | None = None,
+    *,
+    on_worker_failure: OnFailure | None = None,
+) -> Memory:
     """Memory wired from the settings: Ollama embeddings, then the shipped local model.
-    Its model calls are recorded (and charged, when `calls` has the ledger) through `calls`."""
+    Its model calls are recorded (and charged, when `calls` has the ledger) through `calls`;
+    a lost local model worker is counted through `on_worker_failure` (/metrics)."""
     calls = calls or CallLog(pool, keep_prompts=settings.log_prompts)
     embedders: list[Embedder] = [
         OllamaEmbedder(
@@ -320,7 +328,14 @@ def build_memory(settings: Settings, pool: Any, calls: CallLog | None = None) ->
         )
     ]
     if settings.memory_local_embeddings:
-        embedders.append(LocalEmbedder(threads=settings.local_model_threads))
+        embedders.append(
+            LocalEmbedder(
+                threads=settings.local_model_threads,
+                worker_command=settings.local_model_worker_command,
+                worker_timeout=settings.local_model_worker_timeout,
+                on_failure=on_worker_failure,
+            )
+        )
     extractor = Extractor(
         settings.ollama_host,
         calls,

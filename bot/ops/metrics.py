@@ -106,6 +106,13 @@ class Metrics:
             "Model calls by backend and result (ok, error).",
             ("backend", "result"),
         )
+        self.local_worker_crashes = Counter(
+            r,
+            "personabot_local_worker_crashes_total",
+            "Local model worker processes lost, by worker (chat, embed) and cause "
+            "(SIGILL, SIGKILL, SIGSEGV, exit N, hang, load, protocol).",
+            ("worker", "cause"),
+        )
         self.scheduled_runs = Counter(
             r,
             "personabot_scheduled_jobs_total",

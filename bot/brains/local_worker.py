@@ -1,0 +1,187 @@
+"""The local model's worker process: llama.cpp runs here, never in the bot's own process.
+
+Started by `bot/brains/supervisor.py` as `python -P bot/brains/local_worker.py` (or the command in
+LOCAL_MODEL_WORKER_COMMAND). Native code that crashes (SIGILL from a CPU mismatch, SIGSEGV),
+hangs or runs out of memory takes this process down, and the bot loses one reply, not itself.
+
+It speaks JSON lines: requests on stdin, answers on the original stdout. Native libraries that
+print are sent to stderr instead (fd 1 is pointed at fd 2), so nothing can corrupt the channel.
+
+    bot → worker                                         worker → bot
+    {"op": "load", "kind": "chat"|"embed",               {"ready": {"load_ms": 812.0}}
+     "model_path": ..., "threads": 2, "context": 2048}   {"failed": "FileNotFoundError"}
+    {"op": "chat", "id": 1, "messages": [...],           {"id": 1, "text": "Hel"} ...
+     "temperature": .8, "seed": 7, "max_tokens": 200,    {"id": 1, "done": {"completion_tokens":
+     "repeat_penalty": 1.3}                                 9, "eval_ms": 250.1, "done_reason": ..}}
+    {"op": "stop", "id": 1}      (ends generation 1 at its next token; "done" follows)
+    {"op": "embed", "id": 2, "texts": ["..."]}           {"id": 2, "vectors": [[...]], "tokens": 5}
+                                                         {"id": n, "error": "ValueError"}
+
+One request at a time: a second request waits until the first has answered "done". A reader
+thread takes stdin so that "stop" reaches a generation in progress; end of stdin (the bot went
+away) stops everything and the worker exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO, Any
+
+_END = None
+
+
+class _Channel:
+    """The protocol's stdout, kept apart from fd 1 (which now goes to stderr)."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self._out: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+        os.dup2(2, 1)
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._out.write(json.dumps(message, separators=(",", ":")) + "\n")
+            self._out.flush()
+
+
+class _Inbox:
+    """stdin on a thread: requests into a queue, "stop" straight to the running generation."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancelled: set[Any] = set()  # ids told to stop (may arrive before they start)
+        self.closed = False  # stdin ended: the bot went away
+        threading.Thread(target=self._read, name="inbox", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("op") == "stop":
+                self.cancelled.add(message.get("id"))
+            else:
+                self.requests.put(message)
+        self.closed = True
+        self.requests.put(_END)
+
+    def stopped(self, ident: Any) -> bool:
+        return self.closed or ident in self.cancelled
+
+
+def _volunteer_for_the_oom_killer() -> None:
+    """If memory runs out, the kernel should kill this process, not the bot (Linux only)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as handle:
+            handle.write("1000")
+    except OSError:
+        pass
+
+
+def _load(request: dict[str, Any]) -> Any:
+    from llama_cpp import Llama
+
+    embed = request.get("kind") == "embed"
+    return Llama(
+        model_path=str(request["model_path"]),
+        embedding=embed,
+        n_ctx=512 if embed else int(request.get("context", 2048)),
+        n_threads=int(request.get("threads", 2)),
+        verbose=False,
+    )
+
+
+def _chat(llm: Any, request: dict[str, Any], inbox: _Inbox, channel: _Channel) -> None:
+    ident = request["id"]
+    count = 0
+    finish: str | None = None
+    started = time.perf_counter()
+    stream = llm.create_chat_completion(
+        messages=request["messages"],
+        temperature=float(request["temperature"]),
+        seed=int(request["seed"]),
+        max_tokens=int(request["max_tokens"]),
+        repeat_penalty=float(request["repeat_penalty"]),
+        stream=True,
+    )
+    for part in stream:
+        if inbox.stopped(ident):
+            finish = "cancelled"
+            break
+        choice = part["choices"][0]
+        finish = choice.get("finish_reason") or finish
+        text = choice["delta"].get("content") or ""
+        if text:
+            count += 1
+            channel.send({"id": ident, "text": text})
+    done = {
+        "completion_tokens": count,
+        "eval_ms": (time.perf_counter() - started) * 1000,
+        "done_reason": finish or "stop",
+    }
+    channel.send({"id": ident, "done": done})
+
+
+def _embed(llm: Any, request: dict[str, Any], channel: _Channel) -> None:
+    vectors, tokens = [], 0
+    for text in request["texts"]:
+        rows = llm.embed(text or " ", normalize=False, truncate=True)
+        if rows and isinstance(rows[0], float):  # the model pooled it already
+            rows = [rows]
+        tokens += len(rows)
+        vectors.append(unit(mean(rows)))
+    channel.send({"id": request["id"], "vectors": vectors, "tokens": tokens})
+
+
+def mean(rows: list[list[float]]) -> list[float]:
+    count = len(rows) or 1
+    return [sum(column) / count for column in zip(*rows, strict=True)]
+
+
+def unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def _serve(llm: Any, inbox: _Inbox, channel: _Channel) -> None:
+    while (request := inbox.requests.get()) is not _END:
+        try:
+            if request.get("op") == "chat":
+                _chat(llm, request, inbox, channel)
+            elif request.get("op") == "embed":
+                _embed(llm, request, channel)
+            else:
+                channel.send({"id": request.get("id"), "error": "unknown op"})
+        except Exception as exc:  # a Python-level failure costs this request only
+            channel.send({"id": request.get("id"), "error": type(exc).__name__})
+        inbox.cancelled.discard(request.get("id"))
+
+
+def main() -> int:
+    channel = _Channel()
+    _volunteer_for_the_oom_killer()
+    inbox = _Inbox()
+    load = inbox.requests.get()
+    if load is _END or load.get("op") != "load":
+        return 2
+    started = time.perf_counter()
+    try:
+        llm = _load(load)
+    except Exception as exc:
+        channel.send({"failed": f"{type(exc).__name__} while loading the model"})
+        return 1
+    channel.send({"ready": {"load_ms": (time.perf_counter() - started) * 1000}})
+    _serve(llm, inbox, channel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
