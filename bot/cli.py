@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
 
         return config_reference_cli(args.write)
     if args.command == "simulate-cost":  # no settings, database or network: a virtual clock
+        if args.goal:
+            from bot.brains.simgoal import goal_cli
+
+            logging.getLogger("bot.brains").setLevel(logging.ERROR)  # thousands of wakes
+            return goal_cli(args)
         from bot.brains.simulate import simulate_cli
 
         return simulate_cli(args)

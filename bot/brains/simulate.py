@@ -17,7 +17,7 @@ the longest `BACKEND_IDLE_CHECK_INTERVAL` allows). Policies, side by side:
 
 Billed seconds are what the provider charges (start to stop); busy seconds are when a reply was
 being generated; added latency is the wait before the first token beyond a warm machine's.
-`--goal` (simgoal.py) prints the goal check as JSON instead.
+`--goal` (simgoal.py, chosen by bot/cli.py) prints the goal check as JSON instead.
 """
 
 from __future__ import annotations
@@ -266,10 +266,6 @@ def table(results: list[Result]) -> str:
 
 def simulate_cli(args: argparse.Namespace) -> int:
     logging.getLogger("bot.brains").setLevel(logging.ERROR)  # thousands of wakes and stops
-    if args.goal:
-        from bot.brains.simgoal import goal_cli
-
-        return goal_cli(args)
     trace, source = trace_from_args(args)
     machine = Machine(args.boot, args.load, args.speed, args.reply_tokens, args.prompt, args.stop)
     sent = sum(1 for m in trace if m.sent)
