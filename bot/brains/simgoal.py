@@ -44,6 +44,9 @@ from bot.brains.simulate import (
     run_replay,
     trace_days,
 )
+from bot.brains.spec import BackendSpec, load_backends
+from bot.config import Settings
+from bot.errors import BotError
 
 SWEEP = tuple(x / 2 for x in range(121)) + tuple(float(x) for x in range(65, 301, 5))
 # The goals (issue 20): ours against the optimum and the fixed timeouts, and a cheap mix.
@@ -200,12 +203,43 @@ def named_traces(
     return traces + [(path.stem, load_trace(path)) for path in files]
 
 
+DEFAULT_USD_IN = Decimal("0.05")  # $ per million prompt tokens, when none is given or configured
+DEFAULT_USD_OUT = Decimal("0.08")
+
+
+def token_prices(
+    usd_in: Decimal | None, usd_out: Decimal | None, specs: list[BackendSpec] | None
+) -> tuple[Decimal, Decimal, str]:
+    """The per-token API's prices and where they came from: the command line, else the first
+    configured `kind: openai` backend with a per-token `cost` (BACKENDS / BACKENDS_FILE), else
+    the defaults."""
+    if usd_in is not None or usd_out is not None:
+        return usd_in or DEFAULT_USD_IN, usd_out or DEFAULT_USD_OUT, "the command line"
+    for spec in specs or []:
+        cost = spec.cost
+        if spec.kind == "openai" and cost.usd_per_million_input_tokens is not None:
+            per_out = cost.usd_per_million_output_tokens or Decimal(0)
+            return cost.usd_per_million_input_tokens, per_out, f"backend {spec.name}"
+    return DEFAULT_USD_IN, DEFAULT_USD_OUT, "the defaults"
+
+
+def configured_specs() -> list[BackendSpec] | None:
+    """The configured backends, or None when there are none (or they cannot be read)."""
+    try:
+        settings = Settings()
+        return load_backends(settings.backends, settings.backends_file)
+    except (BotError, ValueError) as exc:
+        sys.stderr.write(f"simulate-cost: ignoring the configured backends ({exc})\n")
+        return None
+
+
 def goal_cli(args: argparse.Namespace) -> int:
     machine = Machine(args.boot, args.load, args.speed, args.reply_tokens, args.prompt, args.stop)
+    usd_in, usd_out, source = token_prices(args.usd_in, args.usd_out, configured_specs())
     prices = Prices(
         args.price,
-        args.usd_in,
-        args.usd_out,
+        usd_in,
+        usd_out,
         args.prompt_tokens,
         args.reply_tokens,
         args.home_watts,
@@ -215,5 +249,6 @@ def goal_cli(args: argparse.Namespace) -> int:
     files = [*args.traces, *([args.trace] if args.trace is not None else [])]
     traces = named_traces(machine, files, args.days)
     report = goal(traces, machine, prices, args.billing_minimum)
+    report["token_prices_from"] = source
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0 if report["pass"] else 1

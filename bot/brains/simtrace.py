@@ -223,14 +223,15 @@ def _add_goal_arguments(p: Any) -> None:
     p.add_argument(
         "--usd-in",
         type=Decimal,
-        default=Decimal("0.05"),
-        help="--goal: per-token API, $ per million prompt tokens",
+        default=None,
+        help="--goal: per-token API, $ per million prompt tokens (default: the first configured"
+        " kind: openai backend's cost, else 0.05)",
     )
     p.add_argument(
         "--usd-out",
         type=Decimal,
-        default=Decimal("0.08"),
-        help="--goal: per-token API, $ per million reply tokens",
+        default=None,
+        help="--goal: per-token API, $ per million reply tokens (default: as --usd-in, else 0.08)",
     )
     p.add_argument(
         "--home-watts",

@@ -13,7 +13,7 @@ import pytest
 
 from bot.brains.idle import AutoIdle
 from bot.brains.simfast import Fixed, optimum, replay
-from bot.brains.simgoal import Prices, goal, mixes
+from bot.brains.simgoal import Prices, goal, mixes, token_prices
 from bot.brains.simtrace import (
     HOURLY,
     Machine,
@@ -24,6 +24,7 @@ from bot.brains.simtrace import (
     load_trace,
 )
 from bot.brains.simulate import POLICIES, Policy, run_replay, simulate
+from bot.brains.spec import parse_backends
 from bot.cli import main
 from bot.errors import ConfigError
 
@@ -214,3 +215,24 @@ def test_the_optimum_is_the_cheapest_split_by_brute_force(minimum: float) -> Non
         cheapest = min(cheapest, total)
     trace = [Message(at) for at in ats]
     assert optimum(trace, machine, minimum).billed == pytest.approx(cheapest)
+
+
+def test_token_prices_come_from_the_command_line_then_the_configured_api_backend() -> None:
+    api = parse_backends(
+        [
+            {"name": "home", "url": "http://127.0.0.1:11434"},
+            {
+                "name": "api",
+                "kind": "openai",
+                "url": "http://127.0.0.1:9/v1",
+                "api_key_env": "SIM_KEY",
+                "cost": {"usd_per_million_input_tokens": 0.2, "usd_per_million_output_tokens": 0.6},
+            },
+        ],
+        "test",
+    )
+    assert token_prices(None, None, api) == (Decimal("0.2"), Decimal("0.6"), "backend api")
+    given = token_prices(Decimal("0.01"), None, api)
+    assert given == (Decimal("0.01"), Decimal("0.08"), "the command line")
+    assert token_prices(None, None, None) == (Decimal("0.05"), Decimal("0.08"), "the defaults")
+    assert token_prices(None, None, api[:1])[2] == "the defaults"
