@@ -22,6 +22,7 @@ from bot.core.calls import CallLog
 from bot.core.commands import Commands
 from bot.core.engine import Engine
 from bot.core.history import History
+from bot.core.metrics import Metrics
 from bot.core.personas import PersonaRegistry
 from bot.core.prompts import PromptBuilder
 from bot.errors import PersonaError
@@ -30,7 +31,6 @@ from bot.images.draw_tool import DrawTool
 from bot.images.service import ImageService, build_images
 from bot.memory.commands import register as register_memory_commands
 from bot.memory.service import Memory, build_memory
-from bot.ops.metrics import Metrics
 from bot.ops.notify import AdminNotifier
 from bot.ops.scheduler import Scheduler
 from bot.safety.guard import Guard
@@ -55,10 +55,7 @@ class App:
     backends: BackendPool | None = None  # backend pool (issue 6); `prewake(model)` on typing
     images: ImageService | None = None  # /imagine with Fal Flux (issue 8)
 
-    @property
-    def guard(self) -> Guard | None:
-        """Llama Guard (issue 4): `check(...)`, `check_image_prompt(...)`; None: not built."""
-        return self.engine.moderation.guard
+    guard: Guard | None = None  # Llama Guard (issue 4): `judge(...)`, `check_image_prompt(...)`
 
     @property
     def metrics(self) -> Metrics:
@@ -144,7 +141,7 @@ async def running_app(
     )
     calls = CallLog(pool, keep_prompts=settings.log_prompts, ledger=ledger)
     memory = build_memory(settings, pool, calls, on_worker_failure=worker_failures(metrics))
-    moderation = build_moderation(settings, pool, calls, notifier)  # Llama Guard (issue 4)
+    moderation, guard = build_moderation(settings, pool, calls, notifier)  # Llama Guard
     engine = Engine(
         personas=personas,
         prompts=PromptBuilder(settings.prompts_dir),
@@ -156,14 +153,14 @@ async def running_app(
         memory=memory,
         moderation=moderation,
     )
-    if moderation.active and moderation.guard is not None:  # new facts pass the input guard
-        memory.vet = fact_vetter(moderation.guard, engine.persona_named)
+    if moderation.active:  # new facts pass the input guard
+        memory.vet = fact_vetter(guard, engine.persona_named)
     scheduler = Scheduler(pool, metrics=engine.metrics)  # pool: jobs run once across replicas
     schedule_month_summary(scheduler, ledger, notifier)
     commands = Commands(engine)
     register_memory_commands(commands, memory)
     register_spend_command(commands, ledger, settings.data_dir / "reports")
-    images = build_images(settings, pool, ledger, guard=moderation.guard)
+    images = build_images(settings, pool, ledger, guard=guard)
     register_imagine_command(commands, images)
     scheduler.every(600, images.sweep, name="spend-sweep")  # what a crash left reserved
     engine.drawing = DrawTool(images)  # the chat model's draw_image tool, when FAL_KEY is set
@@ -194,6 +191,7 @@ async def running_app(
             ledger=ledger,
             backends=backends,
             images=images,
+            guard=guard,
         )
     finally:
         scheduler.shutdown()

@@ -23,19 +23,12 @@ from bot.brains.router import Answer, NoBackend
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
 from bot.core.cast import cast_for, view_for
+from bot.core.categories import describe
 from bot.core.events import Delta, Done, Event, Failed, Incoming, Notice, Picture
 from bot.core.history import Conversation, History
 from bot.core.locks import ConversationLocks
-from bot.core.personas import Persona, PersonaRegistry
-from bot.core.prompts import PromptBuilder, lay_out, user_seed
-from bot.errors import BotError, ModelError, user_message
-from bot.images.draw_tool import DRAW_IMAGE, ONE_PER_REPLY, DrawTool, Speaker, tool_messages
-from bot.memory.service import Memory
-from bot.memory.store import Exchange, scope_of
-from bot.ops.metrics import Metrics, ReplyTimer
-from bot.safety.categories import describe
-from bot.safety.guard import UNCHECKED, Verdict, Where
-from bot.safety.moderation import (
+from bot.core.metrics import Metrics, ReplyTimer
+from bot.core.moderation import (
     Moderation,
     OutputScreen,
     gated,
@@ -43,6 +36,20 @@ from bot.safety.moderation import (
     unmoderated,
     withheld,
 )
+from bot.core.personas import Persona, PersonaRegistry
+from bot.core.ports import (
+    DRAW_IMAGE,
+    ONE_PER_REPLY,
+    DrawingPort,
+    Exchange,
+    MemoryPort,
+    Speaker,
+    scope_of,
+    tool_messages,
+)
+from bot.core.prompts import PromptBuilder, lay_out, user_seed
+from bot.core.verdicts import UNCHECKED, Verdict, Where
+from bot.errors import BotError, ModelError, user_message
 
 __all__ = ["Delta", "Done", "Engine", "Event", "Failed", "Incoming", "Notice", "Picture"]
 
@@ -60,7 +67,7 @@ class Engine:
         calls: CallLog,
         default_persona: str | None = None,
         metrics: Metrics | None = None,
-        memory: Memory | None = None,
+        memory: MemoryPort | None = None,
         moderation: Moderation | None = None,
     ) -> None:
         self.personas = personas
@@ -74,7 +81,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.memory = memory
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
-        self.drawing: DrawTool | None = None  # the draw_image tool (issue 8), set by the app
+        self.drawing: DrawingPort | None = None  # the draw_image tool (issue 8), set by the app
 
     def persona_named(self, name: str | None) -> Persona:
         found = self.personas.find(name) if name else None
@@ -438,7 +445,7 @@ class Engine:
         it are deleted."""
         rows = await self.history.delete_message(platform, message_id)
         if rows and self.memory is not None:
-            facts = await self.memory.store.message_deleted(rows)
+            facts = await self.memory.message_deleted(rows)
             log.info(
                 "message %s deleted on %s: %d facts from it deleted", message_id, platform, facts
             )
@@ -448,7 +455,7 @@ class Engine:
         and in a pending memory extraction)."""
         rows = await self.history.edit_message(platform, message_id, text)
         if rows and self.memory is not None:
-            await self.memory.store.message_edited(rows, text)
+            await self.memory.message_edited(rows, text)
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run work after the reply without delaying it; `drain()` waits for it."""
@@ -484,7 +491,7 @@ class _Opened:
 
 
 def _scope(incoming: Incoming) -> str:
-    """Where a fact learned from this message may be recalled (bot/memory/store.py)."""
+    """Where a fact learned from this message may be recalled (bot/core/ports.py)."""
     return scope_of(incoming.platform, incoming.conversation, incoming.guild)
 
 

@@ -16,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from bot.core.categories import CATEGORIES as GUARD_CATEGORIES
+from bot.core.categories import normalize_code
 from bot.errors import PersonaError
-from bot.safety.categories import CATEGORIES as GUARD_CATEGORIES
-from bot.safety.categories import normalize_code
 
 logger = logging.getLogger(__name__)
 

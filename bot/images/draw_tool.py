@@ -19,12 +19,12 @@ from typing import Any
 
 from bot.brains.base import ToolCall
 from bot.core.personas import Persona
+from bot.core.ports import DRAW_IMAGE, Speaker
 from bot.errors import BotError, user_message
 from bot.images.service import MAX_PROMPT_CHARS, SIZES, ImageRequest, ImageResult, ImageService
 
 log = logging.getLogger(__name__)
 
-DRAW_IMAGE = "draw_image"
 DRAW_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
@@ -52,7 +52,6 @@ DRAW_TOOL: dict[str, Any] = {
     },
 }
 DRAWING = "Drawing…"
-ONE_PER_REPLY = "Not drawn: only one picture per reply."
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,6 @@ class Drawing:
     reply: str
     prompt: str
     result: ImageResult | None = None
-
-
-@dataclass(frozen=True)
-class Speaker:
-    """Who asked, and where: the picture is theirs (limits, caps, ledger) as with /imagine."""
-
-    platform: str
-    conversation: str
-    author_id: str
-    guild: str | None
-    nsfw: bool
 
 
 class DrawTool:
@@ -155,17 +143,3 @@ def _arguments(arguments: dict[str, Any]) -> tuple[str, str, str | None]:
     size = arguments.get("size")
     size = size.strip().lower() if isinstance(size, str) and size.strip() else "square"
     return prompt, size if size in SIZES else "square", None
-
-
-def tool_messages(content: str, calls: list[ToolCall], results: list[str]) -> list[dict[str, Any]]:
-    """The model's turn with its tool calls, then one tool message per call (Ollama's shape)."""
-    turn: dict[str, Any] = {
-        "role": "assistant",
-        "content": content,
-        "tool_calls": [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls],
-    }
-    answers = [
-        {"role": "tool", "content": result, "tool_name": call.name}
-        for call, result in zip(calls, results, strict=True)
-    ]
-    return [turn, *answers]

@@ -167,6 +167,15 @@ class Memory:
 
     # ------------------------------------------------------------------ extraction
 
+    async def message_deleted(self, message_rows: list[int]) -> int:
+        """Messages deleted on their platform: their pending extraction stops and the facts
+        drawn only from them are deleted; returns how many facts went."""
+        return await self.store.message_deleted(message_rows)
+
+    async def message_edited(self, message_rows: list[int], text: str) -> None:
+        """Messages edited on their platform: a pending extraction reads the new text."""
+        await self.store.message_edited(message_rows, text)
+
     async def remember(self, exchange: Exchange) -> None:
         """Queue the exchange in Postgres, then extract from it (call in the background)."""
         job_id = await self.store.enqueue(exchange)

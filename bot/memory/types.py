@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from bot.core.ports import Exchange, scope_of
+
+__all__ = ["Exchange", "scope_of"]  # and the memory types below
+
 _SPACES = re.compile(r"\s+")
 _EDGE_PUNCTUATION = ".,;:!?\"'`()[]{} "
 
@@ -54,34 +58,6 @@ class MemoryRow:
             else None,
             "superseded_by": self.superseded_by,
         }
-
-
-def scope_of(platform: str, conversation: str, guild: str | None) -> str:
-    """Where a fact learned here may be recalled: the terminal, a Matrix room (a DM is a room),
-    a Discord server, or else the conversation itself (a Discord DM)."""
-    if platform == "console":
-        return "console"
-    if platform == "matrix":  # a thread's conversation is "room|thread root": its room
-        return f"matrix:room:{conversation.split('|', 1)[0]}"
-    if guild:
-        return f"{platform}:guild:{guild}"
-    return f"{platform}:conv:{conversation}"
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One answered message, as the engine hands it to memory."""
-
-    user_key: str
-    author_name: str
-    persona: str
-    model: str
-    platform: str
-    conversation_id: int | None
-    message: str
-    reply: str
-    scope: str | None = None  # scope_of() the place it was said; None: before scopes
-    message_id: int | None = None  # messages.id of the user's message in history
 
 
 @dataclass(frozen=True)

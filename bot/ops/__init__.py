@@ -1,5 +1,6 @@
-"""Operations: the web server (/healthz, /metrics), metrics, `doctor` and its credential
-checks, the scheduler, admin notices and logging.
+"""Operations: the web server (/healthz, /metrics from the core's prometheus registry and the
+figures read from PostgreSQL at scrape time), `doctor` and its credential checks, the scheduler,
+admin notices, logging and the configuration reference.
 
-May import everything, read-only: nothing else imports ops except `notify`, `logs` and `metrics`.
+May import everything, read-only; the capabilities import only `notify` and `logs` from it.
 """

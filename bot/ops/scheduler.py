@@ -31,7 +31,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from bot.ops.metrics import Metrics
+from bot.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     GET /healthz   200 {"status": "ok", ...} when the database answers and every adapter is
                    connected; 503 with the same shape, naming what is wrong, otherwise
-    GET /metrics   Prometheus text format: what the process counts (bot/ops/metrics.py) plus what
+    GET /metrics   Prometheus text format: what the process counts (bot/core/metrics.py) plus what
                    other services keep in Postgres, read at scrape time (bot/ops/scrape.py)
 
 Read-only: nothing here changes state. Bound to WEB_HOST:WEB_PORT (127.0.0.1:8080 by default;

@@ -1,6 +1,8 @@
-"""Llama Guard moderation: the prompt format, verdicts, the content categories, and the
-moderation step the engine runs on what comes in and what goes out.
+"""Llama Guard: the prompt format (Meta's, built by us and sent raw), the model call, verdicts
+and their records, and the guard as the pipeline's moderation step is built with it.
 
-Owns: `guard` (calls the model, parses verdicts), `categories` (S1-S14), `moderation` (policy).
-May import: `bot.core` types (personas, calls), `bot.brains`, `bot.ops.notify`, config, errors.
+Owns: `guard` (calls the model, parses verdicts, records them), `prompt`, `verdict`,
+`moderation` (builds the guard and the core's moderation around it; vets memories).
+May import: `bot.core` (personas, calls, categories, verdicts, the moderation step), `bot.brains`,
+`bot.ops.notify`, config, errors. The core never imports this package.
 """

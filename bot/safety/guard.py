@@ -38,9 +38,9 @@ from bot.brains.base import CallStats, ChatRequest
 from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
+from bot.core.categories import describe
 from bot.core.personas import Persona
 from bot.ops.notify import AdminNotifier
-from bot.safety.categories import describe
 from bot.safety.prompt import (
     GuardTurn,
     Role,

@@ -13,7 +13,7 @@ import pytest
 
 from bot import db
 from bot.config import REPO_ROOT
-from bot.ops.metrics import Metrics
+from bot.core.metrics import Metrics
 from bot.ops.scheduler import Scheduler
 
 MIGRATIONS = REPO_ROOT / "migrations"

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import App
 from bot.core.engine import Incoming
+from bot.core.metrics import Histogram, Metrics
 from bot.errors import ConfigError
-from bot.ops.metrics import Histogram, Metrics
 from bot.ops.web import WebServer
 from bot.runner import run
 from tests.conftest import make_settings

@@ -17,9 +17,9 @@ import pytest
 
 from bot.app import App, running_app
 from bot.config import Settings
+from bot.core.categories import ALL_CODES, CATEGORIES, describe
 from bot.core.engine import Delta, Done, Event, Failed, Incoming, Notice
 from bot.core.personas import Persona, PersonaFileError, load_persona_file
-from bot.safety.categories import ALL_CODES, CATEGORIES, describe
 from bot.safety.guard import enforced_codes, parse_verdict
 from bot.safety.moderation import (
     INPUT_NO_VERDICT,
