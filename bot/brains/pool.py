@@ -199,7 +199,10 @@ class BackendPool:
         process is making, and forget an "up" machine someone else has stopped."""
         deadline = self._clock() + self.wake_timeout
         while state == "stopping" and self._clock() < deadline:
-            await asyncio.sleep(self.poll_interval)
+            if backend._stop is not None:  # this process's own stop: wait for it to the moment
+                await backend._stop.wait()
+            else:
+                await asyncio.sleep(self.poll_interval)
             state = await self.sessions.state(backend.name)
         if state != "open" and backend.state == "up":
             log.info("%s was stopped by another process", backend.name)

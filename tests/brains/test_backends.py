@@ -359,7 +359,10 @@ async def test_idle_stop_never_in_flight_and_gpu_seconds_in_the_ledger(
     settings = pool_settings(
         tmp_path, database_url, [fly_backend(fly, ollama, idle_stop=60)], memory_enabled=False
     )
-    async with running_app(settings) as app:
+    # The app gives the database and the ledger only: its own pool must not also run idle
+    # checks on this machine on the real clock (it would stop it under the test's fake one).
+    base = make_settings(tmp_path, database_url, dead_url(), memory_enabled=False)
+    async with running_app(base) as app:
         pool = build_pool(settings, sessions=SessionBook(app.pool, app.ledger), clock=clock)
         router = BrainRouter([], pool)
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import App, running_app
 from bot.brains.base import CallStats, ChatRequest
@@ -260,8 +261,14 @@ async def test_bot_survives_a_worker_killed_mid_reply(tmp_path: Path, database_u
         assert events[-1].text == ModelInterrupted.user_message
         crashes = app.metrics.local_worker_crashes
         assert crashes.value(worker="chat", cause="SIGKILL") == 1
-        page = "\n".join(app.metrics.render())
-        assert 'personabot_local_worker_crashes_total{worker="chat",cause="SIGKILL"} 1' in page
+        page = app.metrics.render().decode()
+        samples = [
+            (s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(page)
+            for s in family.samples
+        ]
+        crash = ("personabot_local_worker_crashes_total", {"worker": "chat", "cause": "SIGKILL"})
+        assert (*crash, 1.0) in samples
         events = await reply(app, "Hi! How are you?")
         assert isinstance(events[-1], Done) and events[-1].text.strip()
 

@@ -16,6 +16,7 @@ import yaml
 from bot.app import App, running_app
 from bot.config import REPO_ROOT
 from bot.core.engine import Done, Incoming
+from bot.core.ports import scope_of
 from bot.memory.store import NewFact
 from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
@@ -67,6 +68,7 @@ async def test_each_prompt_begins_with_the_last_one_but_for_a_few_steps(
             [NewFact(f, v) for f, v in zip(facts, vectors, strict=True)],
             model="ollama:nomic-embed-text",
             persona="mimi",
+            scope=scope_of("test", "long", None),  # learned in this conversation
         )
         for n in range(TURNS):
             await reply(app, f"Turn {n}: today I painted a little more of my pixel-art castle.")

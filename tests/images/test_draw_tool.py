@@ -18,6 +18,7 @@ import pytest
 from discord.ext.test import backend
 
 from bot.adapters.console import ConsoleChat
+from bot.adapters.matrix.pacing import Pacer
 from bot.adapters.matrix.render import ReplyTarget, StreamedReply
 from bot.app import App
 from bot.brains.base import ChatRequest
@@ -315,7 +316,8 @@ async def test_matrix_uploads_the_picture_after_the_reply(tmp_path: Path) -> Non
         yield Done("Here!", persona, "a model")
         yield Picture(picture, True, "Mimi drew “a fox”")
 
-    reply = StreamedReply(ReplyTarget("$asked", None, "m.text", False, 0.0), send, attach=attach)
+    target = ReplyTarget("$asked", None, "m.text", False)
+    reply = StreamedReply(target, send, Pacer(0.0), attach=attach)
     await reply.render(events())
     assert [c["body"] for c in sent] == ["Here!"]
     assert attached == [(picture, True)] and reply.files == ["$file"]

@@ -19,7 +19,7 @@ from bot.core.engine import Incoming
 from bot.memory.store import Exchange, scope_of
 from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
-from tests.memory.test_memory import collect, exchange, facts
+from tests.memory.test_memory import collect, exchange, facts, last_notes
 
 SECRET = "Has a secret crush on Bo."
 
@@ -32,18 +32,14 @@ def server(text: str, channel: str = "general") -> Incoming:
     return Incoming("test", channel, "alice", "Alice", text, guild="g1")
 
 
-def system_prompt(fake: FakeOllama) -> str:
-    replies = [body for body in fake.chat_requests() if not body.get("format")]
-    return str(replies[-1]["messages"][0]["content"])
-
-
 async def said(app: App, fake: FakeOllama, incoming: Incoming) -> str:
-    """The system prompt the persona got for `incoming` (its extraction finds nothing)."""
+    """The notes before the new message that the persona got for `incoming`, where recalled
+    memories go (its extraction finds nothing)."""
     fake.queue_reply("Mm-hm.")
     fake.queue_reply(facts())
     await collect(app, incoming)
     await app.engine.drain()
-    return system_prompt(fake)
+    return last_notes(fake)
 
 
 @pytest.fixture

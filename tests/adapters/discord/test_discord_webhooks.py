@@ -131,7 +131,7 @@ async def test_replies_to_a_persona_message_are_known_without_the_stage(
     source = await source_in(fake, client, ALLOWED)
     webhook_view = await Faces(0.0, ChannelBudget()).view(source, SAGE, True)
     await webhook_view.finish("Good day.")
-    fallback = NamedReplyView(source, 0.0, "Mimi")
+    fallback = NamedReplyView(source, 0.0, "Mimi", ChannelBudget())
     await fallback.finish("Nya.")
     channel = source.channel
     cast = [MIMI, SAGE]

@@ -27,6 +27,7 @@ from tests.adapters.matrix.helpers import (
 from tests.fakes.fly import FakeFly, MachineOllama
 from tests.fakes.ollama import FakeOllama
 from tests.matrix_human import Human
+from tests.safety.llama_guard import GuardScript
 from tests.synapse import MatrixUser, Synapse
 
 
@@ -104,17 +105,11 @@ async def test_reply_in_thread_on_the_answer_keeps_the_answer_and_its_question(
     assert seen == ["capital of France?", "Paris.", "and Germany?"]
 
 
-class _Guard:
-    """Llama Guard's answers: 'unsafe' with S10 when the text judged contains HATEFUL."""
-
-    async def __call__(self, body: dict[str, Any]) -> str:
-        users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
-        return "unsafe\nS10" if users and "HATEFUL" in str(users[-1]["content"]) else "safe"
-
-
 @pytest.fixture
 async def guard_fake() -> AsyncIterator[FakeOllama]:
-    async with FakeOllama(models=["llama-guard3:1b"], responder=_Guard()) as fake:
+    """Llama Guard, reading its raw prompt: 'unsafe' with S10 when the text judged says HATEFUL."""
+    script = GuardScript(rules={"HATEFUL": "unsafe\nS10"})
+    async with FakeOllama(models=["llama-guard3:1b"], responder=script) as fake:
         yield fake
 
 
