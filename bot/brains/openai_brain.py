@@ -249,6 +249,24 @@ class OpenAIBrain:
             usd_per_output_token=self._per_out if priced else None,
         )
 
+    def estimate(self, request: ChatRequest, reply: str) -> CallStats | None:
+        """What a call cut off part-way (or closed unread) most likely cost: the provider bills
+        the tokens it processed, but such a stream never sends its usage chunk. Counted at 4
+        characters a token (like bot/core/prompts.py's estimate), priced like a finished call;
+        None for a backend that bills nothing per token."""
+        if not (self._per_in or self._per_out):
+            return None
+        prompt = sum(len(str(m.get("content") or "")) for m in request.messages)
+        return CallStats(
+            backend=self.name,
+            model=self.server_model(request.model),
+            prompt_tokens=prompt // 4 + 4 * len(request.messages),
+            completion_tokens=(len(reply) + 3) // 4,
+            done_reason="cut off: tokens estimated",
+            usd_per_input_token=self._per_in,
+            usd_per_output_token=self._per_out,
+        )
+
     async def _unavailable(self, exc: BaseException, model: str) -> ModelUnavailable:
         """The error to raise for a failure before the first token (and the alert for a key)."""
         reason = failure_reason(exc, model)

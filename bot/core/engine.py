@@ -339,7 +339,8 @@ class Engine:
             answer = item.answer
             await answer.aclose()
             reason = "stopped: the guard refused its input"
-            self._record(item.context, answer.request, answer.brain.name, None, reason)
+            stats = _estimate(answer)  # a per-token API bills the prompt it read all the same
+            self._record(item.context, answer.request, answer.brain.name, stats, reason)
 
     async def _stream(
         self, answer: Answer, context: CallContext, screen: OutputScreen
@@ -348,11 +349,14 @@ class Engine:
             async for text in screen.release(answer.chunks()):
                 yield Delta(text)
         except ModelError as exc:
-            self._record(context, answer.request, answer.brain.name, answer.stats, str(exc))
+            stats = answer.stats or _estimate(answer)
+            self._record(context, answer.request, answer.brain.name, stats, str(exc))
             raise
         if screen.blocked is not None:
             await answer.aclose()
-        self._record(context, answer.request, answer.brain.name, answer.stats, None)
+        self._record(
+            context, answer.request, answer.brain.name, answer.stats or _estimate(answer), None
+        )
 
     async def _request(
         self, incoming: Incoming, conversation: Conversation, persona: Persona
@@ -496,6 +500,13 @@ def _scope(incoming: Incoming) -> str:
 
 
 BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model is standing in."
+
+
+def _estimate(answer: Answer) -> CallStats | None:
+    """A stream that ended without its usage (cut off, or closed by the guard): what a backend
+    billed per token most likely charged for it (its `estimate`); None for the others."""
+    estimate = getattr(answer.brain, "estimate", None)
+    return estimate(answer.request, answer.text) if callable(estimate) else None
 
 
 def _fallback_words(answer: Answer) -> str | None:

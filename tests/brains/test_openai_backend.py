@@ -441,3 +441,30 @@ async def test_the_app_tells_its_admins_once_about_a_refused_key(
             assert isinstance(events[-1], Failed) and events[-1].text == ModelError.user_message
             assert "sk-revoked" not in events[-1].text
     assert len(notices) == 1 and KEY_ENV in notices[0] and "sk-revoked" not in notices[0]
+
+
+async def test_a_reply_cut_off_midway_still_books_its_estimated_tokens(
+    tmp_path: Path, database_url: str, fake_api: FakeOpenAI
+) -> None:
+    """The provider bills what it generated though a broken stream sends no usage chunk: the
+    call is booked at estimated counts (4 characters a token), at the backend's prices."""
+    settings = settings_for(tmp_path, database_url, [api_backend(fake_api)])
+    async with running_app(settings) as app:
+        fake_api.queue_reply("one two three four five six")
+        fake_api.break_stream_after(2)
+        events = await collect(app, say("tell me a story"))
+        await app.engine.drain()
+        assert isinstance(events[-1], Failed)
+        rows = await app.pool.fetch(
+            "SELECT request_id, units, unit_price, cost FROM ledger ORDER BY request_id"
+        )
+        booked = {r["request_id"].rsplit(":", 1)[-1]: r for r in rows}
+        assert set(booked) == {"input", "output"}
+        [sent] = fake_api.requests
+        chars = sum(len(str(m.get("content") or "")) for m in sent["messages"])
+        assert booked["input"]["units"] == chars // 4 + 4 * len(sent["messages"])
+        assert booked["output"]["units"] == (len("one two") + 3) // 4
+        assert booked["output"]["unit_price"] == PER_OUT / 1_000_000
+        assert sum(r["cost"] for r in rows) > 0
+        call = await app.pool.fetchrow("SELECT ok, completion_tokens FROM model_calls")
+        assert call["ok"] is False and call["completion_tokens"] == booked["output"]["units"]
