@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,44 @@ def guard_settings(
     return make_settings(tmp_path, database_url, chat.url, **values)
 
 
+AppWith = Callable[..., contextlib.AbstractAsyncContextManager[App]]
+
+
 @pytest.fixture
-async def app(
+def app_with(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama, guard_fake: FakeOllama
-) -> AsyncIterator[App]:
-    async with running_app(
-        guard_settings(tmp_path, database_url, fake_ollama, guard_fake.url)
-    ) as a:
+) -> AppWith:
+    """Runs an app against the guard fake (or `guard_host=`), with other settings as given."""
+
+    def start(**values: object) -> contextlib.AbstractAsyncContextManager[App]:
+        return running_app(
+            guard_settings(tmp_path, database_url, fake_ollama, guard_fake.url, **values)
+        )
+
+    return start
+
+
+@pytest.fixture
+async def app(app_with: AppWith) -> AsyncIterator[App]:
+    async with app_with() as a:
         yield a
+
+
+def personas_dir(tmp_path: Path, name: str, extra: str) -> Path:
+    """A personas folder with the one persona `name`, its YAML ending in `extra`."""
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / f"{name}.yaml").write_text(
+        f"name: {name}\ndisplay_name: {name.title()}\ndescription: d\ngreeting: g\n{extra}"
+    )
+    return personas
+
+
+def terminal_env(
+    tmp_path: Path, database_url: str, chat: FakeOllama, guard_url: str
+) -> dict[str, str]:
+    env = base_env(tmp_path, database_url, chat.url)
+    return env | {"GUARD_ENABLED": "true", "GUARD_HOST": guard_url}
 
 
 def say(
@@ -151,17 +181,39 @@ def test_persona_chooses_what_blocks(tmp_path: Path) -> None:
     assert "'S99'" in str(raised.value)
 
 
-def test_the_prompt_lists_what_the_persona_enforces_here() -> None:
-    strict, relaxed = persona(), persona(allow_nsfw=True)
-    lenient = persona(guard_block=["S1"])
-    small, large = "llama-guard3:1b", "llama-guard3:8b"
-    assert enforced_codes(strict, nsfw=False, model=large) == list(ALL_CODES)
-    assert enforced_codes(strict, nsfw=False, model=small) == list(ALL_CODES[:13]), "1B: no S14"
-    assert enforced_codes(lenient, nsfw=True, model=large) == ["S1", "S4"], "S4 always"
-    assert "S12" not in enforced_codes(relaxed, nsfw=True, model=large)
-    assert "S12" in enforced_codes(relaxed, nsfw=False, model=large), "only NSFW channels"
-    assert "S12" in enforced_codes(strict, nsfw=True, model=large), "only allow_nsfw"
-    assert "S4" in enforced_codes(relaxed, nsfw=True, model=large), "never S4"
+STRICT: dict[str, Any] = {}
+RELAXED: dict[str, Any] = {"allow_nsfw": True}
+LENIENT: dict[str, Any] = {"guard_block": ["S1"]}
+SMALL, LARGE = "llama-guard3:1b", "llama-guard3:8b"
+
+
+@pytest.mark.parametrize(
+    ("fields", "nsfw", "model", "expected"),
+    [
+        pytest.param(STRICT, False, LARGE, list(ALL_CODES), id="strict-8B-all"),
+        pytest.param(STRICT, False, SMALL, list(ALL_CODES[:13]), id="1B-no-S14"),
+        pytest.param(LENIENT, True, LARGE, ["S1", "S4"], id="S4-always"),
+    ],
+)
+def test_the_prompt_lists_what_the_persona_enforces_here(
+    fields: dict[str, Any], nsfw: bool, model: str, expected: list[str]
+) -> None:
+    assert enforced_codes(persona(**fields), nsfw=nsfw, model=model) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "nsfw", "code", "enforced"),
+    [
+        pytest.param(RELAXED, True, "S12", False, id="S12-relaxed-in-nsfw"),
+        pytest.param(RELAXED, False, "S12", True, id="S12-only-nsfw-channels"),
+        pytest.param(STRICT, True, "S12", True, id="S12-only-allow-nsfw"),
+        pytest.param(RELAXED, True, "S4", True, id="never-S4"),
+    ],
+)
+def test_what_an_nsfw_channel_relaxes(
+    fields: dict[str, Any], nsfw: bool, code: str, enforced: bool
+) -> None:
+    assert (code in enforced_codes(persona(**fields), nsfw=nsfw, model=LARGE)) is enforced
 
 
 def test_text_cannot_steer_the_guard() -> None:
@@ -188,17 +240,28 @@ def test_fitting_cuts_the_oldest_text_never_the_judged_text() -> None:
     assert all(len(w) <= 300 for w in windows("word " * 1000, 300))
 
 
-def test_fail_policy_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+OVERRIDDEN = {"GUARD_FAIL_POLICY__CONSOLE": "closed", "GUARD_FAIL_POLICY__MATRIX": "open"}
+
+
+@pytest.mark.parametrize(
+    ("env", "platform", "expected"),
+    [
+        pytest.param({}, "console", "open", id="default-console"),
+        pytest.param({}, "discord", "closed", id="default-discord"),
+        pytest.param({}, "matrix", "closed", id="default-matrix"),
+        pytest.param({}, "anything-else", "closed", id="default-other"),
+        pytest.param(OVERRIDDEN, "console", "closed", id="set-console"),
+        pytest.param(OVERRIDDEN, "matrix", "open", id="set-matrix"),
+        pytest.param(OVERRIDDEN, "discord", "closed", id="set-others-keep-default"),
+    ],
+)
+def test_fail_policy_per_platform(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], platform: str, expected: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     policy = Settings(_env_file=None).guard_fail_policy  # type: ignore[call-arg]
-    assert policy.for_platform("console") == "open"
-    assert policy.for_platform("discord") == policy.for_platform("matrix") == "closed"
-    assert policy.for_platform("anything-else") == "closed"
-    monkeypatch.setenv("GUARD_FAIL_POLICY__CONSOLE", "closed")
-    monkeypatch.setenv("GUARD_FAIL_POLICY__MATRIX", "open")
-    policy = Settings(_env_file=None).guard_fail_policy  # type: ignore[call-arg]
-    assert policy.for_platform("console") == "closed"
-    assert policy.for_platform("matrix") == "open"
-    assert policy.for_platform("discord") == "closed"
+    assert policy.for_platform(platform) == expected
 
 
 # ------------------------------------------------------------------ blocked inputs
@@ -247,18 +310,9 @@ async def test_the_next_message_does_not_see_a_blocked_one(
     assert await history(app) == ["hi again", "Hello!"]
 
 
-async def test_blocked_input_reaches_no_memory(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
-) -> None:
+async def test_blocked_input_reaches_no_memory(app_with: AppWith, script: GuardScript) -> None:
     script.rules["knife"] = "unsafe\nS1"
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, memory_enabled=True
-    )
-    async with running_app(settings) as app:
+    async with app_with(memory_enabled=True) as app:
         await collect(app, say("I keep a knife under my pillow to hurt people"))
         await app.engine.drain()
         memory_calls = "SELECT count(*) FROM model_calls WHERE purpose = 'memory'"
@@ -270,23 +324,13 @@ async def test_blocked_input_reaches_no_memory(
 
 
 async def test_an_allowed_category_is_not_asked_about(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
+    tmp_path: Path, app_with: AppWith, fake_ollama: FakeOllama, script: GuardScript
 ) -> None:
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    (personas / "adv.yaml").write_text(
-        "name: adv\ndisplay_name: Adv\ndescription: d\ngreeting: g\n"
-        "guard_block: [S1, S2, S3, S4, S5, S7, S8, S9, S10, S11, S12, S13, S14]\n"
+    personas = personas_dir(
+        tmp_path, "adv", "guard_block: [S1, S2, S3, S4, S5, S7, S8, S9, S10, S11, S12, S13, S14]\n"
     )
     script.rules["tax"] = "unsafe\nS6"
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, personas_dir=personas
-    )
-    async with running_app(settings) as app:
+    async with app_with(personas_dir=personas) as app:
         fake_ollama.queue_reply("File it by April.")
         events = await collect(app, say("how do I do my tax return"))
         assert isinstance(events[-1], Done) and events[-1].text == "File it by April."
@@ -297,25 +341,15 @@ async def test_an_allowed_category_is_not_asked_about(
 
 
 async def test_nsfw_channel_relaxes_s12_for_personas_that_allow_it_never_s4(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
+    tmp_path: Path, app_with: AppWith, fake_ollama: FakeOllama, script: GuardScript
 ) -> None:
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    (personas / "bold.yaml").write_text(
-        "name: bold\ndisplay_name: Bold\ndescription: d\ngreeting: g\nallow_nsfw: true\n"
-        'refusal: "Bold crosses her arms. Not that."\n'
+    personas = personas_dir(
+        tmp_path, "bold", 'allow_nsfw: true\nrefusal: "Bold crosses her arms. Not that."\n'
     )
     script.rules["minor"] = "unsafe\nS12,S4"
     script.rules["stab"] = "unsafe\nS12,S1"  # sexual and violent: the model names S12 first
     script.rules["spicy"] = "unsafe\nS12"
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, personas_dir=personas
-    )
-    async with running_app(settings) as app:
+    async with app_with(personas_dir=personas) as app:
         fake_ollama.queue_reply("Oh my.")
         events = await collect(app, say("something spicy", conversation="n", nsfw=True))
         assert isinstance(events[-1], Done) and events[-1].text == "Oh my."
@@ -351,18 +385,9 @@ async def test_admins_are_alerted_without_the_users_words(app: App, script: Guar
     assert "slur" not in alerts[0]
 
 
-async def test_user_text_is_kept_when_configured(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
-) -> None:
+async def test_user_text_is_kept_when_configured(app_with: AppWith, script: GuardScript) -> None:
     script.rules["slur"] = "unsafe\nS10"
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, guard_keep_text=True
-    )
-    async with running_app(settings) as app:
+    async with app_with(guard_keep_text=True) as app:
         await collect(app, say("a slur about them"))
         assert [r["text"] for r in await verdict_rows(app)] == ["a slur about them"]
 
@@ -430,16 +455,9 @@ async def test_whole_reply_is_held_until_checked(
 
 
 async def test_paragraph_mode_shows_checked_paragraphs_and_retracts_on_a_block(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
+    app_with: AppWith, fake_ollama: FakeOllama, script: GuardScript
 ) -> None:
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, guard_stream_mode="paragraph"
-    )
-    async with running_app(settings) as app:
+    async with app_with(guard_stream_mode="paragraph") as app:
         fake_ollama.queue_reply("First part.\n\nSecond part.\n\nThe end.")
         events = await collect(app, say("story please"))
         deltas = [e.text for e in events if isinstance(e, Delta)]
@@ -518,10 +536,9 @@ async def test_input_check_runs_alongside_generation(
 
 
 async def test_guard_down_closed_refuses_with_a_notice(
-    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+    app_with: AppWith, fake_ollama: FakeOllama
 ) -> None:
-    down = dead_url()
-    async with running_app(guard_settings(tmp_path, database_url, fake_ollama, down)) as app:
+    async with app_with(guard_host=dead_url()) as app:
         fake_ollama.queue_reply("unmoderated text")
         events = await collect(app, say("hi", platform="discord"))
         assert [type(e) for e in events] == [Failed]
@@ -537,10 +554,9 @@ async def test_guard_down_closed_refuses_with_a_notice(
 
 
 async def test_guard_down_open_answers_with_a_visible_notice(
-    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+    app_with: AppWith, fake_ollama: FakeOllama
 ) -> None:
-    down = dead_url()
-    async with running_app(guard_settings(tmp_path, database_url, fake_ollama, down)) as app:
+    async with app_with(guard_host=dead_url()) as app:
         fake_ollama.queue_reply("Hi Alice!")
         events = await collect(app, say("hi", platform="console"))
         assert Notice(UNMODERATED) in events
@@ -554,12 +570,9 @@ async def test_guard_down_open_answers_with_a_visible_notice(
 
 
 async def test_slow_guard_times_out_into_the_fail_policy(
-    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, guard_fake: FakeOllama
+    app_with: AppWith, guard_fake: FakeOllama
 ) -> None:
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, guard_timeout=0.3
-    )
-    async with running_app(settings) as app:
+    async with app_with(guard_timeout=0.3) as app:
         guard_fake.hang = True
         started = time.perf_counter()
         events = await collect(app, say("hello", platform="matrix"))
@@ -586,24 +599,26 @@ async def test_an_answer_that_is_no_verdict_says_so(
     assert (rows[0]["verdict"], rows[0]["reason"]) == ("unknown", "it gave no verdict")
 
 
-async def test_output_without_a_verdict_under_closed_policy_is_withheld(
-    app: App, fake_ollama: FakeOllama, script: GuardScript
-) -> None:
-    script.rules["WEIRD"] = "Sure! Here is my assessment of the reply."
+async def withheld(app: App, fake_ollama: FakeOllama, script: GuardScript, answer: str) -> Event:
+    """The last event for a reply the guard answers `answer` about; none of it was shown."""
+    script.rules["WEIRD"] = answer
     fake_ollama.queue_reply("A WEIRD reply.")
     events = await collect(app, say("hi"))
     assert not [e for e in events if isinstance(e, Delta)]
-    assert events[-1] == Failed(OUTPUT_NO_VERDICT)
+    return events[-1]
+
+
+async def test_output_without_a_verdict_under_closed_policy_is_withheld(
+    app: App, fake_ollama: FakeOllama, script: GuardScript
+) -> None:
+    failed = await withheld(app, fake_ollama, script, "Sure! Here is my assessment of the reply.")
+    assert failed == Failed(OUTPUT_NO_VERDICT)
 
 
 async def test_unsafe_without_a_category_blocks(
     app: App, fake_ollama: FakeOllama, script: GuardScript
 ) -> None:
-    script.rules["WEIRD"] = "UNSAFE"
-    fake_ollama.queue_reply("A WEIRD reply.")
-    events = await collect(app, say("hi"))
-    assert not [e for e in events if isinstance(e, Delta)]
-    failed = events[-1]
+    failed = await withheld(app, fake_ollama, script, "UNSAFE")
     assert isinstance(failed, Failed) and "withheld" in failed.text and "unspecified" in failed.text
     rows = await verdict_rows(app)
     assert [(r["verdict"], r["categories"], r["blocked"]) for r in rows][-1] == (
@@ -614,12 +629,9 @@ async def test_unsafe_without_a_category_blocks(
 
 
 async def test_guard_off_checks_nothing_and_streams(
-    tmp_path: Path, database_url: str, fake_ollama: FakeOllama, guard_fake: FakeOllama
+    app_with: AppWith, fake_ollama: FakeOllama, guard_fake: FakeOllama
 ) -> None:
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, guard_enabled=False
-    )
-    async with running_app(settings) as app:
+    async with app_with(guard_enabled=False) as app:
         fake_ollama.queue_reply("Several words in pieces.")
         events = await collect(app, say("hi"))
         assert len([e for e in events if isinstance(e, Delta)]) > 1
@@ -634,8 +646,7 @@ async def test_terminal_without_a_guard_says_replies_are_not_moderated(
     tmp_path: Path, database_url: str, fake_ollama: FakeOllama
 ) -> None:
     fake_ollama.queue_reply("Hi Alice!")
-    env = base_env(tmp_path, database_url, fake_ollama.url)
-    env |= {"GUARD_ENABLED": "true", "GUARD_HOST": dead_url()}
+    env = terminal_env(tmp_path, database_url, fake_ollama, dead_url())
     code, out, err = await run_bot("chat", "--user", "alice", "-m", "hi", env=env)
     assert code == 0, err
     assert out == "Hi Alice!\n"
@@ -650,8 +661,7 @@ async def test_terminal_refuses_in_character(
     script: GuardScript,
 ) -> None:
     script.rules["knife"] = "unsafe\nS1"
-    env = base_env(tmp_path, database_url, fake_ollama.url)
-    env |= {"GUARD_ENABLED": "true", "GUARD_HOST": guard_fake.url}
+    env = terminal_env(tmp_path, database_url, fake_ollama, guard_fake.url)
     code, out, err = await run_bot("chat", "--user", "alice", "-m", "the knife", env=env)
     assert code == 0, err
     assert "Mimi" in out and "Violent Crimes" in out
@@ -667,11 +677,7 @@ async def test_only_the_enforced_categories_are_listed_with_their_definitions(
     fake_ollama: FakeOllama,
     script: GuardScript,
 ) -> None:
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    (personas / "calm.yaml").write_text(
-        "name: calm\ndisplay_name: Calm\ndescription: d\ngreeting: g\nguard_block: [S10, S14]\n"
-    )
+    personas = personas_dir(tmp_path, "calm", "guard_block: [S10, S14]\n")
     async with FakeOllama(models=["llama-guard3:8b"], responder=script) as guard:
         settings = guard_settings(
             tmp_path,
@@ -711,20 +717,13 @@ async def test_user_text_cannot_close_the_conversation_or_fake_a_verdict(
 
 
 async def test_long_texts_fit_the_guard_and_are_judged_whole(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
+    app_with: AppWith, fake_ollama: FakeOllama, guard_fake: FakeOllama, script: GuardScript
 ) -> None:
     context = 2048
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, guard_context=context
-    )
     script.rules["HATEFUL"] = "unsafe\nS10"
     question = "remember this: " + "blah " * 300 + "so what do you think?"
     reply = "fine words " * 100 + "and at the very end something HATEFUL."
-    async with running_app(settings) as app:
+    async with app_with(guard_context=context) as app:
         fake_ollama.queue_reply(reply)
         events = await collect(app, say(question))
     assert isinstance(events[-1], Failed) and "S10 Hate" in events[-1].text
@@ -742,17 +741,10 @@ async def test_long_texts_fit_the_guard_and_are_judged_whole(
 
 
 async def test_paragraph_checks_cost_the_same_however_long_the_reply(
-    tmp_path: Path,
-    database_url: str,
-    fake_ollama: FakeOllama,
-    guard_fake: FakeOllama,
-    script: GuardScript,
+    app_with: AppWith, fake_ollama: FakeOllama, script: GuardScript
 ) -> None:
-    settings = guard_settings(
-        tmp_path, database_url, fake_ollama, guard_fake.url, guard_stream_mode="paragraph"
-    )
     paragraphs = [f"Paragraph {n}: " + "words " * 50 + "\n\n" for n in range(40)]
-    async with running_app(settings) as app:
+    async with app_with(guard_stream_mode="paragraph") as app:
         fake_ollama.queue_reply("".join(paragraphs), chunks=paragraphs)
         events = await collect(app, say("a long story"))
     assert isinstance(events[-1], Done)

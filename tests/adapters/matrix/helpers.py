@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,33 @@ async def group_room(human: Human, synapse: Synapse, bot: MatrixUser) -> str:
     room = await human.create_room([bot.user_id, third.user_id])
     await human.wait_membership(room, bot.user_id, "join")
     return room
+
+
+async def direct_room(human: Human, bot: MatrixUser) -> str:
+    """A direct room the human opened with the bot, once the bot has joined it."""
+    room = await human.create_room([bot.user_id], direct=True)
+    await human.wait_membership(room, bot.user_id, "join")
+    return room
+
+
+InGroupRoom = tuple[App, MatrixAdapter, str]
+# The bot's settings with some changed: `settings_with(matrix_stream=True)` (a fixture).
+SettingsWith = Callable[..., Settings]
+# The bot running, settings changed as given, in a new group room: (app, adapter, room).
+GroupBot = Callable[..., contextlib.AbstractAsyncContextManager[InGroupRoom]]
+# `await ask(room, question, answer, nth=1, **send)`, a fixture: the model will say `answer`,
+# the human sends `question` (`send`: mention=, reply_to=, thread_root=); the id of what was
+# sent and the bot's `nth` message in the room, once it is there.
+Ask = Callable[..., Awaitable[tuple[str, dict[str, Any]]]]
+
+
+@contextlib.asynccontextmanager
+async def in_group_room(
+    settings: Settings, human: Human, synapse: Synapse, bot: MatrixUser
+) -> AsyncIterator[InGroupRoom]:
+    """The bot running, and a new group room (`group_room`) it has joined."""
+    async with running_bot(settings) as (app, adapter):
+        yield app, adapter, await group_room(human, synapse, bot)
 
 
 def persona_requests(fake: FakeOllama, model: str = "llama3.2:3b") -> list[dict[str, Any]]:

@@ -17,9 +17,11 @@ import pytest
 from bot import runner
 from bot.config import Settings
 from tests.adapters.matrix.helpers import (
-    bot_settings,
+    Ask,
+    GroupBot,
+    SettingsWith,
+    direct_room,
     e2e_available,
-    group_room,
     handled,
     persona_requests,
     replied_to,
@@ -35,19 +37,13 @@ if available():
 
 
 async def test_mention_gets_exactly_one_reply(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, ask: Ask, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    async with running_bot(matrix_settings) as (app, adapter):
-        room = await group_room(human, synapse, bot_user)
+    async with group_bot() as (app, adapter, room):
         chatter = await human.send(room, "just chatting among ourselves")
         await handled(app, chatter)
-        fake_ollama.queue_reply("Hi! **Bold** <b>raw</b> words")
-        asked = await human.send(room, f"{bot_user.localpart}: hello", mention=bot_user.user_id)
-        replies = await human.wait_for(room, bot_user.user_id)
+        hello = f"{bot_user.localpart}: hello"
+        asked, _ = await ask(room, hello, "Hi! **Bold** <b>raw</b> words", mention=bot_user.user_id)
         await settle(adapter, human)
     replies = human.from_user(room, bot_user.user_id)
     assert len(replies) == 1
@@ -63,20 +59,13 @@ async def test_mention_gets_exactly_one_reply(
 
 
 async def test_reply_chain_continues_the_conversation(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, ask: Ask, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    async with running_bot(matrix_settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
-        fake_ollama.queue_reply("the first answer")
-        await human.send(room, "first question", mention=bot_user.user_id)
-        first = (await human.wait_for(room, bot_user.user_id))[0]
-        fake_ollama.queue_reply("the second answer")
-        follow = await human.send(room, "and a follow-up", reply_to=first["event_id"])
-        second = (await human.wait_for(room, bot_user.user_id, 2))[1]
+    async with group_bot() as (_, adapter, room):
+        _, first = await ask(room, "first question", "the first answer", mention=bot_user.user_id)
+        follow, second = await ask(
+            room, "and a follow-up", "the second answer", nth=2, reply_to=first["event_id"]
+        )
         await settle(adapter, human)
     assert replied_to(second) == follow
     assert len(human.from_user(room, bot_user.user_id)) == 2
@@ -85,24 +74,27 @@ async def test_reply_chain_continues_the_conversation(
 
 
 async def test_thread_is_its_own_conversation(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, ask: Ask, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    async with running_bot(matrix_settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
-        fake_ollama.queue_reply("room answer")
-        await human.send(room, "a room question", mention=bot_user.user_id)
-        await human.wait_for(room, bot_user.user_id)
+    async with group_bot() as (_, adapter, room):
+        await ask(room, "a room question", "room answer", mention=bot_user.user_id)
         root = await human.send(room, "starting a thread about cats")
-        fake_ollama.queue_reply("thread answer")
-        await human.send(room, "what about cats?", mention=bot_user.user_id, thread_root=root)
-        in_thread = (await human.wait_for(room, bot_user.user_id, 2))[1]
-        fake_ollama.queue_reply("more thread")
-        await human.send(room, "tell me more", thread_root=root, reply_to=in_thread["event_id"])
-        last = (await human.wait_for(room, bot_user.user_id, 3))[2]
+        _, in_thread = await ask(
+            room,
+            "what about cats?",
+            "thread answer",
+            nth=2,
+            mention=bot_user.user_id,
+            thread_root=root,
+        )
+        _, last = await ask(
+            room,
+            "tell me more",
+            "more thread",
+            nth=3,
+            thread_root=root,
+            reply_to=in_thread["event_id"],
+        )
         await settle(adapter, human)
     for reply in (in_thread, last):
         relates = reply["content"]["m.relates_to"]
@@ -117,19 +109,13 @@ async def test_thread_is_its_own_conversation(
 
 
 async def test_direct_message_with_access_token_login(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
+    settings_with: SettingsWith,
+    ask: Ask,
     bot_user: MatrixUser,
     human: Human,
     fake_ollama: FakeOllama,
 ) -> None:
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
+    settings = settings_with(
         matrix_password=None,
         matrix_access_token=bot_user.access_token,
         matrix_msgtype="m.text",
@@ -138,11 +124,8 @@ async def test_direct_message_with_access_token_login(
     )
     async with running_bot(settings) as (app, adapter):
         assert adapter.client.device_id == bot_user.device_id
-        room = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(room, bot_user.user_id, "join")
-        fake_ollama.queue_reply("a private hello")
-        await human.send(room, "hi, no mention needed here")
-        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        room = await direct_room(human, bot_user)
+        _, reply = await ask(room, "hi, no mention needed here", "a private hello")
         again = await human.send(room, "and again, straight away")  # over the rate limit
         await handled(app, again)
         await settle(adapter, human)
@@ -153,16 +136,13 @@ async def test_direct_message_with_access_token_login(
 
 
 async def test_bang_commands(
-    tmp_path: Path,
-    database_url: str,
+    settings_with: SettingsWith,
     synapse: Synapse,
     bot_user: MatrixUser,
     human: Human,
     fake_ollama: FakeOllama,
 ) -> None:
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_admins=human.user.user_id
-    )
+    settings = settings_with(matrix_admins=human.user.user_id)
     guest = Human(synapse.url, await synapse.register("dave"))
     try:
         async with running_bot(settings) as (app, adapter):
@@ -201,8 +181,7 @@ async def test_commands_missing_from_the_layer_are_not_available_yet(
     matrix_settings: Settings, bot_user: MatrixUser, human: Human
 ) -> None:
     async with running_bot(matrix_settings) as (app, adapter):
-        room = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(room, bot_user.user_id, "join")
+        room = await direct_room(human, bot_user)
         available = {c.name for c in app.commands.all()}
         missing = [n for n in ("memories", "forget", "imagine", "spend") if n not in available]
         await human.send(room, "!help")
@@ -217,25 +196,23 @@ async def test_commands_missing_from_the_layer_are_not_available_yet(
 
 
 async def test_restart_answers_nothing_old_and_nothing_twice(
+    group_bot: GroupBot,
+    ask: Ask,
     matrix_settings: Settings,
-    synapse: Synapse,
     bot_user: MatrixUser,
     human: Human,
     fake_ollama: FakeOllama,
 ) -> None:
-    async with running_bot(matrix_settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
-        fake_ollama.queue_reply("answer one")
-        one = await human.send(room, "question one", mention=bot_user.user_id)
-        await human.wait_for(room, bot_user.user_id)
+    async with group_bot() as (_, adapter, room):
+        one, _ = await ask(room, "question one", "answer one", mention=bot_user.user_id)
         await settle(adapter, human)
         device = adapter.client.device_id
     missed = await human.send(room, "asked while you were away", mention=bot_user.user_id)
     async with running_bot(matrix_settings) as (app, adapter):
         assert adapter.client.device_id == device, "the device id is kept"
-        fake_ollama.queue_reply("answer three")
-        three = await human.send(room, "question three", mention=bot_user.user_id)
-        await human.wait_for(room, bot_user.user_id, 2)
+        three, _ = await ask(
+            room, "question three", "answer three", nth=2, mention=bot_user.user_id
+        )
         await settle(adapter, human)
         # The same event delivered again (a replayed sync) is never answered twice.
         event = next(e for e in human.events[room] if e.get("event_id") == three)
@@ -253,23 +230,12 @@ async def test_restart_answers_nothing_old_and_nothing_twice(
 
 
 async def test_streamed_reply_is_edited_at_most_once_per_interval(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, ask: Ask, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_stream=True
-    )
     text = " ".join(f"word{i}" for i in range(30))
     fake_ollama.token_delay = 0.15  # 4.5 s of streaming: two edits in progress at 2 s apart
-    async with running_bot(settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
-        fake_ollama.queue_reply(text)
-        await human.send(room, "tell me a long story", mention=bot_user.user_id)
-        first = (await human.wait_for(room, bot_user.user_id))[0]
+    async with group_bot(matrix_stream=True) as (_, adapter, room):
+        _, first = await ask(room, "tell me a long story", text, mention=bot_user.user_id)
         while human.final_text(room, first) != text:
             await human.sync()
         await settle(adapter, human)
@@ -304,37 +270,22 @@ async def test_encrypted_room_without_encryption_gets_one_notice_and_is_left(
 
 
 async def test_invites_only_from_allowed_inviters(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    settings_with: SettingsWith, bot_user: MatrixUser, human: Human
 ) -> None:
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
-        matrix_allowed_inviters="@someone-else:localhost, example.org",
-    )
+    settings = settings_with(matrix_allowed_inviters="@someone-else:localhost, example.org")
     async with running_bot(settings):
         room = await human.create_room([bot_user.user_id])
         await human.wait_membership(room, bot_user.user_id, "leave")
 
 
 async def test_run_starts_the_matrix_adapter_when_configured(
-    matrix_settings: Settings, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
+    matrix_settings: Settings, ask: Ask, bot_user: MatrixUser, human: Human
 ) -> None:
     stop = asyncio.Event()
     running = asyncio.create_task(runner.run(matrix_settings, stop))
     try:
-        room = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(room, bot_user.user_id, "join")
-        fake_ollama.queue_reply("up and running")
-        await human.send(room, "are you there?")
-        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        room = await direct_room(human, bot_user)
+        _, reply = await ask(room, "are you there?", "up and running")
     finally:
         stop.set()
         assert await running == 0
@@ -343,7 +294,7 @@ async def test_run_starts_the_matrix_adapter_when_configured(
 
 async def test_encrypted_room(
     tmp_path: Path,
-    database_url: str,
+    settings_with: SettingsWith,
     synapse: Synapse,
     bot_user: MatrixUser,
     fake_ollama: FakeOllama,
@@ -353,9 +304,7 @@ async def test_encrypted_room(
             pytest.fail("matrix-nio's e2e extra is missing; CI installs it with the test extra")
         pytest.skip("matrix-nio[e2e] is not installed")
     person = Human(synapse.url, await synapse.register("erin"), key_store=tmp_path / "erin")
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_encryption=True
-    )
+    settings = settings_with(matrix_encryption=True)
     try:
         await person.sync(0)
         async with running_bot(settings) as (_, adapter):

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 
 from bot.app import App
-from bot.config import Settings
-from tests.adapters.matrix.helpers import group_room, running_bot, settle
+from tests.adapters.matrix.helpers import GroupBot, settle
 from tests.fakes.ollama import FakeOllama
 from tests.matrix_human import Human
-from tests.synapse import MatrixUser, Synapse
+from tests.synapse import MatrixUser
 
 
 async def stored(app: App) -> list[str]:
@@ -30,14 +29,9 @@ async def until(app: App, wanted: list[str], wait: float = 20.0) -> None:
 
 
 async def test_redacted_and_edited_messages(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    async with running_bot(matrix_settings) as (app, adapter):
-        room = await group_room(human, synapse, bot_user)
+    async with group_bot() as (app, adapter, room):
         fake_ollama.queue_reply("Noted.")
         secret = await human.send(
             room, f"{bot_user.localpart}: my PIN is 1234", mention=bot_user.user_id

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +15,10 @@ from nio import AsyncClient, AsyncClientConfig, RoomSendResponse
 
 from bot.config import Settings
 from tests.adapters.matrix.helpers import (
-    bot_settings,
-    group_room,
+    Ask,
+    GroupBot,
+    SettingsWith,
+    direct_room,
     handled,
     persona_requests,
     replied_to,
@@ -36,14 +37,9 @@ def _message(text: str, mentions: list[str]) -> dict[str, Any]:
 
 
 async def test_m_mentions_decide_and_the_localpart_is_no_trigger(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    async with running_bot(matrix_settings) as (app, adapter):
-        room = await group_room(human, synapse, bot_user)
+    async with group_bot() as (app, adapter, room):
         persona = await app.engine.persona_for("matrix", room)
         localpart = await human.send(
             room, "", content=_message(f"{bot_user.localpart} is a funny name", [])
@@ -69,8 +65,7 @@ async def test_a_two_member_room_is_not_a_direct_room(
         await human.wait_membership(room, bot_user.user_id, "join")
         chatter = await human.send(room, "just a note to self")
         await handled(app, chatter)
-        direct = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(direct, bot_user.user_id, "join")
+        direct = await direct_room(human, bot_user)
         fake_ollama.queue_reply("hello in private")
         await human.send(direct, "hi")
         await human.wait_for(direct, bot_user.user_id)
@@ -82,21 +77,14 @@ async def test_a_two_member_room_is_not_a_direct_room(
 
 
 async def test_reply_in_thread_on_the_answer_keeps_the_answer_and_its_question(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, ask: Ask, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
-    async with running_bot(matrix_settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
-        fake_ollama.queue_reply("Paris.")
-        await human.send(room, "capital of France?", mention=bot_user.user_id)
-        answer = (await human.wait_for(room, bot_user.user_id))[0]
-        fake_ollama.queue_reply("Berlin.")
+    async with group_bot() as (_, adapter, room):
+        _, answer = await ask(room, "capital of France?", "Paris.", mention=bot_user.user_id)
         # Element's "reply in thread": a thread on the answer, `is_falling_back` set.
-        asked = await human.send(room, "and Germany?", thread_root=answer["event_id"])
-        in_thread = (await human.wait_for(room, bot_user.user_id, 2))[1]
+        asked, in_thread = await ask(
+            room, "and Germany?", "Berlin.", nth=2, thread_root=answer["event_id"]
+        )
         await settle(adapter, human)
     relates = in_thread["content"]["m.relates_to"]
     assert relates["rel_type"] == "m.thread" and relates["event_id"] == answer["event_id"]
@@ -107,34 +95,26 @@ async def test_reply_in_thread_on_the_answer_keeps_the_answer_and_its_question(
 
 @pytest.fixture
 async def guard_fake() -> AsyncIterator[FakeOllama]:
-    """Llama Guard, reading its raw prompt: 'unsafe' with S10 when the text judged says HATEFUL."""
+    """Llama Guard as the bot asks it (a raw Llama Guard 3 prompt to /api/generate, read by
+    tests/safety/llama_guard.py): 'unsafe' with S10 when the text judged contains HATEFUL."""
     script = GuardScript(rules={"HATEFUL": "unsafe\nS10"})
     async with FakeOllama(models=["llama-guard3:1b"], responder=script) as fake:
         yield fake
 
 
 async def test_a_withheld_reply_is_redacted_then_the_notice_is_posted(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
+    group_bot: GroupBot,
     bot_user: MatrixUser,
     human: Human,
     fake_ollama: FakeOllama,
     guard_fake: FakeOllama,
 ) -> None:
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
+    async with group_bot(
         matrix_stream=True,
         guard_enabled=True,
         guard_host=guard_fake.url,
         guard_stream_mode="paragraph",  # shows checked paragraphs, so a block comes late
-    )
-    async with running_bot(settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
+    ) as (_, adapter, room):
         fake_ollama.queue_reply("Fine start.\n\nThen HATEFUL words.\n\nMore.")
         await human.send(room, "tell me a story", mention=bot_user.user_id)
         shown, notice = await human.wait_for(room, bot_user.user_id, 2)
@@ -157,17 +137,14 @@ async def test_a_withheld_reply_is_redacted_then_the_notice_is_posted(
 
 
 async def test_concurrent_replies_under_the_stock_rate_limit_all_land(
-    tmp_path: Path,
-    database_url: str,
+    settings_with: SettingsWith,
     synapse: Synapse,
     bot_user: MatrixUser,
     human: Human,
     fake_ollama: FakeOllama,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_stream=True
-    )
+    settings = settings_with(matrix_stream=True)
     caplog.set_level(logging.INFO, logger="bot.adapters.matrix")
     other = Human(synapse.url, await synapse.register("bob"))
     texts = [" ".join(f"{who}{i}" for i in range(12)) for who in ("ann", "ben")]
@@ -219,12 +196,7 @@ async def _use_up_the_burst(synapse: Synapse, bot: MatrixUser, token: str, room:
 
 
 async def test_typing_in_a_direct_room_pre_wakes_a_sleeping_gpu(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    settings_with: SettingsWith, bot_user: MatrixUser, human: Human
 ) -> None:
     async with MachineOllama() as gpu, FakeFly(ollama=gpu, boot_seconds=0.05) as fly:
         backend = {
@@ -233,19 +205,13 @@ async def test_typing_in_a_direct_room_pre_wakes_a_sleeping_gpu(
             "models": ["llama3.2:3b"],
             "wake": {"driver": "fly", "app": fly.app, "machine": fly.machine, "api_url": fly.url},
         }
-        settings = bot_settings(
-            tmp_path,
-            database_url,
-            fake_ollama,
-            synapse,
-            bot_user,
+        settings = settings_with(
             backends=[backend],
             fly_api_token="fly-test-token-123",
             backend_wake_poll=0.02,
         )
         async with running_bot(settings):
-            room = await human.create_room([bot_user.user_id], direct=True)
-            await human.wait_membership(room, bot_user.user_id, "join")
+            room = await direct_room(human, bot_user)
             assert fly.count("POST", "start") == 0, "asleep until someone types"
             await human.client.room_typing(room, typing_state=True, timeout=10_000)
             for _ in range(200):
@@ -259,25 +225,15 @@ async def test_typing_in_a_direct_room_pre_wakes_a_sleeping_gpu(
 
 
 async def test_typing_is_renewed_while_a_slow_reply_is_prepared(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    group_bot: GroupBot, ask: Ask, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
 ) -> None:
     # A 3 s typing notice (30 s by default) and an 11 s reply: without renewal the bot would
     # stop "typing" half-way, as it did during a GPU's cold start. (Synapse looks for expired
     # notices every 5 s, so one expires 3 to 8 s after it was sent.)
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_typing_timeout=3.0
-    )
     fake_ollama.token_delay = 1.0
-    async with running_bot(settings) as (_, adapter):
-        room = await group_room(human, synapse, bot_user)
-        fake_ollama.queue_reply(" ".join(f"slow{i}" for i in range(11)))
-        await human.send(room, "take your time", mention=bot_user.user_id)
-        reply = (await human.wait_for(room, bot_user.user_id))[0]
+    async with group_bot(matrix_typing_timeout=3.0) as (_, adapter, room):
+        slow = " ".join(f"slow{i}" for i in range(11))
+        _, reply = await ask(room, "take your time", slow, mention=bot_user.user_id)
         await settle(adapter, human)
     sent = reply["origin_server_ts"] / 1000
     seen = [users for at, r, users in human.typing_log if r == room and at < sent - 0.5]
@@ -288,11 +244,10 @@ async def test_typing_is_renewed_while_a_slow_reply_is_prepared(
 
 
 async def test_a_direct_room_joined_before_m_direct_was_kept_is_still_direct(
-    matrix_settings: Settings, bot_user: MatrixUser, human: Human, fake_ollama: FakeOllama
+    matrix_settings: Settings, ask: Ask, bot_user: MatrixUser, human: Human
 ) -> None:
     async with running_bot(matrix_settings) as (_, adapter):
-        room = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(room, bot_user.user_id, "join")
+        room = await direct_room(human, bot_user)
         token = adapter.client.access_token
     # An older version never wrote m.direct: empty the bot's, then start it again.
     async with httpx.AsyncClient() as http:
@@ -304,8 +259,6 @@ async def test_a_direct_room_joined_before_m_direct_was_kept_is_still_direct(
         )
     response.raise_for_status()
     async with running_bot(matrix_settings) as (_, adapter):
-        fake_ollama.queue_reply("still a direct chat")
-        await human.send(room, "no mention needed here")
-        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        _, reply = await ask(room, "no mention needed here", "still a direct chat")
         await settle(adapter, human)
     assert reply["content"]["body"] == "still a direct chat"

@@ -15,9 +15,14 @@ import pytest
 
 from bot import runner
 from bot.config import REPO_ROOT, Settings
-from tests.adapters.matrix.helpers import bot_settings, e2e_available, running_bot
+from tests.adapters.matrix.helpers import (
+    Ask,
+    SettingsWith,
+    direct_room,
+    e2e_available,
+    running_bot,
+)
 from tests.fakes.loopback import free_port
-from tests.fakes.ollama import FakeOllama
 from tests.matrix_human import Human
 from tests.synapse import MatrixUser, Synapse
 
@@ -33,11 +38,7 @@ async def _log_out(synapse: Synapse, token: str) -> None:
 
 
 async def test_a_restart_reuses_the_token_and_a_refused_token_means_a_new_login(
-    matrix_settings: Settings,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    matrix_settings: Settings, ask: Ask, synapse: Synapse, bot_user: MatrixUser, human: Human
 ) -> None:
     async with running_bot(matrix_settings) as (app, adapter):
         first_token = adapter.client.access_token
@@ -52,11 +53,8 @@ async def test_a_restart_reuses_the_token_and_a_refused_token_means_a_new_login(
             if adapter.client.access_token != first_token:
                 break
             await asyncio.sleep(0.1)
-        room = await human.create_room([bot_user.user_id], direct=True)
-        await human.wait_membership(room, bot_user.user_id, "join")
-        fake_ollama.queue_reply("still here")
-        await human.send(room, "are you still there?")
-        reply = (await human.wait_for(room, bot_user.user_id))[0]
+        room = await direct_room(human, bot_user)
+        _, reply = await ask(room, "are you still there?", "still here")
         saved = await app.pool.fetchval("SELECT access_token FROM matrix_state")
         assert adapter.connected
     assert reply["content"]["body"] == "still here"
@@ -98,21 +96,12 @@ class _Proxy:
 
 
 async def test_healthz_turns_unhealthy_when_sync_keeps_failing(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    fake_ollama: FakeOllama,
+    settings_with: SettingsWith, synapse: Synapse
 ) -> None:
     proxy = _Proxy(synapse.port)
     await proxy.start()
     port = free_port()
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
+    settings = settings_with(
         matrix_homeserver=f"http://127.0.0.1:{proxy.port}",
         matrix_unhealthy_after=1.0,  # a minute by default; a second keeps the test short
         web_enabled=True,
@@ -147,24 +136,12 @@ async def _devices(synapse: Synapse, user_id: str) -> set[str]:
 
 
 async def test_a_lost_key_store_means_a_new_device_and_the_old_one_logged_out(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    fake_ollama: FakeOllama,
+    tmp_path: Path, settings_with: SettingsWith, synapse: Synapse, bot_user: MatrixUser
 ) -> None:
     if not e2e_available():
         pytest.skip("matrix-nio[e2e] is not installed")
     store = tmp_path / "keys"
-    settings = bot_settings(
-        tmp_path,
-        database_url,
-        fake_ollama,
-        synapse,
-        bot_user,
-        matrix_encryption=True,
-        matrix_store_dir=store,
-    )
+    settings = settings_with(matrix_encryption=True, matrix_store_dir=store)
     async with running_bot(settings) as (_, adapter):
         first = adapter.client.device_id
         token = adapter.client.access_token
@@ -182,17 +159,10 @@ async def test_a_lost_key_store_means_a_new_device_and_the_old_one_logged_out(
 
 
 async def test_admin_notices_reach_the_admin_room(
-    tmp_path: Path,
-    database_url: str,
-    synapse: Synapse,
-    bot_user: MatrixUser,
-    human: Human,
-    fake_ollama: FakeOllama,
+    settings_with: SettingsWith, bot_user: MatrixUser, human: Human
 ) -> None:
     room = await human.create_room([bot_user.user_id])  # invited while the bot is offline
-    settings = bot_settings(
-        tmp_path, database_url, fake_ollama, synapse, bot_user, matrix_admin_room=room
-    )
+    settings = settings_with(matrix_admin_room=room)
     async with running_bot(settings) as (app, _):
         await human.wait_membership(room, bot_user.user_id, "join")
         assert await app.notifier.send("the budget is at 80%") == 1
