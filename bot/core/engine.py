@@ -41,13 +41,12 @@ from bot.core.ports import (
     DRAW_IMAGE,
     ONE_PER_REPLY,
     DrawingPort,
-    Exchange,
     MemoryPort,
     Speaker,
-    scope_of,
     tool_messages,
 )
 from bot.core.prompts import PromptBuilder, lay_out, user_seed
+from bot.core.recollection import Recollection
 from bot.core.verdicts import UNCHECKED, Verdict, Where
 from bot.errors import BotError, ModelError, user_message
 
@@ -80,6 +79,7 @@ class Engine:
         self._background = Background("background work")
         self.metrics = metrics or Metrics()
         self.memory = memory
+        self.recollection = Recollection(memory, history, self.spawn)
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
         self.drawing: DrawingPort | None = None  # the draw_image tool (issue 8), set by the app
 
@@ -180,7 +180,7 @@ class Engine:
             message_id=incoming.message_id,
             heard=incoming.from_persona is None and not incoming.repeat,
         )
-        self._remember(incoming, conversation, persona, reply, message_row)
+        self.recollection.remember(incoming, conversation, persona, reply, message_row)
         log.info("%s answered %s with %s", persona.name, incoming.user_key, answer.label)
         yield Done(reply, persona, answer.label)
         for picture in pictures:
@@ -363,7 +363,7 @@ class Engine:
     ) -> ChatRequest:
         turns, memories = await asyncio.gather(
             self.history.recent(conversation.id, since=conversation.history_from),
-            self._recall(incoming, conversation, persona),
+            self.recollection.recall(incoming, conversation, persona),
         )
         turns = view_for(
             persona,
@@ -394,44 +394,6 @@ class Engine:
             tools=self.drawing.tools(persona) if self.drawing is not None else (),
         )
 
-    async def _recall(
-        self, incoming: Incoming, conversation: Conversation, persona: Persona
-    ) -> list[str]:
-        """The speaking user's memories for the prompt (only theirs, even in a group)."""
-        if self.memory is None or not self.memory.active(persona):
-            return []
-        context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
-        scope = None if persona.memory_scope == "user" else _scope(incoming)
-        found = await self.memory.recall(
-            incoming.user_key, incoming.text, context=context, spawn=self.spawn, scope=scope
-        )
-        return [m.text for m in found]
-
-    def _remember(
-        self,
-        incoming: Incoming,
-        conversation: Conversation,
-        persona: Persona,
-        reply: str,
-        message_row: int | None = None,
-    ) -> None:
-        """Hand an answered exchange to memory extraction, in the background."""
-        if self.memory is None or not self.memory.active(persona) or incoming.from_persona:
-            return  # nothing to learn about a person from another persona's words
-        exchange = Exchange(
-            incoming.user_key,
-            incoming.author_name,
-            persona.name,
-            persona.model,
-            incoming.platform,
-            conversation.id,
-            incoming.text,
-            reply,
-            _scope(incoming),
-            message_row,
-        )
-        self.spawn(self.memory.remember(exchange))
-
     def _record(
         self,
         context: CallContext,
@@ -445,21 +407,12 @@ class Engine:
 
     async def message_deleted(self, platform: str, message_id: str) -> None:
         """A message deleted on the platform (by its author or a moderator): it and the reply
-        to it leave the history; its pending memory extraction stops, and the facts drawn from
-        it are deleted."""
-        rows = await self.history.delete_message(platform, message_id)
-        if rows and self.memory is not None:
-            facts = await self.memory.message_deleted(rows)
-            log.info(
-                "message %s deleted on %s: %d facts from it deleted", message_id, platform, facts
-            )
+        to it leave the history, and memory forgets what it drew from it."""
+        await self.recollection.message_deleted(platform, message_id)
 
     async def message_edited(self, platform: str, message_id: str, text: str) -> None:
-        """A message edited on the platform: the stored text becomes the new one (in history
-        and in a pending memory extraction)."""
-        rows = await self.history.edit_message(platform, message_id, text)
-        if rows and self.memory is not None:
-            await self.memory.message_edited(rows, text)
+        """A message edited on the platform: the stored text becomes the new one."""
+        await self.recollection.message_edited(platform, message_id, text)
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run work after the reply without delaying it; `drain()` waits for it."""
@@ -492,11 +445,6 @@ class _Opened:
 
     answer: Answer
     context: CallContext
-
-
-def _scope(incoming: Incoming) -> str:
-    """Where a fact learned from this message may be recalled (bot/core/ports.py)."""
-    return scope_of(incoming.platform, incoming.conversation, incoming.guild)
 
 
 BACKUP_MODEL_NOTICE = "My usual model isn't answering, so a small backup model is standing in."

@@ -1,0 +1,86 @@
+"""The engine's side of long-term memory: the speaker's facts recalled for the prompt, each
+answered exchange handed over afterwards, and deletions and edits on the platform passed on.
+
+Memory itself (extraction, the store, embeddings) is bot/memory/, which the engine knows only as
+a `MemoryPort` (bot/core/ports.py); with none, or a persona with `memory: false`, nothing is
+recalled or learned.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bot.core.calls import CallContext
+from bot.core.events import Incoming
+from bot.core.history import Conversation, History
+from bot.core.personas import Persona
+from bot.core.ports import Exchange, MemoryPort, Spawn, scope_of
+
+log = logging.getLogger(__name__)
+
+
+def scope_for(incoming: Incoming) -> str:
+    """Where a fact learned from this message may be recalled (bot/core/ports.py)."""
+    return scope_of(incoming.platform, incoming.conversation, incoming.guild)
+
+
+class Recollection:
+    def __init__(self, memory: MemoryPort | None, history: History, spawn: Spawn) -> None:
+        self.memory = memory
+        self._history = history
+        self._spawn = spawn
+
+    async def recall(
+        self, incoming: Incoming, conversation: Conversation, persona: Persona
+    ) -> list[str]:
+        """The speaking user's facts for the prompt (only theirs, even in a group), from the
+        place they are speaking in unless the persona widens it (`memory_scope: user`)."""
+        if self.memory is None or not self.memory.active(persona):
+            return []
+        context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
+        scope = None if persona.memory_scope == "user" else scope_for(incoming)
+        found = await self.memory.recall(
+            incoming.user_key, incoming.text, context=context, spawn=self._spawn, scope=scope
+        )
+        return [m.text for m in found]
+
+    def remember(
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        persona: Persona,
+        reply: str,
+        message_row: int | None = None,
+    ) -> None:
+        """Hand an answered exchange to memory extraction, in the background."""
+        if self.memory is None or not self.memory.active(persona) or incoming.from_persona:
+            return  # nothing to learn about a person from another persona's words
+        exchange = Exchange(
+            incoming.user_key,
+            incoming.author_name,
+            persona.name,
+            persona.model,
+            incoming.platform,
+            conversation.id,
+            incoming.text,
+            reply,
+            scope_for(incoming),
+            message_row,
+        )
+        self._spawn(self.memory.remember(exchange))
+
+    async def message_deleted(self, platform: str, message_id: str) -> None:
+        """It and the reply to it leave the history; its pending extraction stops, and the
+        facts drawn from it are deleted."""
+        rows = await self._history.delete_message(platform, message_id)
+        if rows and self.memory is not None:
+            facts = await self.memory.message_deleted(rows)
+            log.info(
+                "message %s deleted on %s: %d facts from it deleted", message_id, platform, facts
+            )
+
+    async def message_edited(self, platform: str, message_id: str, text: str) -> None:
+        """The stored text becomes the new one, in history and in a pending extraction."""
+        rows = await self._history.edit_message(platform, message_id, text)
+        if rows and self.memory is not None:
+            await self.memory.message_edited(rows, text)
