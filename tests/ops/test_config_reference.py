@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from bot.config import Settings
-from bot.ops.config_reference import PAGE, missing_descriptions, render, splice
+from bot.ops.config_reference import (
+    INDEX,
+    PAGE,
+    README,
+    index_page,
+    missing_descriptions,
+    render,
+    splice,
+)
 
 
 def test_every_setting_has_documentation() -> None:
@@ -25,3 +33,10 @@ def test_rows_show_variables_defaults_and_nested_settings() -> None:
     documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
     fields = {name.upper() for name in Settings.model_fields if name != "guard_fail_policy"}
     assert fields <= documented
+
+
+def test_the_docs_home_page_is_the_readme() -> None:
+    readme = README.read_text(encoding="utf-8")
+    page = INDEX.read_text(encoding="utf-8")
+    assert page == index_page(readme), "run: python -m bot config-reference --write"
+    assert "](docs/" not in page and "](backends.md#the-local-cpu-model)" in page
