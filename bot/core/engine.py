@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from bot.brains import BrainRouter, CallStats, ChatRequest
 from bot.brains.local import LocalBrain
@@ -38,15 +38,12 @@ from bot.core.moderation import (
 )
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.ports import (
-    DRAW_IMAGE,
-    ONE_PER_REPLY,
     DrawingPort,
     MemoryPort,
-    Speaker,
-    tool_messages,
 )
 from bot.core.prompts import PromptBuilder, lay_out, user_seed
 from bot.core.recollection import Recollection
+from bot.core.tool_use import ToolUse, Turn
 from bot.core.verdicts import UNCHECKED, Verdict, Where
 from bot.errors import BotError, ModelError, user_message
 
@@ -55,7 +52,7 @@ __all__ = ["Delta", "Done", "Engine", "Event", "Failed", "Incoming", "Notice", "
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(ToolUse):
     def __init__(
         self,
         *,
@@ -155,7 +152,7 @@ class Engine:
             log.warning("%s", answer.notice)
             yield Notice(answer.notice, user_text=_fallback_words(answer))
         screen = self.moderation.output_screen(persona, where, incoming.text)
-        turn = _Turn(answer, "")
+        turn = Turn(answer, "")
         async for event in self._turn(incoming, persona, context, screen, turn):
             yield event
         answer, pictures = turn.answer, turn.pictures
@@ -240,98 +237,6 @@ class Engine:
         for failure in answer.failures:
             self._record(context, request, failure.backend, None, failure.reason)
         yield answer
-
-    async def _turn(
-        self,
-        incoming: Incoming,
-        persona: Persona,
-        context: CallContext,
-        screen: OutputScreen,
-        turn: _Turn,
-    ) -> AsyncIterator[Event]:
-        """Stream the answer; when the model called draw_image, draw and let it finish."""
-        answer = turn.answer
-        async for event in self._stream(answer, context, screen):
-            yield event
-        turn.text = answer.text
-        if screen.blocked is None and answer.tool_calls and answer.request.tools:
-            async for event in self._use_tools(incoming, persona, context, screen, turn):
-                yield event
-
-    async def _use_tools(
-        self,
-        incoming: Incoming,
-        persona: Persona,
-        context: CallContext,
-        screen: OutputScreen,
-        turn: _Turn,
-    ) -> AsyncIterator[Event]:
-        """Run the model's tool calls (one drawing at most), then continue the reply: a second
-        chat with the tool results and no tools, streamed through the same output screen.
-        `turn` ends up with the second Answer, the whole text and the picture."""
-        answer = turn.answer
-        results: list[str] = []
-        async for item in self._tool_results(incoming, persona, answer, turn):
-            if isinstance(item, Notice):
-                yield item  # "Drawing…", the image service's queue and progress
-            else:
-                results.append(item)
-        calls = answer.tool_calls
-        messages = [*answer.request.messages, *tool_messages(answer.text, calls, results)]
-        request = replace(answer.request, messages=messages, tools=())
-        try:
-            follow: Answer | None = None
-            async for opened in self._opening(request, context, persona.fallback):
-                if isinstance(opened, str):
-                    yield Notice(opened, user_text=opened)
-                else:
-                    follow = opened
-            assert follow is not None
-            if follow.notice:
-                log.warning("%s", follow.notice)
-                yield Notice(follow.notice)
-            if answer.text.strip():
-                yield Delta("\n\n")
-            async for event in self._stream(follow, context, screen):
-                yield event
-        except BotError:
-            for picture in turn.pictures:  # drawn and paid for: posted all the same
-                yield picture
-            raise
-        turn.answer = follow
-        turn.text = f"{answer.text}\n\n{follow.text}" if answer.text.strip() else follow.text
-        if not turn.text.strip() and turn.pictures:  # it drew and said nothing: the caption
-            turn.text = turn.pictures[0].caption
-            yield Delta(turn.text)
-
-    async def _tool_results(
-        self, incoming: Incoming, persona: Persona, answer: Answer, turn: _Turn
-    ) -> AsyncIterator[Notice | str]:
-        """The drawing's progress as notices, and one tool message per call, in order."""
-        speaker = Speaker(
-            incoming.platform,
-            incoming.conversation,
-            incoming.author_id,
-            incoming.guild,
-            incoming.nsfw,
-        )
-        for call in answer.tool_calls:
-            if call.name != DRAW_IMAGE or self.drawing is None:
-                yield f"There is no tool called {call.name!r}."
-            elif turn.drew:
-                yield ONE_PER_REPLY
-            else:
-                turn.drew = True
-                async for item in self.drawing.run(call, speaker, persona):
-                    if isinstance(item, str):
-                        yield Notice(item, user_text=item)
-                        continue
-                    if item.result is not None:
-                        caption = f"{persona.display_name} drew “{item.prompt}”"
-                        turn.pictures.append(
-                            Picture(item.result.path, item.result.spoiler, caption)
-                        )
-                    yield item.reply
 
     async def _discard(self, item: Verdict | str | _Opened) -> None:
         """A model opened for an input the guard refused: stop it, record why."""
@@ -426,17 +331,6 @@ class Engine:
     @property
     def live_conversations(self) -> int:
         return len(self._locks)
-
-
-@dataclass
-class _Turn:
-    """One reply as it goes through tool calls: the answer streaming now, the text so far,
-    the pictures drawn for it (one at most)."""
-
-    answer: Answer
-    text: str
-    pictures: list[Picture] = field(default_factory=list)
-    drew: bool = False
 
 
 @dataclass(frozen=True)
