@@ -30,15 +30,12 @@ from bot.adapters.discord.gateway import Gateway, describe
 from bot.adapters.discord.policy import DiscordPolicy
 from bot.adapters.discord.render import (
     CUT_OFF,
-    clean_text,
-    inline_attachment,
-    is_text_attachment,
     rate_limited_notice,
     split_message,
-    with_attachments,
 )
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
 from bot.adapters.discord.sync import sync_commands
+from bot.adapters.discord.text import message_text
 from bot.adapters.message_map import MessageMap
 from bot.app import App
 from bot.core.attention import Attention
@@ -355,33 +352,8 @@ class DiscordAdapter:
 
     async def _text_of(self, message: discord.Message) -> str:
         me = self.client.user
-        text = clean_text(
-            message.content,
-            bot_id=me.id if me else None,
-            users={user.id: user.display_name for user in message.mentions},
-            roles={role.id: role.name for role in message.role_mentions},
-            channels={c.id: getattr(c, "name", "channel") for c in message.channel_mentions},
-        )
-        inlined: list[str] = []
-        skipped: list[str] = []
         limit = self.settings.discord_attachment_max_bytes
-        for attachment in message.attachments:
-            if not is_text_attachment(attachment.filename, attachment.content_type):
-                skipped.append(f"{attachment.filename} (not a text file)")
-                continue
-            if attachment.size > limit:
-                skipped.append(f"{attachment.filename} (too large)")
-                continue
-            try:
-                data = await attachment.read()
-            except discord.HTTPException:
-                skipped.append(f"{attachment.filename} (could not be downloaded)")
-                continue
-            if len(data) > limit:
-                skipped.append(f"{attachment.filename} (too large)")
-            else:
-                inlined.append(inline_attachment(attachment.filename, data))
-        return with_attachments(text, inlined, skipped)
+        return await message_text(message, bot_id=me.id if me else None, limit=limit)
 
     def _incoming(self, message: discord.Message, key: str, text: str) -> Incoming:
         is_nsfw = getattr(message.channel, "is_nsfw", None)
