@@ -52,8 +52,8 @@ class Conversations:
         self._engine = engine
         self._messages = messages
         self._clock = clock
-        self._personas: dict[str, tuple[float, str | None]] = {}
-        self._casts: dict[str, tuple[float, list[str]]] = {}
+        # conversation → (expires, (persona name, cast names))
+        self._cache: dict[str, tuple[float, tuple[str | None, list[str]]]] = {}
 
     @staticmethod
     def key_of(channel: object) -> str:
@@ -72,48 +72,42 @@ class Conversations:
 
     async def persona(self, key: str, channel: object) -> Persona:
         """The persona answering in this conversation (a new thread: its parent channel's)."""
-        name = await self._persona_name(key)
+        name = (await self._known(key))[0]
         parent = getattr(channel, "parent_id", None)
         if name is None and isinstance(channel, discord.Thread) and parent:
-            name = await self._persona_name(str(parent))
+            name = (await self._known(str(parent)))[0]
         return self._engine.persona_named(name)
 
-    async def _persona_name(self, key: str) -> str | None:
-        now = self._clock()
-        cached = self._personas.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        found = await self._engine.history.find(PLATFORM, key)
-        name = found.persona if found is not None else None
-        if len(self._personas) >= _MAX_CACHED:
-            self._personas.clear()
-        self._personas[key] = (now + _TTL, name)
-        return name
-
     async def cast(self, key: str, channel: object) -> list[Persona]:
-        """The conversation's cast (bot/core/cast.py), cached like the persona: a cast of one is
-        the conversation's persona. Personas no longer loaded are left out; never empty."""
+        """The conversation's cast (bot/core/cast.py): a cast of one is the conversation's
+        persona. Personas no longer loaded are left out; never empty."""
         persona = await self.persona(key, channel)
-        now = self._clock()
-        cached = self._casts.get(key)
-        if cached is None or cached[0] <= now:
-            found = await self._engine.history.find(PLATFORM, key)
-            names = await self._engine.history.cast(found.id) if found is not None else []
-            if len(self._casts) >= _MAX_CACHED:
-                self._casts.clear()
-            cached = self._casts[key] = (now + _TTL, names)
         members: dict[str, Persona] = {}
-        for name in cached[1]:
+        for name in (await self._known(key))[1]:
             member = self._engine.personas.find(name)
             if member is not None:
                 members.setdefault(name, member)
         return list(members.values()) or [persona]
 
+    async def _known(self, key: str) -> tuple[str | None, list[str]]:
+        """The conversation's persona name and cast names, from the cache or read (never
+        created): one row and its cast, read together on a miss."""
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await self._engine.history.find(PLATFORM, key)
+        known: tuple[str | None, list[str]] = (None, [])
+        if found is not None:
+            known = (found.persona, await self._engine.history.cast(found.id))
+        if len(self._cache) >= _MAX_CACHED:
+            self._cache.clear()
+        self._cache[key] = (now + _TTL, known)
+        return known
+
     def forget(self) -> None:
-        """Drop cached personas and casts (after `/persona set` or `cast`; threads inherit, so
-        all of them)."""
-        self._personas.clear()
-        self._casts.clear()
+        """Drop what is cached (after `/persona set` or `cast`; threads inherit, so all of it)."""
+        self._cache.clear()
 
     async def adopt(self, key: str, channel: object) -> None:
         """Before the first answer (or command) in a thread: give it its persona and, when it was
@@ -131,4 +125,4 @@ class Conversations:
             await engine.history.fork(source.id, conversation.id, persona.name)
         else:
             await engine.history.set_persona(conversation.id, persona.name)
-        self._personas.pop(key, None)
+        self._cache.pop(key, None)
