@@ -75,7 +75,6 @@ class Engine(ToolUse):
         self._locks = ConversationLocks()
         self._background = Background("background work")
         self.metrics = metrics or Metrics()
-        self.memory = memory
         self.recollection = Recollection(memory, history, self.spawn)
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
         self.drawing: DrawingPort | None = None  # the draw_image tool (issue 8), set by the app

@@ -12,42 +12,12 @@ from typing import Any, Protocol
 
 from bot.config import Settings
 from bot.core.calls import CallLog
-from bot.core.moderation import (
-    INPUT_NO_VERDICT,
-    INPUT_UNCHECKED,
-    OUTPUT_NO_VERDICT,
-    OUTPUT_UNCHECKED,
-    UNMODERATED,
-    UNMODERATED_NO_VERDICT,
-    Moderation,
-    OutputScreen,
-    gated,
-    input_unchecked,
-    unmoderated,
-    withheld,
-)
+from bot.core.moderation import Moderation
 from bot.core.personas import Persona
 from bot.core.verdicts import Where
 from bot.errors import ModelUnavailable
 from bot.ops.notify import AdminNotifier
 from bot.safety.guard import Guard
-
-__all__ = [
-    "INPUT_NO_VERDICT",
-    "INPUT_UNCHECKED",
-    "OUTPUT_NO_VERDICT",
-    "OUTPUT_UNCHECKED",
-    "UNMODERATED",
-    "UNMODERATED_NO_VERDICT",
-    "Moderation",
-    "OutputScreen",
-    "build_moderation",
-    "fact_vetter",
-    "gated",
-    "input_unchecked",
-    "unmoderated",
-    "withheld",
-]
 
 
 class Said(Protocol):

@@ -19,15 +19,15 @@ from bot.app import App, running_app
 from bot.config import Settings
 from bot.core.categories import ALL_CODES, CATEGORIES, describe
 from bot.core.engine import Delta, Done, Event, Failed, Incoming, Notice
-from bot.core.personas import Persona, PersonaFileError, load_persona_file
-from bot.safety.guard import enforced_codes, parse_verdict
-from bot.safety.moderation import (
+from bot.core.moderation import (
     INPUT_NO_VERDICT,
     INPUT_UNCHECKED,
     OUTPUT_NO_VERDICT,
     UNMODERATED,
     UNMODERATED_NO_VERDICT,
 )
+from bot.core.personas import Persona, PersonaFileError, load_persona_file
+from bot.safety.guard import enforced_codes, parse_verdict
 from bot.safety.prompt import DEFINITIONS, GuardTurn, fit, neutralise, windows
 from tests.conftest import make_settings
 from tests.fakes.loopback import dead_url
