@@ -26,6 +26,7 @@ from bot.core.metrics import Metrics
 from bot.core.personas import PersonaRegistry
 from bot.core.prompts import PromptBuilder
 from bot.errors import PersonaError
+from bot.images.audit import build_fal_audit
 from bot.images.commands import register_imagine_command
 from bot.images.draw_tool import DrawTool
 from bot.images.service import ImageService, build_images
@@ -110,6 +111,15 @@ def load_personas(settings: Settings) -> PersonaRegistry:
     return registry
 
 
+def _schedule_image_jobs(
+    scheduler: Scheduler, settings: Settings, pool: Any, ledger: Ledger, images: ImageService
+) -> None:
+    scheduler.every(600, images.sweep, name="spend-sweep")  # what a crash left reserved
+    audit = build_fal_audit(settings, pool, ledger)
+    if audit is not None:  # what Fal ran that the bot never saw (a retried submit)
+        scheduler.every(settings.fal_audit_interval, audit.run, name="fal-audit")
+
+
 async def _resume_memory(memory: Memory) -> None:
     await memory.resume()
 
@@ -162,7 +172,7 @@ async def running_app(
     register_spend_command(commands, ledger, settings.data_dir / "reports")
     images = build_images(settings, pool, ledger, guard=guard)
     register_imagine_command(commands, images)
-    scheduler.every(600, images.sweep, name="spend-sweep")  # what a crash left reserved
+    _schedule_image_jobs(scheduler, settings, pool, ledger, images)
     engine.drawing = DrawTool(images)  # the chat model's draw_image tool, when FAL_KEY is set
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
     if memory.enabled:  # exchanges a stopped process left unprocessed, then every 10 min

@@ -307,6 +307,11 @@ class Settings(BaseSettings):
     image_nsfw_safety_checker_off: bool = False
     """in channels marked NSFW, draw with Fal's safety checker off (pictures posted spoilered);
     otherwise a flagged picture comes back black and is refused"""
+    fal_api_url: str = "https://api.fal.ai/v1"
+    """Fal's platform API, where the audit job reads which requests Fal ran for the bot"""
+    fal_audit_interval: float = Field(default=900.0, ge=0)
+    """seconds between checks of Fal's request list, booking pictures Fal ran that the bot never
+    saw (a submit fal-client retried after a broken connection); 0: never"""
 
     # Matrix adapter (issue 9); login is MATRIX_HOMESERVER/_USER_ID/_PASSWORD/_ACCESS_TOKEN above
     matrix_device_name: str = "personabot"

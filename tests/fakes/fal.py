@@ -25,12 +25,24 @@ completed; a cancel answers 202 CANCELLATION_REQUESTED, or 400 ALREADY_COMPLETED
 request (fal.ai/docs/inference-api/queue/cancel);
 `exhausted_balance` answers the submit with 403 ``{"detail": "User is locked. Reason: Exhausted
 balance…"}`` as Fal does for an account out of credit.
+`drop_accepted` (a count) queues a submit and then breaks its connection before answering, as
+a reset or an ingress error after Fal's queue took the request does: the client retries the POST
+by itself (fal_client.client._should_retry: any httpx.TransportError) and Fal runs both.
+Fal's platform API, ``GET /v1/models/requests/by-endpoint`` (fal.ai/docs/platform-apis/v1/models/
+requests/by-endpoint): ``endpoint_id`` repeated or comma-separated, ``start``/``end`` (ISO 8601,
+end exclusive, on the end time), ``limit`` (at most 100), ``cursor`` (base64 of the page number),
+``expand=payloads`` for ``json_input``/``json_output``; answers ``{items, next_cursor, has_more}``
+with ``request_id, endpoint_id, sent_at, started_at, ended_at, status_code, duration``. A request
+runs to its end whether or not anyone polls it (Fal's queue does); a request cancelled while
+queued never ran and is not listed; `store_payloads = False` leaves the payloads out, as an
+account with payload storage off does.
 It remembers what it was asked: `submissions` (with the ``X-Fal-Request-Timeout`` header, the
 client's `start_timeout`), `polls`, `cancels`, `downloads`.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import ssl
@@ -141,6 +153,7 @@ class _Request:
     steps: list[dict[str, Any]]
     polls: int = 0
     cancelled: bool = False
+    sent_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 @dataclass
@@ -159,6 +172,8 @@ class FakeFal:
     fail_submit: int | None = None
     fail_result: int | None = None
     fail_download: int | None = None
+    drop_accepted: int = 0
+    store_payloads: bool = True
     png: bytes = field(default_factory=make_png)
     # memory
     submissions: list[dict[str, Any]] = field(default_factory=list)
@@ -176,7 +191,8 @@ class FakeFal:
             "key", "queue_positions", "progress_logs", "nsfw", "hang", "hang_running",
             "complete_with_error",
             "exhausted_balance", "fail_submit",
-            "fail_result", "fail_download", "submissions", "polls", "cancels", "downloads",
+            "fail_result", "fail_download", "drop_accepted", "store_payloads", "submissions",
+            "polls", "cancels", "downloads",
             "_requests", "_flagged",
         ):  # fmt: skip
             setattr(self, name, getattr(fresh, name))
@@ -188,6 +204,7 @@ class FakeFal:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/files/{name}", self._file)
+        app.router.add_get("/v1/models/requests/by-endpoint", self._listed)
         app.router.add_get("/{owner}/{alias}/requests/{rid}/status", self._status)
         app.router.add_put("/{owner}/{alias}/requests/{rid}/cancel", self._cancel)
         app.router.add_get("/{owner}/{alias}/requests/{rid}", self._result)
@@ -241,6 +258,11 @@ class FakeFal:
             steps.append({"status": "IN_PROGRESS", "log_count": i + 1})
         steps.append({"status": "COMPLETED"})
         self._requests[rid] = _Request(rid, app, endpoint, arguments, steps)
+        if self.drop_accepted > 0:  # queued at Fal, but the answer never reaches the client
+            self.drop_accepted -= 1
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("dropped after queueing")
         first = self.queue_positions[0] if self.queue_positions else 0
         body = {"status": "IN_QUEUE", "queue_position": first, **self._urls(rid, app)}
         return web.json_response(body, headers={"x-fal-request-id": rid})
@@ -319,6 +341,58 @@ class FakeFal:
             headers={"x-fal-request-id": found.id},
         )
 
+    def _output(self, found: _Request) -> dict[str, Any]:
+        width, height = _SIZES[found.arguments.get("image_size", "landscape_4_3")]
+        return {
+            "images": [{"url": f"https://{self.host}/files/{found.id}.png", "width": width,
+                        "height": height, "content_type": "image/png"}],
+            "seed": found.arguments.get("seed", 1234),
+            "has_nsfw_concepts": [self.nsfw and found.arguments.get("enable_safety_checker", True)],
+        }  # fmt: skip
+
+    def _never_ran(self, found: _Request) -> bool:
+        """Cancelled while still queued: Fal never ran it, so it neither bills nor lists it."""
+        queued = found.polls < len(self.queue_positions) or self.hang
+        return found.cancelled and queued and not self.hang_running
+
+    async def _listed(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        endpoints = {
+            e for value in request.query.getall("endpoint_id", []) for e in value.split(",")
+        }
+        if not endpoints:
+            return web.json_response({"detail": "endpoint_id is required"}, status=422)
+        now = dt.datetime.now(dt.UTC)
+        start = _when(request.query.get("start")) or now - dt.timedelta(hours=24)
+        end = _when(request.query.get("end")) or now
+        limit = min(int(request.query.get("limit", "50")), 100)
+        page = int(base64.b64decode(request.query.get("cursor", "MQ==")).decode())
+        payloads = "payloads" in request.query.getall("expand", []) and self.store_payloads
+        ran = [
+            r for r in self._requests.values()
+            if r.endpoint in endpoints and not self._never_ran(r)
+            and start <= r.sent_at < end
+        ]  # fmt: skip
+        items = []
+        for found in sorted(ran, key=lambda r: r.sent_at)[(page - 1) * limit : page * limit]:
+            item: dict[str, Any] = {
+                "request_id": found.id,
+                "endpoint_id": found.endpoint,
+                "sent_at": found.sent_at.isoformat().replace("+00:00", "Z"),
+                "started_at": found.sent_at.isoformat(),  # the fake runs in no time
+                "ended_at": found.sent_at.isoformat(),
+                "status_code": 500 if self.complete_with_error else 200,
+                "duration": 0.0,
+            }
+            if payloads:
+                item["json_input"] = found.arguments
+                item["json_output"] = self._output(found)
+            items.append(item)
+        more = page * limit < len(ran)
+        cursor = base64.b64encode(str(page + 1).encode()).decode() if more else None
+        return web.json_response({"items": items, "next_cursor": cursor, "has_more": more})
+
     async def _cancel(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._unauthorized()
@@ -340,6 +414,12 @@ class FakeFal:
             return web.Response(status=404, text="not found")
         black = self._flagged.get(name.removesuffix(".png"), False)
         return web.Response(body=BLACK_PNG if black else self.png, content_type="image/png")
+
+
+def _when(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _server_error(status: int, rid: str | None = None) -> web.Response:
