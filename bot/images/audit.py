@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from bot.config import Settings
-from bot.images.service import MODELS, megapixels
+from bot.images.presets import MODELS, megapixels
 from bot.spend.ledger import Ledger
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from bot.core.commands import CommandContext, CommandResult, Commands
 from bot.errors import CommandError
-from bot.images.service import MAX_PROMPT_CHARS, MODELS, SIZES, USAGE, ImageRequest, ImageService
+from bot.images.presets import MAX_PROMPT_CHARS, MODELS, SIZES, USAGE
+from bot.images.service import ImageRequest, ImageService
 
 _SHORT = {endpoint: name for name, endpoint in MODELS.items()}
 

@@ -21,7 +21,8 @@ from bot.brains.base import ToolCall
 from bot.core.personas import Persona
 from bot.core.ports import DRAW_IMAGE, Speaker
 from bot.errors import BotError, user_message
-from bot.images.service import MAX_PROMPT_CHARS, SIZES, ImageRequest, ImageResult, ImageService
+from bot.images.presets import MAX_PROMPT_CHARS, SIZES
+from bot.images.service import ImageRequest, ImageResult, ImageService
 
 log = logging.getLogger(__name__)
 

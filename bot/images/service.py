@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,6 +35,7 @@ from bot.core.personas import Persona
 from bot.core.prompts import user_seed
 from bot.errors import CommandError
 from bot.images.fal import Drawn, FalFlux, ImageError, ImageRefused, ImageUnavailable, Progress
+from bot.images.presets import MODELS, SIZES, USAGE, megapixels, with_style
 from bot.images.store import ImageLimited, ImageStore
 from bot.safety.guard import Guard
 from bot.spend.ledger import Ledger
@@ -43,35 +43,7 @@ from bot.spend.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-MODELS = {"schnell": "fal-ai/flux/schnell", "dev": "fal-ai/flux/dev"}
 SWEEP_AFTER = timedelta(minutes=30)  # longer than any draw and download
-MEGAPIXEL = 1024 * 1024  # Fal bills a 1024x1024 picture as one megapixel
-
-
-@dataclass(frozen=True)
-class SizePreset:
-    fal_name: str
-    width: int
-    height: int
-
-
-SIZES = {
-    "square": SizePreset("square_hd", 1024, 1024),
-    "portrait": SizePreset("portrait_4_3", 768, 1024),
-    "landscape": SizePreset("landscape_4_3", 1024, 768),
-}
-USAGE = "imagine PROMPT [size:square|portrait|landscape] [model:schnell|dev] [seed:N]"
-MAX_PROMPT_CHARS = 1000  # the member's (or the model's) words, before the persona's style
-
-
-def megapixels(width: int, height: int) -> int:
-    """Billed megapixels: Fal rounds up to whole megapixels."""
-    return max(1, math.ceil(width * height / MEGAPIXEL))
-
-
-def with_style(prompt: str, style: str) -> str:
-    style = style.strip()
-    return f"{prompt.strip()}, {style}" if style else prompt.strip()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from bot.core.engine import Delta, Done, Event, Failed, Incoming, Notice, Pictur
 from bot.core.personas import Persona
 from bot.core.prompts import user_seed
 from bot.images.draw_tool import DRAW_IMAGE, DRAW_TOOL
-from bot.images.service import with_style
+from bot.images.presets import with_style
 from tests.fakes.fal import FakeFal
 from tests.fakes.ollama import FakeOllama
 from tests.fal_fixtures import start_app

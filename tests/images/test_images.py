@@ -28,7 +28,7 @@ from bot.images.fal import (
     ImageTimeout,
     ImageUnavailable,
 )
-from bot.images.service import megapixels, with_style
+from bot.images.presets import megapixels, with_style
 from bot.images.store import ImageLimited
 from bot.spend.ledger import BudgetExceeded
 from tests.fakes.fal import FakeFal
