@@ -1,7 +1,9 @@
-"""Edit pacing under the homeserver's rate limit, shared by every reply in a room.
+"""Edit pacing under the homeserver's rate limit, shared by every reply the bot sends.
 
-Synapse allows a user 0.2 messages a second with a burst of 10 (`rc_message`); an edit is a
-message. Each room keeps one `Pacer`: streamed replies edit at most once per `interval`
+Synapse allows a user 0.2 messages a second with a burst of 10 (`rc_message`), counted per
+account across all its rooms (synapse/api/ratelimiting.py keys the limiter on the requester's
+user id); an edit is a message. So the account keeps one `Pacer`, whatever the room: streamed
+replies edit at most once per `interval`
 (2 s at first), the interval doubles on `M_LIMIT_EXCEEDED` (up to a minute) and eases back
 after successes, and nothing is sent before the `retry_after_ms` the server named. Edits in
 progress are skipped when not due; first messages, final texts, notices and redactions wait for
@@ -51,14 +53,12 @@ class Pacer:
 
 
 class Pacers:
-    """One `Pacer` per room."""
+    """The pacer for a room: the account's one `Pacer`, since the homeserver limits the account,
+    not the room (a limit met in one room holds back edits in every room)."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
-        self._rooms: dict[str, Pacer] = {}
+        self._account = Pacer(interval, clock)
 
     def __call__(self, room_id: str) -> Pacer:
-        pacer = self._rooms.get(room_id)
-        if pacer is None:
-            pacer = self._rooms[room_id] = Pacer(self.interval)
-        return pacer
+        return self._account

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bot.adapters.matrix.pacing import Pacer
+from bot.adapters.matrix.pacing import Pacer, Pacers
 from bot.adapters.matrix.render import ReplyTarget, StreamedReply, to_html, transaction_id
 from bot.core.engine import Delta, Done, Event, Failed, Notice
 from bot.core.personas import Persona
@@ -156,6 +156,20 @@ def test_the_pacer_doubles_on_a_limit_and_honours_retry_after() -> None:
     assert pacer.interval == 60.0, "capped"
     pacer.succeeded()
     assert 2.0 < pacer.interval < 60.0, "eases back after a success"
+
+
+def test_a_limit_met_in_one_room_holds_back_edits_in_every_room() -> None:
+    """Synapse's rc_message counts per account, not per room."""
+    clock = _Clock()
+    pacers = Pacers(2.0, clock)
+    assert pacers("!a:hs").edit_due() and pacers("!b:hs").edit_due()
+    pacers("!a:hs").edited()
+    assert not pacers("!b:hs").edit_due(), "an edit in one room spends the account's pace"
+    clock.now = 2.0
+    pacers("!a:hs").limited(5000)
+    assert not pacers("!b:hs").edit_due()
+    clock.now = 7.0
+    assert pacers("!b:hs").edit_due()
 
 
 async def test_edits_stop_at_the_cap_but_the_final_text_lands() -> None:
