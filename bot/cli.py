@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     memories_sub.add_parser("reembed", help="move every memory to the current embedding model")
     export = memories_sub.add_parser("export", help="print one user's memories as JSON")
     export.add_argument("--user", required=True, help="user key, e.g. discord:1234")
+    export.add_argument(
+        "--persona", default=None, help="only what this persona recalls: shared facts and its own"
+    )
     personas = sub.add_parser("personas", help="persona files")
     personas_sub = personas.add_subparsers(dest="personas_command", required=True)
     check = personas_sub.add_parser("check", help="validate every persona file")
@@ -93,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
         if args.command == "memories":
             from bot.memory.admin import run_memories
 
-            user = getattr(args, "user", None)
-            return asyncio.run(run_memories(settings, args.memories_command, user))
+            user, persona = getattr(args, "user", None), getattr(args, "persona", None)
+            return asyncio.run(run_memories(settings, args.memories_command, user, persona))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "spend":

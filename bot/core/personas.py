@@ -55,6 +55,9 @@ class Persona(BaseModel):
     # Where a fact is recalled (issue 15): "place", only where it was learned (a DM, a server,
     # a Matrix room, the terminal); "user", wherever the user talks to this persona.
     memory_scope: Literal["place", "user"] = "place"
+    # A cast (issue 21): what this persona learns about a member is its own (other personas
+    # do not recall it) unless it shares it with every persona; facts from before are shared.
+    share_memories: bool = False
     draw: bool = True  # images (issue 8): the model may call the draw_image tool in chat
     # Attention (issue 3): after being addressed, keep following the conversation with a
     # probability starting at attention_start and falling to 0 over attention_window seconds.

@@ -47,6 +47,9 @@ class Exchange:
     reply: str
     scope: str | None = None  # scope_of() the place it was said; None: before scopes
     message_id: int | None = None  # messages.id of the user's message in history
+    # The persona that alone recalls what is learned here (a cast, issue 21); None: shared by
+    # every persona (a persona with `share_memories: true`).
+    private_to: str | None = None
 
 
 class RecalledFact(Protocol):
@@ -67,6 +70,7 @@ class MemoryPort(Protocol):
         context: CallContext,
         spawn: Spawn | None = None,
         scope: str | None = None,
+        persona: str | None = None,
     ) -> Sequence[RecalledFact]: ...
 
     async def remember(self, exchange: Exchange) -> None: ...
