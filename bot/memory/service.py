@@ -208,13 +208,11 @@ class Memory:
                 await self.store.release(job.id)
                 return
             request = self.extractor.request(exchange, known)
-            # Only facts it writes into may be replaced or dropped: a persona keeping its own
-            # never changes the shared facts (nor a sharing one another persona's).
-            mine = {m.id for m in known if m.private_to == exchange.private_to}
+            keepers = {m.id: m.private_to for m in known}
             for attempt in range(job.attempts, 2):
                 try:
                     extracted = await self.extractor.extract(exchange, request)
-                    await self._store_facts(job.id, exchange, extracted, mine)
+                    await self._store_facts(job.id, exchange, extracted, keepers)
                 except ModelUnavailable as exc:
                     log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
                     await self.store.release(job.id)
@@ -251,8 +249,14 @@ class Memory:
         )
 
     async def _store_facts(
-        self, job_id: int, exchange: Exchange, extracted: Extracted, known: set[int]
+        self,
+        job_id: int,
+        exchange: Exchange,
+        extracted: Extracted,
+        known: dict[int, str | None],
     ) -> None:
+        """Store what was extracted; `known` holds the facts shown (id → the persona that
+        keeps it, None: shared), the only ones it may replace or drop."""
         cleaned: list[tuple[str, tuple[int, ...]]] = []
         seen: set[str] = set()
         for fact in extracted.facts:
@@ -283,16 +287,24 @@ class Memory:
             NewFact(text, vector, replaces)
             for (text, replaces), vector in zip(cleaned, embedded.vectors, strict=True)
         ]
-        ids = await self.store.add(
-            exchange.user_key,
-            new,
-            model=embedded.model,
-            persona=exchange.persona,
-            job_id=job_id,
-            scope=exchange.scope,
-            source_message_id=exchange.message_id,
-            private_to=exchange.private_to,
-        )
+        # An update of a shared fact stays shared (it replaces what every persona recalled);
+        # anything else is kept as the exchange says (the persona's own, or shared).
+        groups: dict[str | None, list[NewFact]] = {}
+        for fact in new:
+            shared = any(known[i] is None for i in fact.replaces)
+            groups.setdefault(None if shared else exchange.private_to, []).append(fact)
+        ids = []
+        for keeper, facts in groups.items():
+            ids += await self.store.add(
+                exchange.user_key,
+                facts,
+                model=embedded.model,
+                persona=exchange.persona,
+                job_id=job_id,
+                scope=exchange.scope,
+                source_message_id=exchange.message_id,
+                private_to=keeper,
+            )
         log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
 
     # ------------------------------------------------------------------ user control

@@ -92,22 +92,34 @@ async def test_facts_from_before_personas_kept_them_stay_shared(
         assert OBOE in await said(cast, fake_ollama, to(persona, OBOE)), persona
 
 
-async def test_extraction_sees_and_changes_only_what_the_persona_may(
+async def test_extraction_sees_only_what_the_persona_recalls(
     cast: App, fake_ollama: FakeOllama
 ) -> None:
     await exchange(cast, fake_ollama, to("echo", "I live in Lisbon"), facts("Lives in Lisbon."))
     await exchange(cast, fake_ollama, to("sol", "I play the oboe"), facts(OBOE))
-    lisbon = (await _ids(cast))["Lives in Lisbon."]
-    moved = facts(("Lives in Porto.", [lisbon]))
-    await exchange(cast, fake_ollama, to("luna", "I moved to Porto"), moved)
+    oboe = (await _ids(cast))[OBOE]
+    await exchange(cast, fake_ollama, to("luna", "no more oboe"), facts(("Quit music.", [oboe])))
     shown = extraction_requests(fake_ollama)[-1]["messages"][0]["content"]
     assert "Lives in Lisbon." in shown, "luna is shown the shared facts"
     assert OBOE not in shown, "never sol's own"
-    current = await _ids(cast)
-    assert "Lives in Lisbon." in current, "a private keeper cannot supersede a shared fact"
-    assert "Lives in Lisbon." in await said(cast, fake_ollama, to("sol", "Lives in Lisbon."))
-    assert "Lives in Porto." not in await said(cast, fake_ollama, to("sol", "Lives in Porto."))
-    assert "Lives in Porto." in await said(cast, fake_ollama, to("luna", "Lives in Porto."))
+    assert OBOE in await _ids(cast), "nor can it replace them"
+    assert OBOE in await said(cast, fake_ollama, to("sol", OBOE))
+
+
+async def test_an_update_of_a_shared_fact_stays_shared(cast: App, fake_ollama: FakeOllama) -> None:
+    await exchange(cast, fake_ollama, to("echo", "I live in Lisbon"), facts("Lives in Lisbon."))
+    lisbon = (await _ids(cast))["Lives in Lisbon."]
+    moved = facts(("Lives in Porto.", [lisbon]), "Likes trams.")
+    await exchange(cast, fake_ollama, to("luna", "I moved to Porto, trams!"), moved)
+    rows = await cast.pool.fetch(
+        "SELECT text, private_to FROM memories WHERE superseded_by IS NULL ORDER BY id"
+    )
+    assert {(r["text"], r["private_to"]) for r in rows} == {
+        ("Lives in Porto.", None),
+        ("Likes trams.", "luna"),
+    }, "the update replaced what every persona recalled; the new fact is luna's"
+    assert "Lives in Porto." in await said(cast, fake_ollama, to("sol", "Lives in Porto."))
+    assert "Likes trams." not in await said(cast, fake_ollama, to("sol", "Likes trams."))
 
 
 async def test_the_same_fact_is_kept_by_each_persona_that_learns_it(
