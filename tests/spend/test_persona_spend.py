@@ -8,6 +8,7 @@ fake Ollama on loopback, and a per-token API the fake OpenAI-compatible server."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,6 +33,7 @@ from tests.fakes.openai import FakeOpenAI
 from tests.spend.test_ledger import SCHNELL, Clock, Inbox
 
 CAPS = {"luna": Decimal("1.00")}
+CENT_3 = Decimal("0.03")
 
 
 @pytest.fixture
@@ -116,6 +118,22 @@ async def test_a_reservation_over_the_persona_cap_is_refused(pool: Any) -> None:
     with pytest.raises(BudgetExceeded, match="luna's budget"):
         await ledger.reserve(**too_much)
     await ledger.reserve(**image("luna", "small", units=10))
+
+
+async def test_concurrent_reservations_never_pass_a_persona_cap(pool: Any) -> None:
+    ledger = Ledger(pool, Prices(pool), budgets=Budgets(), persona_caps={"luna": CENT_3}.get)
+
+    async def attempt(i: int) -> bool:
+        try:
+            await ledger.reserve(**image("luna", f"c{i}"))  # $0.003 each: ten fit in $0.03
+        except BudgetExceeded:
+            return False
+        return True
+
+    granted = await asyncio.gather(*(attempt(i) for i in range(40)))
+    assert sum(granted) == 10
+    spent = await pool.fetchval("SELECT sum(cost) FROM ledger WHERE persona = 'luna'")
+    assert spent == CENT_3
 
 
 # ---------------------------------------------------------------- through the app
