@@ -287,25 +287,37 @@ class Memory:
             NewFact(text, vector, replaces)
             for (text, replaces), vector in zip(cleaned, embedded.vectors, strict=True)
         ]
-        # An update of a shared fact stays shared (it replaces what every persona recalled);
-        # anything else is kept as the exchange says (the persona's own, or shared).
+        ids = await self._add(job_id, exchange, embedded.model, new, known)
+        log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
+
+    async def _add(
+        self,
+        job_id: int,
+        exchange: Exchange,
+        model: str,
+        new: list[NewFact],
+        known: dict[int, str | None],
+    ) -> list[int]:
+        """Store new facts with their keeper: an update of a shared fact stays shared (it
+        replaces what every persona recalled); the rest as the exchange says (its persona's
+        own, or shared)."""
         groups: dict[str | None, list[NewFact]] = {}
-        for fact in new:
-            shared = any(known[i] is None for i in fact.replaces)
-            groups.setdefault(None if shared else exchange.private_to, []).append(fact)
-        ids = []
+        for item in new:
+            shared = any(known[i] is None for i in item.replaces)
+            groups.setdefault(None if shared else exchange.private_to, []).append(item)
+        ids: list[int] = []
         for keeper, facts in groups.items():
             ids += await self.store.add(
                 exchange.user_key,
                 facts,
-                model=embedded.model,
+                model=model,
                 persona=exchange.persona,
                 job_id=job_id,
                 scope=exchange.scope,
                 source_message_id=exchange.message_id,
                 private_to=keeper,
             )
-        log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
+        return ids
 
     # ------------------------------------------------------------------ user control
 
