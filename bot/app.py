@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from bot import db
@@ -38,9 +39,12 @@ from bot.safety.guard import Guard
 from bot.safety.moderation import build_moderation, fact_vetter
 from bot.spend.ledger import Budgets, Ledger
 from bot.spend.prices import Prices
+from bot.spend.ratelimit import Buckets
 from bot.spend.report import register_spend_command, schedule_month_summary
 
 log = logging.getLogger(__name__)
+
+_RATE_BUCKET_IDLE = 86400.0  # a persona's bucket untouched for a day is full: forgotten
 
 
 @dataclass
@@ -120,6 +124,27 @@ def _schedule_image_jobs(
         scheduler.every(settings.fal_audit_interval, audit.run, name="fal-audit")
 
 
+def own_budgets(personas: PersonaRegistry) -> Callable[[str], Decimal | None]:
+    """Each persona's own monthly cap (`budget_usd_month`), read at each use (hot reload)."""
+
+    def cap(name: str) -> Decimal | None:
+        persona = personas.find(name)
+        return persona.budget_usd_month if persona is not None else None
+
+    return cap
+
+
+def _persona_rates(pool: Any, scheduler: Scheduler) -> Buckets:
+    """Personas' own rate limits per member (issue 21), their idle buckets pruned hourly."""
+    rates = Buckets(pool)
+
+    async def prune() -> None:
+        await rates.prune("persona:", _RATE_BUCKET_IDLE)
+
+    scheduler.every(3600, prune, name="persona-rate-prune")
+    return rates
+
+
 async def _resume_memory(memory: Memory) -> None:
     await memory.resume()
 
@@ -134,8 +159,13 @@ async def running_app(
     pool = await db.connect(url, settings.migrations_dir)
     notifier = AdminNotifier()
     metrics = Metrics()
-    budgets = Budgets.from_settings(settings)
-    ledger = Ledger(pool, Prices(pool), budgets=budgets, notifier=notifier)
+    ledger = Ledger(
+        pool,
+        Prices(pool),
+        budgets=Budgets.from_settings(settings),
+        notifier=notifier,
+        persona_caps=own_budgets(personas),
+    )
     # Tests may pass their own brains; otherwise the backend pool (issue 6), then the local model.
     sessions = SessionBook(pool, ledger)
     backends = (
@@ -174,6 +204,7 @@ async def running_app(
     register_imagine_command(commands, images)
     _schedule_image_jobs(scheduler, settings, pool, ledger, images)
     engine.drawing = DrawTool(images)  # the chat model's draw_image tool, when FAL_KEY is set
+    engine.rates = _persona_rates(pool, scheduler)
     watcher = asyncio.create_task(personas.watch(settings.personas_reload_interval))
     if memory.enabled:  # exchanges a stopped process left unprocessed, then every 10 min
         engine.spawn(_resume_memory(memory))

@@ -8,6 +8,7 @@ import getpass
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot import db
 from bot.brains.simtrace import add_simulate_parser
@@ -15,6 +16,9 @@ from bot.config import Settings
 from bot.errors import BotError
 from bot.ops.logs import setup_logging
 from bot.spend.report import add_spend_parser, spend_cli
+
+if TYPE_CHECKING:
+    from bot.core.personas import PersonaRegistry
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     memories_sub.add_parser("reembed", help="move every memory to the current embedding model")
     export = memories_sub.add_parser("export", help="print one user's memories as JSON")
     export.add_argument("--user", required=True, help="user key, e.g. discord:1234")
+    export.add_argument(
+        "--persona", default=None, help="only what this persona recalls: shared facts and its own"
+    )
     personas = sub.add_parser("personas", help="persona files")
     personas_sub = personas.add_subparsers(dest="personas_command", required=True)
     check = personas_sub.add_parser("check", help="validate every persona file")
@@ -93,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
         if args.command == "memories":
             from bot.memory.admin import run_memories
 
-            user = getattr(args, "user", None)
-            return asyncio.run(run_memories(settings, args.memories_command, user))
+            user, persona = getattr(args, "user", None), getattr(args, "persona", None)
+            return asyncio.run(run_memories(settings, args.memories_command, user, persona))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "spend":
-            return asyncio.run(spend_cli(settings, args, sys.stdout))
+            from bot.app import own_budgets
+
+            caps = own_budgets(_registry(settings))
+            return asyncio.run(spend_cli(settings, args, sys.stdout, persona_caps=caps))
         if args.personas_command == "import":
             return _personas_import(args.file, args.dir or settings.personas_dir, args.force)
         return _personas_check(args.directory or settings.personas_dir)
@@ -135,6 +145,16 @@ async def _migrate(settings: Settings) -> int:
         await conn.close()
     sys.stdout.write("applied: " + ", ".join(applied) + "\n" if applied else "nothing to apply\n")
     return 0
+
+
+def _registry(settings: Settings) -> PersonaRegistry:
+    """The personas as they are on disk (a broken file is logged and left out)."""
+    from bot.core.personas import PersonaRegistry
+
+    registry = PersonaRegistry(settings.personas_dir)
+    for problem in registry.load_all():
+        log.warning("%s", problem)
+    return registry
 
 
 def _personas_check(directory: Path) -> int:

@@ -100,13 +100,14 @@ class BrainRouter:
         brains: Sequence[Brain],
         pool: BackendPool | None = None,
         *,
-        degrade: Callable[[], Awaitable[int]] | None = None,
+        degrade: Callable[[str | None], Awaitable[int]] | None = None,
         queue_wait: float = 600.0,
     ) -> None:
         self.brains = list(brains)
         self.pool = pool
         self.queue_wait = queue_wait  # persona fallback "queue": how long a reply may wait
-        # The ledger's degrade ladder: 1 free backends only, 2 and up the local model only.
+        # The ledger's degrade ladder: 1 free backends only, 2 and up the local model only;
+        # called with the persona a request is for (its own monthly cap counts too).
         self.degrade = degrade
 
     async def prewake(self, model: str) -> bool:
@@ -114,11 +115,13 @@ class BrainRouter:
         return await self.pool.prewake(model) if self.pool is not None else False
 
     async def opening(
-        self, request: ChatRequest, *, fallback: str = "local"
+        self, request: ChatRequest, *, fallback: str = "local", persona: str | None = None
     ) -> AsyncIterator[str | Answer]:
         """`open()` as a stream: notices (e.g. "waking up…") as they happen, the Answer last."""
         notices: asyncio.Queue[str] = asyncio.Queue()
-        task = asyncio.create_task(self.open(request, fallback=fallback, notify=notices.put_nowait))
+        task = asyncio.create_task(
+            self.open(request, fallback=fallback, notify=notices.put_nowait, persona=persona)
+        )
         handed = False
         try:
             while not task.done():
@@ -152,10 +155,15 @@ class BrainRouter:
         return request
 
     async def open(
-        self, request: ChatRequest, *, fallback: str = "local", notify: Notify | None = None
+        self,
+        request: ChatRequest,
+        *,
+        fallback: str = "local",
+        notify: Notify | None = None,
+        persona: str | None = None,
     ) -> Answer:
         failures: list[Failure] = []
-        level = await self.degrade() if self.degrade is not None else 0
+        level = await self.degrade(persona) if self.degrade is not None else 0
         if self.pool is not None and level < 2:
             answer = await self._open_pool(self.pool, request, failures, notify, level == 1)
             if answer is None and fallback == "queue":

@@ -40,6 +40,8 @@ from bot.core.personas import Persona, PersonaRegistry
 from bot.core.ports import (
     DrawingPort,
     MemoryPort,
+    RatePort,
+    rate_limited,
 )
 from bot.core.prompts import PromptBuilder, lay_out, user_seed
 from bot.core.recollection import Recollection
@@ -78,6 +80,7 @@ class Engine(ToolUse):
         self.recollection = Recollection(memory, history, self.spawn)
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
         self.drawing: DrawingPort | None = None  # the draw_image tool (issue 8), set by the app
+        self.rates: RatePort | None = None  # personas' own rate limits (issue 21), by the app
 
     def persona_named(self, name: str | None) -> Persona:
         found = self.personas.find(name) if name else None
@@ -182,14 +185,27 @@ class Engine(ToolUse):
         for picture in pictures:
             yield picture
 
+    async def _within_rate(self, incoming: Incoming, persona: Persona) -> bool:
+        """The persona's own rate per member (`rate_limit_per_minute`), before anything is
+        written or asked; another persona's words are not a member's message."""
+        if self.rates is None or not persona.rate_limit_per_minute or incoming.from_persona:
+            return True
+        key = f"persona:{persona.name}:{incoming.user_key}"
+        rate, burst = persona.rate_limit_per_minute, persona.rate_limit_burst
+        return await self.rates.allow(key, rate, burst)
+
     async def _checked_open(
         self, incoming: Incoming, conversation: Conversation, persona: Persona, where: Where
     ) -> AsyncGenerator[Event | Verdict | _Opened, None]:
         """Open the model while the input check runs; nothing is shown before its verdict.
 
         Yields the verdict, then notices and the opened answer; for a refused input only the
-        refusal (in character) or, when the guard gave no verdict, a notice.
+        refusal (in character) or, when the guard gave no verdict, a notice; for a member over
+        the persona's own rate, only that (nothing is checked, asked or written).
         """
+        if not await self._within_rate(incoming, persona):
+            yield Failed(rate_limited(persona.display_name))
+            return
         check = self.moderation.check_input(incoming.text, persona, where)
         work = self._open(incoming, conversation, persona)
         async with contextlib.aclosing(gated(check, work, self._discard)) as items:
@@ -222,7 +238,8 @@ class Engine(ToolUse):
         """The router's notices, then the Answer; failed backends are recorded."""
         answer: Answer | None = None
         try:
-            async for item in self.router.opening(request, fallback=fallback):
+            opening = self.router.opening(request, fallback=fallback, persona=context.persona)
+            async for item in opening:
                 if isinstance(item, str):
                     yield item
                 else:

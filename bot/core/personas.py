@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple
 
@@ -55,6 +56,15 @@ class Persona(BaseModel):
     # Where a fact is recalled (issue 15): "place", only where it was learned (a DM, a server,
     # a Matrix room, the terminal); "user", wherever the user talks to this persona.
     memory_scope: Literal["place", "user"] = "place"
+    # A cast (issue 21): what this persona learns about a member is its own (other personas
+    # do not recall it) unless it shares it with every persona; facts from before are shared.
+    share_memories: bool = False
+    # A cast (issue 21): its own monthly cap in US dollars over what it spends (pictures,
+    # per-token APIs), with the bot's degrade ladder (BUDGET_DEGRADE_AT) and refusals; and its
+    # own rate per member: messages a minute after a burst (0: no limit of its own).
+    budget_usd_month: Decimal | None = Field(default=None, gt=0)
+    rate_limit_per_minute: float = Field(default=0.0, ge=0.0)
+    rate_limit_burst: int = Field(default=3, ge=1, le=100)
     draw: bool = True  # images (issue 8): the model may call the draw_image tool in chat
     # Attention (issue 3): after being addressed, keep following the conversation with a
     # probability starting at attention_start and falling to 0 over attention_window seconds.

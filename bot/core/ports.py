@@ -1,7 +1,8 @@
 """What the reply pipeline needs from the capabilities, as interfaces bot/app.py fills.
 
 The core never imports a capability package: the engine holds a `MemoryPort` (bot/memory/),
-a `DrawingPort` (bot/images/draw_tool.py) and a moderation step around a guard port
+a `DrawingPort` (bot/images/draw_tool.py), a `RatePort` (bot/spend/ratelimit.py) and a
+moderation step around a guard port
 (bot/core/moderation.py, the guard from bot/safety/). The small values they exchange with the
 engine (an `Exchange` for memory, a `Speaker` for the draw tool) are defined here, and the
 capabilities import them from the core.
@@ -47,6 +48,9 @@ class Exchange:
     reply: str
     scope: str | None = None  # scope_of() the place it was said; None: before scopes
     message_id: int | None = None  # messages.id of the user's message in history
+    # The persona that alone recalls what is learned here (a cast, issue 21); None: shared by
+    # every persona (a persona with `share_memories: true`).
+    private_to: str | None = None
 
 
 class RecalledFact(Protocol):
@@ -67,6 +71,7 @@ class MemoryPort(Protocol):
         context: CallContext,
         spawn: Spawn | None = None,
         scope: str | None = None,
+        persona: str | None = None,
     ) -> Sequence[RecalledFact]: ...
 
     async def remember(self, exchange: Exchange) -> None: ...
@@ -116,6 +121,21 @@ class DrawingPort(Protocol):
     def run(self, call: ToolCall, speaker: Speaker, persona: Persona) -> AsyncIterator[str | Drawn]:
         """Progress lines while the picture is drawn, then what was drawn last."""
         ...
+
+
+class RatePort(Protocol):
+    """Token buckets per key with the rate given per call (bot/spend/ratelimit.py's `Buckets`):
+    a persona's own limit per member."""
+
+    async def allow(self, key: str, rate_per_minute: float, burst: int) -> bool: ...
+
+
+def rate_limited(display_name: str) -> str:
+    """What a member hears when they talk faster than a persona (or the bot) keeps up with."""
+    return (
+        f"*{display_name} takes a breath.* You're talking faster than I can keep up — "
+        "give me a moment and try again."
+    )
 
 
 DRAW_IMAGE = "draw_image"  # the tool's name, as the model calls it

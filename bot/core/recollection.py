@@ -34,13 +34,19 @@ class Recollection:
         self, incoming: Incoming, conversation: Conversation, persona: Persona
     ) -> list[str]:
         """The speaking user's facts for the prompt (only theirs, even in a group), from the
-        place they are speaking in unless the persona widens it (`memory_scope: user`)."""
+        place they are speaking in unless the persona widens it (`memory_scope: user`): the
+        shared ones and those this persona keeps, never another cast member's."""
         if self.memory is None or not self.memory.active(persona):
             return []
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
         scope = None if persona.memory_scope == "user" else scope_for(incoming)
         found = await self.memory.recall(
-            incoming.user_key, incoming.text, context=context, spawn=self._spawn, scope=scope
+            incoming.user_key,
+            incoming.text,
+            context=context,
+            spawn=self._spawn,
+            scope=scope,
+            persona=persona.name,
         )
         return [m.text for m in found]
 
@@ -52,7 +58,8 @@ class Recollection:
         reply: str,
         message_row: int | None = None,
     ) -> None:
-        """Hand an answered exchange to memory extraction, in the background."""
+        """Hand an answered exchange to memory extraction, in the background: what is learned
+        is this persona's alone unless it shares its memories (`share_memories: true`)."""
         if self.memory is None or not self.memory.active(persona) or incoming.from_persona:
             return  # nothing to learn about a person from another persona's words
         exchange = Exchange(
@@ -66,6 +73,7 @@ class Recollection:
             reply,
             scope_for(incoming),
             message_row,
+            None if persona.share_memories else persona.name,
         )
         self._spawn(self.memory.remember(exchange))
 

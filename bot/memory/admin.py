@@ -1,4 +1,5 @@
-"""`python -m bot memories reembed|export --user KEY`: memory administration for the operator."""
+"""`python -m bot memories reembed|export --user KEY [--persona NAME]`: memory administration
+for the operator."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from bot.memory.service import build_memory
 log = logging.getLogger(__name__)
 
 
-async def run_memories(settings: Settings, command: str, user: str | None) -> int:
+async def run_memories(
+    settings: Settings, command: str, user: str | None, persona: str | None = None
+) -> int:
     url = await asyncio.to_thread(db.database_url, settings)
     pool = await db.connect(url, settings.migrations_dir)
     memory = build_memory(settings, pool)
     try:
         if command == "export":
-            rows = await memory.export(user or "")
-            sys.stdout.write(json.dumps({"user": user, "memories": rows}, indent=2) + "\n")
+            rows = await memory.export(user or "", persona)
+            kept = {"user": user, "persona": persona, "memories": rows}
+            sys.stdout.write(json.dumps(kept, indent=2) + "\n")
             return 0
         try:
             model, moved = await memory.reembed()

@@ -1,4 +1,7 @@
-"""`/memories` and `/forget`: each user sees and deletes only their own memories."""
+"""`/memories` and `/forget`: each user sees and deletes only their own memories.
+
+The list shows every fact kept about the user in this place, whichever persona of a cast keeps
+it (a persona's own facts are marked with its name), and `forget` deletes any of them."""
 
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ if TYPE_CHECKING:
     from bot.memory.service import Memory
 
 _FORGET_USAGE = "Usage: forget all, or forget ID (the ids are in memories)."
+
+
+def _kept_by(persona: str | None) -> str:
+    """Which persona alone recalls a fact (a cast, issue 21); shared facts say nothing."""
+    return f" (only {persona} remembers this)" if persona else ""
 
 
 def register(commands: Commands, memory: Memory) -> None:
@@ -31,7 +39,7 @@ def register(commands: Commands, memory: Memory) -> None:
             text = "I don't remember anything about you here."
             return CommandResult(f"{text} {more}".strip(), private=True)
         lines = [f"What I remember about you here ({len(rows)}):"]
-        lines += [f"#{row.id} {row.text}" for row in rows]
+        lines += [f"#{row.id} {row.text}{_kept_by(row.private_to)}" for row in rows]
         if more:
             lines.append(more)
         lines.append("Use forget ID to delete one, or forget all (everywhere).")

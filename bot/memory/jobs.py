@@ -17,8 +17,8 @@ class JobQueries:
         return int(
             await self._pool.fetchval(
                 "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
-                " conversation_id, message, reply, scope, message_id)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
+                " conversation_id, message, reply, scope, message_id, private_to)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING id",
                 exchange.user_key,
                 exchange.author_name,
                 exchange.persona,
@@ -29,6 +29,7 @@ class JobQueries:
                 exchange.reply,
                 exchange.scope,
                 exchange.message_id,
+                exchange.private_to,
             )
         )
 
@@ -53,6 +54,7 @@ class JobQueries:
             row["reply"],
             row["scope"],
             row["message_id"],
+            row["private_to"],
         )
         return Job(row["id"], exchange, row["attempts"])
 

@@ -102,10 +102,12 @@ class Memory:
         context: CallContext,
         spawn: Spawn | None = None,
         scope: str | None = None,
+        persona: str | None = None,
     ) -> list[Recalled]:
         """The speaking user's memories most related to `text`, learned in `scope` (None: in
-        any); never raises. With `spawn` (the engine's), the call record is written in the
-        background, off the reply's path."""
+        any), the shared ones and those private to `persona` (None: all); never raises. With
+        `spawn` (the engine's), the call record is written in the background, off the reply's
+        path."""
         try:
             models = await self.store.models_of(user_key)
             if not models:
@@ -123,6 +125,7 @@ class Memory:
                 recency_weight=self.recency_weight,
                 half_life_days=self.half_life_days,
                 scope=scope,
+                persona=persona,
             )
             if found:
                 touch = self.store.touch(user_key, [m.id for m in found])
@@ -205,10 +208,11 @@ class Memory:
                 await self.store.release(job.id)
                 return
             request = self.extractor.request(exchange, known)
+            keepers = {m.id: m.private_to for m in known}
             for attempt in range(job.attempts, 2):
                 try:
                     extracted = await self.extractor.extract(exchange, request)
-                    await self._store_facts(job.id, exchange, extracted, {m.id for m in known})
+                    await self._store_facts(job.id, exchange, extracted, keepers)
                 except ModelUnavailable as exc:
                     log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
                     await self.store.release(job.id)
@@ -223,9 +227,9 @@ class Memory:
             await self.store.finish(job.id)
 
     async def _nearest(self, exchange: Exchange) -> list[MemoryRow]:
-        """The user's current facts nearest the message by meaning (their stored embeddings),
-        to compare the new facts with; the newest ones when the message cannot be embedded
-        with a model the facts were embedded with."""
+        """The user's current facts the exchange's persona sees, nearest the message by meaning
+        (their stored embeddings), to compare the new facts with; the newest ones when the
+        message cannot be embedded with a model the facts were embedded with."""
         models = await self.store.models_of(exchange.user_key)
         if not models:
             return []
@@ -234,18 +238,25 @@ class Memory:
         )
         embedded = await self.embeddings.embed([exchange.message], record=self._recorder(context))
         if embedded.model not in models:
-            return await self.store.recent(exchange.user_key, _KNOWN_IN_PROMPT)
+            return await self.store.recent(exchange.user_key, _KNOWN_IN_PROMPT, exchange.persona)
         return await self.store.nearest(
             exchange.user_key,
             embedded.vectors[0],
             embedded.model,
             _KNOWN_IN_PROMPT,
             exchange.scope,
+            persona=exchange.persona,
         )
 
     async def _store_facts(
-        self, job_id: int, exchange: Exchange, extracted: Extracted, known: set[int]
+        self,
+        job_id: int,
+        exchange: Exchange,
+        extracted: Extracted,
+        known: dict[int, str | None],
     ) -> None:
+        """Store what was extracted; `known` holds the facts shown (id → the persona that
+        keeps it, None: shared), the only ones it may replace or drop."""
         cleaned: list[tuple[str, tuple[int, ...]]] = []
         seen: set[str] = set()
         for fact in extracted.facts:
@@ -276,22 +287,46 @@ class Memory:
             NewFact(text, vector, replaces)
             for (text, replaces), vector in zip(cleaned, embedded.vectors, strict=True)
         ]
-        ids = await self.store.add(
-            exchange.user_key,
-            new,
-            model=embedded.model,
-            persona=exchange.persona,
-            job_id=job_id,
-            scope=exchange.scope,
-            source_message_id=exchange.message_id,
-        )
+        ids = await self._add(job_id, exchange, embedded.model, new, known)
         log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
+
+    async def _add(
+        self,
+        job_id: int,
+        exchange: Exchange,
+        model: str,
+        new: list[NewFact],
+        known: dict[int, str | None],
+    ) -> list[int]:
+        """Store new facts with their keeper: an update of a shared fact stays shared (it
+        replaces what every persona recalled); the rest as the exchange says (its persona's
+        own, or shared)."""
+        groups: dict[str | None, list[NewFact]] = {}
+        for item in new:
+            shared = any(known[i] is None for i in item.replaces)
+            groups.setdefault(None if shared else exchange.private_to, []).append(item)
+        ids: list[int] = []
+        for keeper, facts in groups.items():
+            ids += await self.store.add(
+                exchange.user_key,
+                facts,
+                model=model,
+                persona=exchange.persona,
+                job_id=job_id,
+                scope=exchange.scope,
+                source_message_id=exchange.message_id,
+                private_to=keeper,
+            )
+        return ids
 
     # ------------------------------------------------------------------ user control
 
-    async def current(self, user_key: str, scope: str | None = None) -> list[MemoryRow]:
-        """The user's current memories, those learned in `scope` when it is given."""
-        return await self.store.current(user_key, scope=scope)
+    async def current(
+        self, user_key: str, scope: str | None = None, persona: str | None = None
+    ) -> list[MemoryRow]:
+        """The user's current memories, those learned in `scope` when it is given, those
+        `persona` recalls (the shared ones and its own) when it is given."""
+        return await self.store.current(user_key, scope=scope, persona=persona)
 
     async def count(self, user_key: str) -> int:
         return await self.store.count(user_key)
@@ -299,8 +334,11 @@ class Memory:
     async def forget(self, user_key: str, memory_id: int | None = None) -> int:
         return await self.store.forget(user_key, memory_id)
 
-    async def export(self, user_key: str) -> list[dict[str, Any]]:
-        return [row.as_json() for row in await self.store.all_rows(user_key)]
+    async def export(self, user_key: str, persona: str | None = None) -> list[dict[str, Any]]:
+        """Everything kept about the user (superseded rows too); with `persona`, what that
+        persona recalls: the shared facts and its own."""
+        rows = await self.store.all_rows(user_key)
+        return [r.as_json() for r in rows if persona is None or r.private_to in (None, persona)]
 
     async def reembed(self) -> tuple[str, int]:
         """Move every row to the configured (first) embedding model; returns (model, moved)."""

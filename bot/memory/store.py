@@ -40,6 +40,7 @@ WITH scored AS (
     FROM memories
     WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL
       AND ($8::text IS NULL OR scope = $8)
+      AND ($9::text IS NULL OR private_to IS NULL OR private_to = $9)
 )
 SELECT id, text, similarity,
        similarity - $5 * (1 - power(0.5,
@@ -50,7 +51,9 @@ ORDER BY score DESC, id DESC
 LIMIT $7
 """
 
-_COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by"
+_COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by, private_to"
+# A persona sees the shared facts (private_to NULL) and its own, never another persona's.
+_KEEPER = "private_to IS NULL OR private_to = {p}"
 
 
 async def _scrub(conn: Any, user_key: str) -> None:
@@ -82,6 +85,42 @@ async def _scrub(conn: Any, user_key: str) -> None:
     )
 
 
+async def _insert(
+    conn: Any,
+    user_key: str,
+    fact: NewFact,
+    *,
+    model: str,
+    persona: str | None,
+    scope: str | None,
+    source_message_id: int | None,
+    private_to: str | None,
+) -> int | None:
+    """One fact in; its id, or None when it is current already for this place and keeper:
+    said again, it is then no longer drawn from one message only (a deletion of either
+    message leaves it)."""
+    row = await conn.fetchrow(
+        "INSERT INTO memories (user_key, text, text_hash, embed_model, embedding,"
+        " persona, scope, source_message_id, private_to)"
+        " VALUES ($1, $2, $3, $4, $5::halfvec, $6, $7, $8, $9)"
+        " ON CONFLICT (user_key, (coalesce(scope, '')), (coalesce(private_to, '')), text_hash)"
+        " WHERE superseded_by IS NULL DO UPDATE SET source_message_id ="
+        " CASE WHEN memories.source_message_id IS NOT DISTINCT FROM"
+        " EXCLUDED.source_message_id THEN memories.source_message_id END"
+        " RETURNING id, xmax = 0 AS inserted",
+        user_key,
+        fact.text,
+        text_hash(fact.text),
+        model,
+        HalfVector(fact.vector),
+        persona,
+        scope,
+        source_message_id,
+        private_to,
+    )
+    return int(row["id"]) if row["inserted"] else None
+
+
 def _row(record: Any) -> MemoryRow:
     return MemoryRow(**{key: record[key] for key in _COLUMNS.split(", ")})
 
@@ -110,8 +149,10 @@ class MemoryStore(JobQueries):
         recency_weight: float,
         half_life_days: float,
         scope: str | None = None,
+        persona: str | None = None,
     ) -> list[Recalled]:
-        """The user's facts nearest `vector`; with `scope`, only those learned there."""
+        """The user's facts nearest `vector`; with `scope`, only those learned there; with
+        `persona`, only the shared ones and those private to it."""
         rows = await self._pool.fetch(
             _RECALL,
             user_key,
@@ -122,23 +163,33 @@ class MemoryStore(JobQueries):
             half_life_days,
             top_k,
             scope,
+            persona,
         )
         return [Recalled(r["id"], r["text"], r["similarity"], r["score"]) for r in rows]
 
     async def nearest(
-        self, user_key: str, vector: list[float], model: str, limit: int, scope: str | None
+        self,
+        user_key: str,
+        vector: list[float],
+        model: str,
+        limit: int,
+        scope: str | None,
+        *,
+        persona: str | None = None,
     ) -> list[MemoryRow]:
         """The user's current facts nearest `vector` by cosine distance (no floor), oldest
-        first: what a new fact is compared with (in its scope)."""
+        first: what a new fact is compared with (in its scope, those `persona` sees)."""
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND embed_model = $3"
             " AND superseded_by IS NULL AND ($5::text IS NULL OR scope = $5)"
+            f" AND ($6::text IS NULL OR {_KEEPER.format(p='$6')})"
             " ORDER BY embedding <=> $2::halfvec, id DESC LIMIT $4",
             user_key,
             HalfVector(vector),
             model,
             limit,
             scope,
+            persona,
         )
         return sorted((_row(r) for r in rows), key=lambda m: m.id)
 
@@ -167,16 +218,23 @@ class MemoryStore(JobQueries):
         )
 
     async def current(
-        self, user_key: str, limit: int = 1000, *, scope: str | None = None
+        self,
+        user_key: str,
+        limit: int = 1000,
+        *,
+        scope: str | None = None,
+        persona: str | None = None,
     ) -> list[MemoryRow]:
         """The user's memories that are recalled (not superseded), oldest first; with `scope`,
-        only those learned there."""
+        only those learned there; with `persona`, only those it sees."""
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND superseded_by IS NULL"
-            " AND ($3::text IS NULL OR scope = $3) ORDER BY id LIMIT $2",
+            " AND ($3::text IS NULL OR scope = $3)"
+            f" AND ($4::text IS NULL OR {_KEEPER.format(p='$4')}) ORDER BY id LIMIT $2",
             user_key,
             limit,
             scope,
+            persona,
         )
         return [_row(r) for r in rows]
 
@@ -189,12 +247,15 @@ class MemoryStore(JobQueries):
             )
         )
 
-    async def recent(self, user_key: str, limit: int) -> list[MemoryRow]:
+    async def recent(
+        self, user_key: str, limit: int, persona: str | None = None
+    ) -> list[MemoryRow]:
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM memories WHERE user_key = $1 AND superseded_by IS NULL"
-            " ORDER BY id DESC LIMIT $2",
+            f" AND ($3::text IS NULL OR {_KEEPER.format(p='$3')}) ORDER BY id DESC LIMIT $2",
             user_key,
             limit,
+            persona,
         )
         return [_row(r) for r in reversed(rows)]
 
@@ -215,10 +276,13 @@ class MemoryStore(JobQueries):
         job_id: int | None = None,
         scope: str | None = None,
         source_message_id: int | None = None,
+        private_to: str | None = None,
     ) -> list[int]:
         """Insert new facts (duplicates of current ones are skipped) and supersede what they
-        contradict; returns the ids of the rows inserted. With `job_id`, nothing is stored if
-        the job is gone: the user said "forget all" while it was being extracted."""
+        contradict; returns the ids of the rows inserted. With `private_to`, only that persona
+        recalls them (None: shared); a fact already shared in the place is not kept twice.
+        With `job_id`, nothing is stored if the job is gone: the user said "forget all" while
+        it was being extracted."""
         inserted: list[int] = []
         async with self._pool.acquire() as conn, conn.transaction():
             if job_id is not None and not await conn.fetchval(
@@ -226,29 +290,27 @@ class MemoryStore(JobQueries):
             ):
                 return []
             for fact in facts:
-                # Said again (in this place): not inserted, and no longer drawn from one
-                # message only (a deletion of either message leaves it).
-                row = await conn.fetchrow(
-                    "INSERT INTO memories (user_key, text, text_hash, embed_model, embedding,"
-                    " persona, scope, source_message_id)"
-                    " VALUES ($1, $2, $3, $4, $5::halfvec, $6, $7, $8)"
-                    " ON CONFLICT (user_key, (coalesce(scope, '')), text_hash)"
-                    " WHERE superseded_by IS NULL DO UPDATE SET source_message_id ="
-                    " CASE WHEN memories.source_message_id IS NOT DISTINCT FROM"
-                    " EXCLUDED.source_message_id THEN memories.source_message_id END"
-                    " RETURNING id, xmax = 0 AS inserted",
+                if private_to is not None and await conn.fetchval(
+                    "SELECT 1 FROM memories WHERE user_key = $1 AND text_hash = $2"
+                    " AND scope IS NOT DISTINCT FROM $3 AND private_to IS NULL"
+                    " AND superseded_by IS NULL",
                     user_key,
-                    fact.text,
                     text_hash(fact.text),
-                    model,
-                    HalfVector(fact.vector),
-                    persona,
                     scope,
-                    source_message_id,
+                ):
+                    continue  # every persona recalls it already
+                new_id = await _insert(
+                    conn,
+                    user_key,
+                    fact,
+                    model=model,
+                    persona=persona,
+                    scope=scope,
+                    source_message_id=source_message_id,
+                    private_to=private_to,
                 )
-                if not row["inserted"]:
+                if new_id is None:
                     continue
-                new_id = row["id"]
                 inserted.append(new_id)
                 if fact.replaces:
                     await conn.execute(

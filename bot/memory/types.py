@@ -45,6 +45,7 @@ class MemoryRow:
     created_at: datetime
     last_recalled_at: datetime | None
     superseded_by: int | None
+    private_to: str | None = None  # the persona that alone recalls it; None: shared
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class MemoryRow:
             if self.last_recalled_at
             else None,
             "superseded_by": self.superseded_by,
+            "private_to": self.private_to,
         }
 
 

@@ -9,6 +9,8 @@ degrade ladder stands (`Budgets.level`).
                                                                             "gpu_seconds": 36000}
               BUDGET_USER_CAPS              per kind and user         e.g. {"image": 20}
               BUDGET_GUILD_CAPS             per kind and guild/server e.g. {"image": 100}
+    persona   budget_usd_month (YAML)       one persona's own dollars, paid actions only, with
+                                            the same ladder as the whole bot's
 
 A cap the bot cannot enforce (tokens, GPU seconds per user) is refused at start-up with the
 reason (`ENFORCED`), never silently ignored.
@@ -59,6 +61,14 @@ UNENFORCEABLE = {
 GLOBAL_REFUSAL = (
     "The bot's budget for this month is spent, so paid features are paused until the 1st."
 )
+PERSONA_REFUSAL = (
+    "{name}'s budget for this month is spent, so {name}'s paid features are paused until the 1st."
+)
+
+
+def persona_scope(name: str) -> str:
+    """The `budget_scopes` row of a persona's own monthly cap."""
+    return f"persona:{name}"
 
 
 class BudgetExceeded(BotError):
@@ -127,9 +137,13 @@ class Budgets:
 
     def level(self, spent: Decimal) -> int:
         """The degrade ladder's step for this much spent of the monthly budget."""
-        if not self.monthly_usd:
+        return self.level_of(spent, self.monthly_usd)
+
+    def level_of(self, spent: Decimal, cap: Decimal | None) -> int:
+        """The ladder's step for `spent` of `cap` (the bot's budget or a persona's own)."""
+        if not cap:
             return NORMAL
-        fraction = spent / self.monthly_usd
+        fraction = spent / cap
         return sum(1 for threshold in self.degrade_at if fraction >= threshold)
 
 
@@ -143,13 +157,25 @@ class Cap:
     alert: str
 
 
+# A persona's own monthly cap: its name and the dollars (its YAML's `budget_usd_month`).
+PersonaCap = tuple[str, Decimal]
+
+
 def scopes_for(
-    b: Budgets, kind: str, cost: Decimal, user: str | None, guild: str | None
+    b: Budgets,
+    kind: str,
+    cost: Decimal,
+    user: str | None,
+    guild: str | None,
+    *,
+    persona: PersonaCap | None = None,
 ) -> list[str]:
     """The `budget_scopes` rows a reservation locks, in the one order every process uses."""
     scopes = []
     if b.monthly_usd is not None and cost > 0:
         scopes.append("global")
+    if persona is not None and cost > 0:
+        scopes.append(persona_scope(persona[0]))
     if kind in b.kind_caps:
         scopes.append(f"kind:{kind}")
     if user and kind in b.user_caps:
@@ -168,6 +194,7 @@ def caps_for(
     cost: Decimal,
     user: str | None,
     guild: str | None,
+    persona: PersonaCap | None = None,
 ) -> list[Cap]:
     """The caps this reservation is subject to; `used` holds the month's usage so far."""
     caps = []
@@ -176,6 +203,12 @@ def caps_for(
         caps.append(
             Cap("global", b.monthly_usd, used["cost"], cost, GLOBAL_REFUSAL, alert + " budget.")
         )
+    if persona is not None and cost > 0:
+        name, limit = persona
+        so_far = used["persona_cost"]
+        alert = f"Spend alert: {name} has used {usd(so_far + cost)} of its {usd(limit)} monthly"
+        words = PERSONA_REFUSAL.format(name=name)
+        caps.append(Cap(persona_scope(name), limit, so_far, cost, words, alert + " budget."))
     noun = NOUNS[kind]
     specs = [
         (f"kind:{kind}", b.kind_caps, "kind_units", "the bot",
@@ -206,8 +239,8 @@ def refusal(b: Budgets, caps: list[Cap]) -> BudgetExceeded | None:
     """The error for the first cap this reservation would pass (or None: it fits)."""
     for cap in caps:
         over = cap.used + cap.adding > cap.limit
-        if cap.scope == "global":
-            over = over or b.level(cap.used) >= PAID_REFUSED
+        if cap.scope == "global" or cap.scope.startswith("persona:"):
+            over = over or b.level_of(cap.used, cap.limit) >= PAID_REFUSED
         if over:
             return BudgetExceeded(cap.refusal)
     return None

@@ -13,7 +13,10 @@ from any number of processes take turns and a cap is never passed. The request i
 a retry returns the first reservation and never charges twice.
 
 The degrade ladder follows the global monthly budget: level 1 (free backends only), 2 (the
-local model only), 3 (paid actions refused) from the fractions in `BUDGET_DEGRADE_AT`.
+local model only), 3 (paid actions refused) from the fractions in `BUDGET_DEGRADE_AT`. A persona
+with its own monthly cap (`budget_usd_month` in its YAML, looked up through `persona_cap`) has
+the same ladder over its own rows, and its reservations lock and check its cap as well; the
+higher of the two steps holds for its replies.
 """
 
 from __future__ import annotations
@@ -27,30 +30,38 @@ from typing import TYPE_CHECKING, Any
 
 from bot.errors import BotError
 from bot.spend.budgets import (
-    FREE_ONLY,
-    LADDER,
-    NORMAL,
     BudgetExceeded,
     Budgets,
     Cap,
+    PersonaCap,
     caps_for,
     month_of,
-    num,
     refusal,
     scopes_for,
-    usd,
     utcnow,
 )
+from bot.spend.ladder import BudgetStatus, Ladder
 from bot.spend.prices import KINDS, Prices
 
 if TYPE_CHECKING:
     from bot.ops.notify import AdminNotifier
 
-__all__ = ["BudgetExceeded", "Budgets", "Ledger", "LedgerError", "Reservation", "month_of"]
+__all__ = [
+    "BudgetExceeded",
+    "BudgetStatus",
+    "Budgets",
+    "Ledger",
+    "LedgerError",
+    "Reservation",
+    "month_of",
+]
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# A persona's own monthly cap in dollars by its name (None: it has none); the app reads it from
+# the persona registry on every use, so an edited YAML counts at once.
+PersonaCaps = Callable[[str], Decimal | None]
 
 
 class LedgerError(BotError):
@@ -70,15 +81,7 @@ class Reservation:
     status: str
 
 
-@dataclass(frozen=True)
-class BudgetStatus:
-    month: date
-    spent: Decimal
-    cap: Decimal | None
-    level: int
-
-
-class Ledger:
+class Ledger(Ladder):
     def __init__(
         self,
         pool: Any,
@@ -87,12 +90,21 @@ class Ledger:
         clock: Clock = utcnow,
         budgets: Budgets | None = None,
         notifier: AdminNotifier | None = None,
+        persona_caps: PersonaCaps | None = None,
     ) -> None:
         self.pool = pool
         self.prices = prices
         self.budgets = budgets or Budgets()
         self._clock = clock
         self._notifier = notifier
+        self.persona_caps = persona_caps
+
+    def persona_cap(self, persona: str | None) -> PersonaCap | None:
+        """The persona's own monthly cap, when it has one."""
+        if persona is None or self.persona_caps is None:
+            return None
+        cap = self.persona_caps(persona)
+        return None if cap is None else (persona, cap)
 
     def now(self) -> datetime:
         return self._clock()
@@ -170,7 +182,8 @@ class Ledger:
             )
             raise LedgerError(f"no price for {kind} from {provider} ({model})")
         cost = units * price.unit_price
-        scopes = scopes_for(self.budgets, kind, cost, user_key, guild)
+        own = self.persona_cap(persona)
+        scopes = scopes_for(self.budgets, kind, cost, user_key, guild, persona=own)
         if scopes:  # committed before the transaction, so the locks below find them
             await self.pool.executemany(
                 "INSERT INTO budget_scopes (month, scope) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -180,17 +193,17 @@ class Ledger:
         values += (cost, price.id)
         values += (user_key, platform, guild, persona, request_id, "reserved")
         async with self.pool.acquire() as conn, conn.transaction():
-            row, caps = await self._reserve_locked(conn, scopes, values)
+            row, caps = await self._reserve_locked(conn, scopes, values, own)
         for cap in caps:
             if cap.used + cap.adding >= cap.limit * self.budgets.alert_fraction:
                 await self._alert_once(month, cap.scope, cap.alert)
         return _reservation(row)
 
     async def _reserve_locked(
-        self, conn: Any, scopes: list[str], values: tuple[Any, ...]
+        self, conn: Any, scopes: list[str], values: tuple[Any, ...], own: PersonaCap | None
     ) -> tuple[Any, list[Cap]]:
         """Inside the transaction: lock the scopes, check the caps, write the reserved row."""
-        _, month, kind, _, _, units, _, cost, _, user_key, _, guild, _, request_id, _ = values
+        _, month, kind, _, _, units, _, cost, _, user_key, _, guild, persona, request_id, _ = values
         if scopes:
             await conn.execute(
                 "SELECT 1 FROM budget_scopes WHERE month = $1 AND scope = ANY($2::text[])"
@@ -204,9 +217,16 @@ class Ledger:
             return row, []  # a retry: the first reservation stands, nothing is charged twice
         caps: list[Cap] = []
         if scopes:
-            used = await conn.fetchrow(_USAGE, month, kind, user_key, guild)
+            used = await conn.fetchrow(_USAGE, month, kind, user_key, guild, persona)
             caps = caps_for(
-                self.budgets, used, kind=kind, units=units, cost=cost, user=user_key, guild=guild
+                self.budgets,
+                used,
+                kind=kind,
+                units=units,
+                cost=cost,
+                user=user_key,
+                guild=guild,
+                persona=own,
             )
             refused = refusal(self.budgets, caps)
             if refused is not None:
@@ -280,70 +300,6 @@ class Ledger:
         )
         return booked, len(rows)
 
-    async def degrade_level(self) -> int:
-        """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused.
-        At the GPU-seconds cap (BUDGET_KIND_CAPS), free backends only, whatever the money."""
-        gpu = await self._gpu_cap_level()
-        if not self.budgets.monthly_usd:
-            return gpu
-        status = await self.status()
-        if gpu > status.level:
-            return gpu
-        if status.level > NORMAL:
-            text = (
-                f"Spend: {usd(status.spent)} of the {usd(status.cap)} monthly budget"
-                f" is used; {LADDER[status.level]}."
-            )
-            await self._alert_once(status.month, f"degrade:{status.level}", text)
-        return status.level
-
-    async def _gpu_cap_level(self) -> int:
-        cap = self.budgets.kind_caps.get("gpu_seconds")
-        if cap is None:
-            return NORMAL
-        month = month_of(self._clock())
-        used = await self.pool.fetchval(
-            "SELECT COALESCE(sum(units), 0) FROM ledger WHERE month = $1"
-            " AND kind = 'gpu_seconds' AND unit_price > 0 AND status <> 'released'",
-            month,
-        )
-        if used < cap:
-            return NORMAL
-        text = f"GPU time: {num(used)} of the {num(cap)} GPU seconds for the month are used;"
-        await self._alert_once(month, "gpu-cap", f"{text} {LADDER[FREE_ONLY]}.")
-        return FREE_ONLY
-
-    async def status(self, month: date | None = None) -> BudgetStatus:
-        month = month or month_of(self._clock())
-        spent = await self.pool.fetchval(
-            "SELECT COALESCE(sum(cost), 0) FROM ledger WHERE month = $1 AND status <> 'released'",
-            month,
-        )
-        return BudgetStatus(month, spent, self.budgets.monthly_usd, self.budgets.level(spent))
-
-    async def _global_alerts(self, month: date) -> None:
-        cap = self.budgets.monthly_usd
-        if not cap:
-            return
-        status = await self.status(month)
-        if status.spent >= cap * self.budgets.alert_fraction:
-            text = f"Spend alert: {usd(status.spent)} of the {usd(cap)} monthly budget is used."
-            await self._alert_once(month, "global", text)
-
-    async def _alert_once(self, month: date, scope: str, text: str) -> None:
-        first = await self.pool.fetchval(
-            "INSERT INTO budget_alerts (month, scope, text) VALUES ($1, $2, $3)"
-            " ON CONFLICT DO NOTHING RETURNING true",
-            month,
-            scope,
-            text,
-        )
-        if first:
-            if self._notifier is not None:
-                await self._notifier.send(text)
-            else:
-                log.warning("%s", text)
-
     async def _status(self, request_id: str) -> str:
         status = await self.pool.fetchval(
             "SELECT status FROM ledger WHERE request_id = $1", request_id
@@ -365,7 +321,8 @@ _USAGE = (
     "SELECT COALESCE(sum(cost), 0) AS cost,"
     " COALESCE(sum(units) FILTER (WHERE kind = $2), 0) AS kind_units,"
     " COALESCE(sum(units) FILTER (WHERE kind = $2 AND user_key = $3), 0) AS user_units,"
-    " COALESCE(sum(units) FILTER (WHERE kind = $2 AND guild = $4), 0) AS guild_units"
+    " COALESCE(sum(units) FILTER (WHERE kind = $2 AND guild = $4), 0) AS guild_units,"
+    " COALESCE(sum(cost) FILTER (WHERE persona = $5), 0) AS persona_cost"
     " FROM ledger WHERE month = $1 AND status <> 'released'"
 )
 

@@ -27,9 +27,38 @@ RETURNING tokens
 """
 
 
+class Buckets:
+    """Buckets whose rate and burst come with each call: a persona's own limit per member
+    (`rate_limit_per_minute`, `rate_limit_burst`), which an edited YAML changes at once."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    async def allow(self, key: str, rate_per_minute: float, burst: int) -> bool:
+        """Take a token from `key`'s bucket; False when it is empty (the action should wait)."""
+        if rate_per_minute <= 0 or burst <= 0:
+            return True
+        row = await self._pool.fetchrow(_TAKE, key, rate_per_minute / 60.0, burst)
+        if row is None:
+            log.info("rate limit reached for %s", key)
+            return False
+        return True
+
+    async def prune(self, prefix: str, older_than_seconds: float) -> int:
+        """Drop buckets (keys starting with `prefix`) untouched for `older_than_seconds`:
+        full by then, as a missing row is. Returns how many were dropped."""
+        result = await self._pool.execute(
+            "DELETE FROM rate_buckets WHERE updated_at < now() - make_interval(secs => $1)"
+            " AND starts_with(key, $2)",
+            older_than_seconds,
+            prefix,
+        )
+        return int(result.split()[-1])
+
+
 class RateLimiter:
     def __init__(self, pool: Any, rate_per_minute: float, burst: int) -> None:
-        self._pool = pool
+        self._buckets = Buckets(pool)
         self.rate_per_minute = rate_per_minute
         self.burst = burst
 
@@ -39,13 +68,7 @@ class RateLimiter:
 
     async def allow(self, key: str) -> bool:
         """Take a token from `key`'s bucket; False when it is empty (the action should wait)."""
-        if not self.enabled:
-            return True
-        row = await self._pool.fetchrow(_TAKE, key, self.rate_per_minute / 60.0, self.burst)
-        if row is None:
-            log.info("rate limit reached for %s", key)
-            return False
-        return True
+        return await self._buckets.allow(key, self.rate_per_minute, self.burst)
 
     async def prune(self, prefix: str = "") -> int:
         """Drop this limiter's buckets (keys starting with `prefix`) that have refilled; a full
@@ -53,10 +76,4 @@ class RateLimiter:
         if not self.enabled:
             return 0
         seconds_to_full = self.burst * 60.0 / self.rate_per_minute
-        result = await self._pool.execute(
-            "DELETE FROM rate_buckets WHERE updated_at < now() - make_interval(secs => $1)"
-            " AND starts_with(key, $2)",
-            seconds_to_full,
-            prefix,
-        )
-        return int(result.split()[-1])
+        return await self._buckets.prune(prefix, seconds_to_full)

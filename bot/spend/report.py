@@ -11,14 +11,14 @@ import asyncio
 import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bot.spend.budgets import usd
-from bot.spend.ledger import Budgets, BudgetStatus, Ledger, month_of
+from bot.spend.ledger import Budgets, BudgetStatus, Ledger, PersonaCaps, month_of
 from bot.spend.prices import Prices
 
 if TYPE_CHECKING:
@@ -132,6 +132,55 @@ def format_report(report: Report, status: BudgetStatus | None = None) -> str:
     return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class PersonaLine:
+    """One persona's month: its settled rows, and its own cap when it has one."""
+
+    persona: str | None  # None: rows of no persona (a cloud machine's GPU time, shared)
+    events: int
+    cost: Decimal
+    cap: Decimal | None = None
+    spent: Decimal | None = None  # reserved and settled, as its cap counts them
+    level: int = 0
+
+
+async def persona_lines(ledger: Ledger, month: date) -> list[PersonaLine]:
+    """The month's spend per persona (most first, rows of no persona last), with each one's
+    own monthly cap (`budget_usd_month`) and where it stands on the degrade ladder."""
+    rows = await ledger.pool.fetch(
+        "SELECT persona, count(*) AS events, sum(cost) AS cost FROM ledger"
+        " WHERE month = $1 AND status = 'settled'"
+        " GROUP BY 1 ORDER BY persona IS NULL, 3 DESC, 1",
+        month,
+    )
+    lines = []
+    for row in rows:
+        line = PersonaLine(row["persona"], row["events"], row["cost"])
+        own = ledger.persona_cap(row["persona"])
+        if own is not None:
+            spent = await ledger.persona_spent(own[0], month)
+            level = ledger.budgets.level_of(spent, own[1])
+            line = replace(line, cap=own[1], spent=spent, level=level)
+        lines.append(line)
+    return lines
+
+
+def format_personas(lines: list[PersonaLine]) -> str:
+    out = ["By persona (settled)", f"{'persona':<28} {'events':>7} {'cost':>12}  own budget"]
+    for line in lines:
+        name = line.persona or "(none: shared GPU time)"
+        row = f"{name:<28} {line.events:>7} {money(line.cost):>12}"
+        if line.cap is not None and line.spent is not None:
+            share = (line.spent / line.cap * 100).quantize(Decimal("1"))
+            row += (
+                f"  {money(line.spent)} of {usd(line.cap)} ({share}%), degrade level {line.level}"
+            )
+        out.append(row.rstrip())
+    if not lines:
+        out.append("(nothing spent)")
+    return "\n".join(out)
+
+
 def report_csv(report: Report) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -180,8 +229,10 @@ def register_spend_command(commands: Commands, ledger: Ledger, chart_dir: Path) 
             raise CommandError("Usage: spend [YYYY-MM], for example spend 2026-11") from None
         report = await month_report(ledger.pool, month, "kind")
         status = await ledger.status(month)
+        personas = format_personas(await persona_lines(ledger, month))
         path = await render_month_chart(ledger.pool, month, chart_dir)
-        return CommandResult(format_report(report, status), private=True, attachment=path)
+        text = f"{format_report(report, status)}\n\n{personas}"
+        return CommandResult(text, private=True, attachment=path)
 
     commands.register("spend", "spend [YYYY-MM]", "the month's spend, with a chart (admins)", spend)
 
@@ -209,19 +260,28 @@ def _month_arg(text: str) -> date:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-async def spend_cli(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+async def spend_cli(
+    settings: Settings,
+    args: argparse.Namespace,
+    out: TextIO,
+    *,
+    persona_caps: PersonaCaps | None = None,
+) -> int:
     from bot import db
 
     url = await asyncio.to_thread(db.database_url, settings)
     pool = await db.connect(url, settings.migrations_dir, max_size=2)
     try:
-        ledger = Ledger(pool, Prices(pool), budgets=Budgets.from_settings(settings))
+        budgets = Budgets.from_settings(settings)
+        ledger = Ledger(pool, Prices(pool), budgets=budgets, persona_caps=persona_caps)
         month = args.month or month_of(ledger.now())
         report = await month_report(pool, month, args.by)
         if args.csv:
             out.write(report_csv(report))
         else:
             out.write(format_report(report, await ledger.status(month)) + "\n")
+            if args.by == "kind":
+                out.write("\n" + format_personas(await persona_lines(ledger, month)) + "\n")
     finally:
         await pool.close()
     return 0

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from bot.core.ports import rate_limited
+
 DISCORD_LIMIT = 2000
 _FENCE = "```"
 _CLOSE = "\n" + _FENCE
@@ -250,10 +252,7 @@ class Throttle:
 
 
 def rate_limited_notice(display_name: str) -> str:
-    return (
-        f"*{display_name} takes a breath.* You're talking faster than I can keep up — "
-        "give me a moment and try again."
-    )
+    return rate_limited(display_name)  # the words of a persona's own limit too
 
 
 CUT_OFF = "(I was cut off: I'm restarting. Please ask again in a minute.)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,24 @@ async def test_commands_that_exist_are_mapped_onto_the_layer(adapter: DiscordAda
     answers = it.answers()
     assert answers and all(ephemeral for _, ephemeral in answers)
     assert "Traceback" not in answers[0][0]
+
+
+async def test_spend_shows_the_month_per_persona(adapter: DiscordAdapter) -> None:
+    """/spend's breakdown per persona (issue 21): what each cast member's pictures and per-token
+    calls cost, and the rows of no persona (a cloud machine's time) apart."""
+    ledger = adapter.app.ledger
+    assert ledger is not None
+    flux = {"kind": "image", "provider": "fal", "model": "fal-ai/flux/dev"}
+    await ledger.record(**flux, units=Decimal(4), request_id="i-1", persona="mimi")
+    await ledger.record(**flux, units=Decimal(1), request_id="i-2", persona="sage")
+    await ledger.record(**flux, units=Decimal(2), request_id="i-3")
+    it = interaction(ADMIN)
+    await command(adapter, "admin", "spend")(it, None)
+    text = "\n".join(answer for answer, _ in it.answers())
+    lines = text.split("By persona (settled)", 1)[1].splitlines()
+    rows = [line.split()[:3] for line in lines if line.startswith(("mimi", "sage"))]
+    assert rows == [["mimi", "1", "$0.1000"], ["sage", "1", "$0.0250"]], "most first"
+    assert any(line.startswith("(none: shared GPU time)") and "$0.0500" in line for line in lines)
 
 
 async def test_runner_starts_discord_only_when_a_token_is_set(app: App) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,9 @@ async def test_bang_commands(
             switched = (await human.wait_for(room, bot_user.user_id, 2))[1]
             other = await human.send(room, "!nosuchthing here")  # not ours: ignored like chat
             await handled(app, other)
+            assert app.ledger is not None  # a picture of sage's, for the breakdown per persona
+            flux = {"kind": "image", "provider": "fal", "model": "fal-ai/flux/dev"}
+            await app.ledger.record(**flux, units=Decimal(2), request_id="p", persona="sage")
             asked = await human.send(room, "!spend")  # private: answered in a direct room
             pointer = (await human.wait_for(room, bot_user.user_id, 3))[2]
             direct = await human.accept_invite()
@@ -170,6 +174,8 @@ async def test_bang_commands(
     assert conversation.persona == "sage"
     assert replied_to(pointer) == asked and "direct message" in pointer["content"]["body"]
     assert report["content"]["msgtype"] == "m.notice" and report["content"]["body"]
+    by_persona = report["content"]["body"].split("By persona (settled)", 1)[1]
+    assert "sage" in by_persona and "$0.0500" in by_persona
     assert chart["content"]["msgtype"] == "m.image"
     assert chart["content"]["url"].startswith("mxc://")
     assert marked_direct, "the room the bot opened is in its m.direct"

@@ -1,0 +1,151 @@
+"""The degrade ladder and the month's alerts, mixed into the Ledger (bot/spend/ledger.py).
+
+    level 0   normal
+          1   free backends only         (also at the GPU-seconds cap, BUDGET_KIND_CAPS)
+          2   the local model only
+          3   paid actions refused
+
+The steps come from the fractions in `BUDGET_DEGRADE_AT` of the bot's monthly budget, and for a
+persona with its own cap (`budget_usd_month`) of that cap over the persona's rows; a persona's
+replies go by the higher of the two. Each alert and degrade notice is sent once per month.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from bot.spend.budgets import (
+    FREE_ONLY,
+    LADDER,
+    NORMAL,
+    Budgets,
+    PersonaCap,
+    month_of,
+    num,
+    persona_scope,
+    usd,
+)
+
+if TYPE_CHECKING:
+    from bot.ops.notify import AdminNotifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    month: date
+    spent: Decimal
+    cap: Decimal | None
+    level: int
+
+
+class Ladder:
+    """Needs the Ledger's pool, budgets, clock, notifier and `persona_cap`."""
+
+    pool: Any
+    budgets: Budgets
+    _clock: Callable[[], datetime]
+    _notifier: AdminNotifier | None
+
+    def persona_cap(self, persona: str | None) -> PersonaCap | None:
+        raise NotImplementedError
+
+    async def degrade_level(self, persona: str | None = None) -> int:
+        """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused.
+        At the GPU-seconds cap (BUDGET_KIND_CAPS), free backends only, whatever the money;
+        for a persona with its own cap, at least its own step on the ladder."""
+        level = await self._bot_level()
+        own = self.persona_cap(persona)
+        if own is None:
+            return level
+        return max(level, await self._persona_level(*own))
+
+    async def _persona_level(self, name: str, cap: Decimal) -> int:
+        month = month_of(self._clock())
+        spent = await self.persona_spent(name, month)
+        level = self.budgets.level_of(spent, cap)
+        if level > NORMAL:
+            text = (
+                f"Spend: {name} has used {usd(spent)} of its {usd(cap)} monthly budget;"
+                f" for {name}, {LADDER[level]}."
+            )
+            await self._alert_once(month, f"degrade:{persona_scope(name)}:{level}", text)
+        return level
+
+    async def persona_spent(self, name: str, month: date) -> Decimal:
+        """What the persona's rows cost this month (reserved and settled)."""
+        spent: Decimal = await self.pool.fetchval(
+            "SELECT COALESCE(sum(cost), 0) FROM ledger WHERE month = $1 AND persona = $2"
+            " AND status <> 'released'",
+            month,
+            name,
+        )
+        return spent
+
+    async def _bot_level(self) -> int:
+        gpu = await self._gpu_cap_level()
+        if not self.budgets.monthly_usd:
+            return gpu
+        status = await self.status()
+        if gpu > status.level:
+            return gpu
+        if status.level > NORMAL:
+            text = (
+                f"Spend: {usd(status.spent)} of the {usd(status.cap)} monthly budget"
+                f" is used; {LADDER[status.level]}."
+            )
+            await self._alert_once(status.month, f"degrade:{status.level}", text)
+        return status.level
+
+    async def _gpu_cap_level(self) -> int:
+        cap = self.budgets.kind_caps.get("gpu_seconds")
+        if cap is None:
+            return NORMAL
+        month = month_of(self._clock())
+        used = await self.pool.fetchval(
+            "SELECT COALESCE(sum(units), 0) FROM ledger WHERE month = $1"
+            " AND kind = 'gpu_seconds' AND unit_price > 0 AND status <> 'released'",
+            month,
+        )
+        if used < cap:
+            return NORMAL
+        text = f"GPU time: {num(used)} of the {num(cap)} GPU seconds for the month are used;"
+        await self._alert_once(month, "gpu-cap", f"{text} {LADDER[FREE_ONLY]}.")
+        return FREE_ONLY
+
+    async def status(self, month: date | None = None) -> BudgetStatus:
+        month = month or month_of(self._clock())
+        spent = await self.pool.fetchval(
+            "SELECT COALESCE(sum(cost), 0) FROM ledger WHERE month = $1 AND status <> 'released'",
+            month,
+        )
+        return BudgetStatus(month, spent, self.budgets.monthly_usd, self.budgets.level(spent))
+
+    async def _global_alerts(self, month: date) -> None:
+        cap = self.budgets.monthly_usd
+        if not cap:
+            return
+        status = await self.status(month)
+        if status.spent >= cap * self.budgets.alert_fraction:
+            text = f"Spend alert: {usd(status.spent)} of the {usd(cap)} monthly budget is used."
+            await self._alert_once(month, "global", text)
+
+    async def _alert_once(self, month: date, scope: str, text: str) -> None:
+        first = await self.pool.fetchval(
+            "INSERT INTO budget_alerts (month, scope, text) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            month,
+            scope,
+            text,
+        )
+        if first:
+            if self._notifier is not None:
+                await self._notifier.send(text)
+            else:
+                log.warning("%s", text)
