@@ -67,13 +67,13 @@ class ThreadContext:
     async def _lines(
         self, room_id: str, root: str, current: str, names: dict[str, str]
     ) -> list[Line]:
-        root_source = await self._event(room_id, root)
+        root_source = await self.event(room_id, root)
         if root_source is None:
             return []
         sources = [root_source]
         if root_source.get("sender") == self.user_id:  # "reply in thread" on the bot's answer
             asked = _in_reply_to(root_source)
-            question = await self._event(room_id, asked) if asked else None
+            question = await self.event(room_id, asked) if asked else None
             if question is not None:
                 sources.insert(0, question)
         thread: list[dict[str, Any]] = []
@@ -90,7 +90,7 @@ class ThreadContext:
         sources += [s for s in thread if s.get("event_id") != current]
         return [line for s in sources if (line := _line(s, names)) is not None]
 
-    async def _event(self, room_id: str, event_id: str) -> dict[str, Any] | None:
+    async def event(self, room_id: str, event_id: str) -> dict[str, Any] | None:
         response = await self.client.room_get_event(room_id, event_id)
         if not isinstance(response, RoomGetEventResponse):
             log.warning("could not read event %s in %s", event_id, room_id)
