@@ -173,3 +173,25 @@ async def test_persona_turns_stop_at_the_budget(
     heard = requests[1]["messages"]
     assert "Sage" in heard[0]["content"]
     assert heard[-1]["role"] == "user" and "Sage, what do you think?" in heard[-1]["content"]
+
+
+async def test_a_thread_plays_its_rooms_cast(
+    cast_bot: GroupBot, tmp_path: Path, human: Human, bot_user: MatrixUser
+) -> None:
+    async with cast_bot(tmp_path, max_persona_turns=0) as (app, adapter, room):
+        await make_cast(app, room)
+        root = await human.send(room, "a thread about tea")
+        asked = await human.send(room, "Sage, green or black?", thread_root=root)
+        [answer] = await human.wait_for(room, bot_user.user_id, 1)
+        await settle(adapter, human)
+        thread = f"{room}|{root}"
+        own = await app.engine.cast_for("matrix", thread)
+        admin = CommandContext("matrix", thread, "@admin:localhost", "admin", is_admin=True)
+        await app.commands.run(admin, "persona", ["cast", "remove", "sage"])
+        in_room = await app.engine.cast_for("matrix", room)
+    assert profile(answer)["id"] == "sage", "the room's cast answers in its thread"
+    relates = answer["content"]["m.relates_to"]
+    assert relates["rel_type"] == "m.thread" and relates["event_id"] == root
+    assert relates["m.in_reply_to"] == {"event_id": asked}
+    assert [p.name for p in own] == ["mimi", "sage"], "the thread keeps a copy of the cast"
+    assert [p.name for p in in_room] == ["mimi", "sage"], "changing it leaves the room's alone"
