@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from bot.adapters.matrix.faces import Avatars, Face, profile_id
 from bot.adapters.matrix.threads import ThreadContext
 from bot.core.attention import Attention
-from bot.core.cast import Choice, Said, Stage, cast_for, who_speaks
+from bot.core.cast import Choice, Cue, Said, Stage, cast_for, play, who_speaks
 from bot.core.engine import Engine, Incoming
 from bot.core.personas import Persona
 
@@ -107,58 +107,20 @@ class CastPlayer:
         self,
         incoming: Incoming,
         event_id: str,
-        asker: str,
         cast: list[Persona],
         choices: list[Choice],
         *,
         answer: Answer,
     ) -> None:
-        """Each chosen persona answers `event_id` once; the others may answer its reply."""
-        await self._play(incoming, event_id, asker, cast, choices, answer=answer, spent=_Spent())
+        """Each chosen persona answers `event_id` once (mentioning its sender, a person); the
+        others may answer that reply, within the persona-turn budget (bot/core/cast.py)."""
 
-    async def _play(
-        self,
-        incoming: Incoming,
-        event_id: str,
-        asker: str | None,
-        cast: list[Persona],
-        choices: list[Choice],
-        *,
-        answer: Answer,
-        spent: _Spent,
-    ) -> None:
-        for choice in choices:
-            persona = choice.persona
-            if incoming.from_persona is not None and spent.turns >= persona.max_persona_turns:
-                continue  # siblings used up the budget meanwhile
-            if not self.stage.claim(event_id, persona.name):
-                continue
-            face = await self.avatars.face(persona) if len(cast) > 1 else None
-            turn = Turn(replace(incoming, persona=persona.name), event_id, face, asker)
-            said = await answer(turn)
-            if said is None:
-                continue
-            incoming = replace(incoming, repeat=True)  # stored now, with this first answer
-            sent, text = said
-            spent.turns += 1
-            self.stage.wrote(sent, persona.name, spent.turns)
-            heard = Said(text, author=persona.name, turn=spent.turns)
-            after = self.who_speaks(cast, heard, incoming.conversation)
-            log.debug("%s said %s (turn %d); next: %s", persona.name, sent, spent.turns, after)
-            if after:
-                spoken = replace(
-                    incoming,
-                    author_id=f"persona:{persona.name}",
-                    author_name=persona.display_name,
-                    text=text,
-                    from_persona=persona.name,
-                    repeat=False,
-                )
-                await self._play(spoken, sent, None, cast, after, answer=answer, spent=spent)
+        async def one(cue: Cue) -> tuple[str, str] | None:
+            face = await self.avatars.face(cue.persona) if len(cast) > 1 else None
+            asker = incoming.author_id if cue.incoming.from_persona is None else None
+            return await answer(Turn(cue.incoming, cue.message_id, face, asker))
 
+        def speaks(said: Said) -> list[Choice]:
+            return self.who_speaks(cast, said, incoming.conversation)
 
-@dataclass
-class _Spent:
-    """Persona replies so far after one person's message: the budget is shared by the chain."""
-
-    turns: int = 0
+        await play(self.stage, speaks, incoming, event_id, choices, answer=one)

@@ -265,9 +265,7 @@ class MatrixMessages:
         async def answer(turn: CastTurn) -> tuple[str, str] | None:
             return await self._answer(room, message.thread_root, turn)
 
-        await self.cast.play(
-            incoming, message.event_id, message.sender, cast, choices, answer=answer
-        )
+        await self.cast.play(incoming, message.event_id, cast, choices, answer=answer)
 
     async def _answer(
         self, room: MatrixRoom, thread_root: str | None, turn: CastTurn
