@@ -60,3 +60,18 @@ async def test_a_cast_of_one_prints_the_reply_alone(app: App, fake_ollama: FakeO
     assert await chat.send("hello")
     assert out.getvalue() == "Just me.\n"
     assert "answered by" in err.getvalue()
+
+
+async def test_persona_list_shows_the_cast(app: App) -> None:
+    chat, out, _ = await cast_chat(app)
+    assert await chat.command("/persona")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "The cast here: Mimi (mimi), Sage (sage). Personas:"
+    assert "* mimi: Mimi" in lines and "* sage: Sage" in lines
+    assert await chat.command("/persona sage", quiet=True)  # a cast of one again
+    out.truncate(0)
+    out.seek(0)
+    assert await chat.command("/persona")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "Talking with Sage (sage). Personas:"
+    assert "- mimi: Mimi" in lines and "* sage: Sage" in lines
