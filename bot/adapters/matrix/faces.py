@@ -78,6 +78,16 @@ def profile_id(content: dict[str, Any]) -> str | None:
     return None
 
 
+def without_fallback(content: dict[str, Any], body: str) -> str:
+    """`body` (of `content`) without the name fallback a per-message profile says it has."""
+    profile = content.get(PROFILE)
+    if isinstance(profile, dict) and profile.get("has_fallback"):
+        prefix = f"{profile.get('displayname')}: "
+        if body.startswith(prefix):
+            return body[len(prefix) :].strip()
+    return body.strip()
+
+
 class Avatars:
     """Local persona pictures uploaded to the media repository once; their mxc URIs."""
 

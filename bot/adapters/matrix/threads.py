@@ -2,9 +2,10 @@
 
 The first time the bot is addressed in a thread, the thread's conversation has no history of
 its own. `ThreadContext.seed` fetches the root (`GET /rooms/{room}/event/{root}`) and the
-thread's earlier messages (the relations API, `rel_type` `m.thread`), and stores them as the
-conversation's first exchanges: a run of people's messages followed by one of the bot's
-becomes an exchange; when the root is the bot's answer, the question it answered comes first.
+thread's earlier messages (the relations API, `rel_type` `m.thread`; a cast member's message
+under its persona, its name fallback taken off), and stores them as the conversation's first
+exchanges: a run of people's messages followed by one of the bot's becomes an exchange; when
+the root is the bot's answer, the question it answered comes first.
 People's messages after the bot's last word are handed back, to go before the new message.
 Edits count as shown (the server bundles the latest `m.replace`).
 """
@@ -18,6 +19,7 @@ from typing import Any
 from nio import AsyncClient, MegolmEvent, RoomGetEventResponse
 from nio.api import RelationshipType
 
+from bot.adapters.matrix.faces import profile_id, without_fallback
 from bot.core.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class Line:
     sender: str
     name: str
     text: str
+    persona: str | None = None  # the cast member who said it (its per-message profile)
 
 
 class ThreadContext:
@@ -58,7 +61,7 @@ class ThreadContext:
                 author_id=pending[-1].sender,
                 author_name=pending[-1].name,
                 text=_joined(pending),
-                persona=persona,
+                persona=line.persona or persona,
                 reply=line.text,
             )
             pending = []
@@ -120,7 +123,8 @@ def _line(source: dict[str, Any], names: dict[str, str]) -> Line | None:
     if not isinstance(body, str) or not body.strip():
         return None
     sender = str(source.get("sender"))
-    return Line(sender, names.get(sender) or sender, body.strip())
+    persona = profile_id(content)
+    return Line(sender, names.get(sender) or sender, without_fallback(content, body), persona)
 
 
 def _in_reply_to(source: dict[str, Any]) -> str | None:

@@ -195,3 +195,28 @@ async def test_a_thread_plays_its_rooms_cast(
     assert relates["m.in_reply_to"] == {"event_id": asked}
     assert [p.name for p in own] == ["mimi", "sage"], "the thread keeps a copy of the cast"
     assert [p.name for p in in_room] == ["mimi", "sage"], "changing it leaves the room's alone"
+
+
+async def test_a_thread_on_a_personas_message_goes_to_that_persona(
+    cast_bot: GroupBot,
+    tmp_path: Path,
+    human: Human,
+    bot_user: MatrixUser,
+    fake_ollama: FakeOllama,
+) -> None:
+    async with cast_bot(tmp_path, max_persona_turns=0) as (app, adapter, room):
+        await make_cast(app, room)
+        fake_ollama.queue_reply("Four.")
+        await human.send(room, "Sage, what is two and two?")
+        [answer] = await human.wait_for(room, bot_user.user_id, 1)
+        fake_ollama.queue_reply("Because two and two make four.")
+        await human.send(room, "why?", thread_root=answer["event_id"])
+        [_, in_thread] = await human.wait_for(room, bot_user.user_id, 2)
+        await settle(adapter, human)
+    assert profile(in_thread)["id"] == "sage", "a thread on Sage's message is a reply to Sage"
+    heard = [(m["role"], m["content"]) for m in persona_requests(fake_ollama)[1]["messages"][1:]]
+    assert heard == [
+        ("user", "Sage, what is two and two?"),
+        ("assistant", "Four."),  # Sage's own words, as its own, without the name fallback
+        ("user", "why?"),
+    ]
