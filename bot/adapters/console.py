@@ -2,6 +2,8 @@
 
 The reply goes to stdout as it streams; everything else (which model answered, notices,
 errors) goes to stderr, so `chat -m TEXT` can be scripted. Lines starting with "/" are commands.
+A cast (`/persona cast add NAME`) plays here too (bot/core/cast.py): each persona that speaks
+prints its reply on a line of its own, under its name (`Sage: …`), also with `-m`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from bot.core.attention import Attention
+from bot.core.cast import Choice, Cue, Said, Stage, play, who_speaks
 from bot.core.commands import CommandContext, Commands, parse
 from bot.core.engine import Delta, Done, Engine, Failed, Incoming, Notice, Picture
+from bot.core.personas import Persona
 from bot.errors import BotError, user_message
 
 PLATFORM = "console"
@@ -36,15 +41,50 @@ class ConsoleChat:
         self.out = out
         self.err = err
         self._last_answered_by: str | None = None
+        self.attention = Attention()  # who in a cast follows the talk
+        self.stage = Stage()  # who wrote which line, who answered what
+        self._said = 0  # lines so far (a cast's stage knows them by number)
 
     async def choose_persona(self, name: str) -> bool:
         """--persona: switch this conversation before chatting (the operator is admin here)."""
         return await self.command(f"/persona {name}", quiet=True)
 
     async def send(self, text: str, *, interactive: bool = False) -> bool:
-        """One message → its reply on stdout. Returns False when no reply could be given."""
+        """One message → its reply on stdout. Returns False when no reply could be given.
+        A cast of two or more: each persona that speaks gets a line under its name."""
         incoming = Incoming(PLATFORM, self.conversation, self.user, self.user, text)
+        cast = await self.engine.cast_for(PLATFORM, self.conversation)
+        if len(cast) == 1:
+            name = cast[0].display_name if interactive else None
+            return await self._say(incoming, name, interactive=interactive) is not None
+        self._said += 1
+        message_id = f"console-{self._said}"
+        # The terminal talks to the cast as a DM does: the named ones answer, else one surely.
+        choices = self._speaks(cast, Said(text, is_dm=True))
+        answered = False
+
+        async def one(cue: Cue) -> tuple[str, str] | None:
+            nonlocal answered
+            reply = await self._say(cue.incoming, cue.persona.display_name, interactive=True)
+            if reply is None:
+                return None
+            answered = True
+            self._said += 1
+            return f"console-{self._said}", reply
+
+        def speaks(said: Said) -> list[Choice]:
+            return self._speaks(cast, said)
+
+        await play(self.stage, speaks, incoming, message_id, choices, answer=one)
+        return answered
+
+    def _speaks(self, cast: list[Persona], said: Said) -> list[Choice]:
+        return who_speaks(cast, said, self.attention, self.conversation)
+
+    async def _say(self, incoming: Incoming, name: str | None, *, interactive: bool) -> str | None:
+        """Render one reply (under `name` when given); its text, or None when none was given."""
         ok = False
+        answered: str | None = None
         pending = ""  # whitespace held back so the reply is printed stripped
         async with contextlib.aclosing(self.engine.handle(incoming)) as events:
             async for event in events:
@@ -58,9 +98,8 @@ class ConsoleChat:
                     pending = text[len(body) :]
                     if not body:
                         continue
-                    if not ok and interactive:
-                        persona = await self.engine.persona_for(PLATFORM, self.conversation)
-                        self.out.write(f"{persona.display_name}: ")
+                    if not ok and name is not None:
+                        self.out.write(f"{name}: ")
                     ok = True
                     self.out.write(body)
                     self.out.flush()
@@ -68,15 +107,16 @@ class ConsoleChat:
                     self.out.write("\n")
                     self.out.flush()
                     self._answered(event.answered_by, always=not interactive)
+                    answered = event.text if ok else None
                 elif isinstance(event, Failed):
                     if ok:
                         self.out.write("\n")
                     self._diag(event.text)
-                    ok = False
+                    ok, answered = False, None
                 elif isinstance(event, Picture):  # drawn by the model, saved in DATA_DIR/images
                     self.out.write(f"{event.path}\n")
                     self.out.flush()
-        return ok
+        return answered
 
     async def command(self, line: str, *, quiet: bool = False) -> bool:
         parsed = parse(line)

@@ -14,16 +14,18 @@ Platform-neutral; adapters describe a message as a `Said` and post one reply per
   `max_persona_turns`, never answers itself, and never answers one message twice
   (`Stage.claim`).
 - Each persona sees the others' replies as named user lines (`view_for`), its own as its own.
+- `play` runs the turns for adapters that give an answer as one call (Matrix, the terminal).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.core.attention import Attention, Trigger, mentions_name
+from bot.core.events import Incoming
 from bot.core.history import Conversation, History
 from bot.core.personas import Persona
 from bot.core.prompts import Turn
@@ -199,3 +201,74 @@ class Stage:
     def _trim(self, table: OrderedDict[Any, Any]) -> None:
         while len(table) > self._limit:
             table.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One cast member to answer one message: `incoming` names the persona (and, for another
+    persona's message, `from_persona`); `message_id` is the message answered."""
+
+    persona: Persona
+    incoming: Incoming
+    message_id: str
+
+
+# Gives one answer; returns (the sent message's id, its text), or None when nothing was said.
+Answer = Callable[[Cue], Awaitable[tuple[str, str] | None]]
+
+
+async def play(
+    stage: Stage,
+    speaks: Callable[[Said], list[Choice]],
+    incoming: Incoming,
+    message_id: str,
+    choices: list[Choice],
+    *,
+    answer: Answer,
+) -> None:
+    """Each chosen persona answers `message_id` once, then the others may answer its reply,
+    within the persona-turn budget (`speaks` is `who_speaks` for this conversation)."""
+    await _play(stage, speaks, incoming, message_id, choices, answer=answer, spent=_Spent())
+
+
+async def _play(
+    stage: Stage,
+    speaks: Callable[[Said], list[Choice]],
+    incoming: Incoming,
+    message_id: str,
+    choices: list[Choice],
+    *,
+    answer: Answer,
+    spent: _Spent,
+) -> None:
+    for choice in choices:
+        persona = choice.persona
+        if incoming.from_persona is not None and spent.turns >= persona.max_persona_turns:
+            continue  # siblings used up the budget meanwhile
+        if not stage.claim(message_id, persona.name):
+            continue
+        said = await answer(Cue(persona, replace(incoming, persona=persona.name), message_id))
+        if said is None:
+            continue
+        incoming = replace(incoming, repeat=True)  # stored now, with this first answer
+        sent, text = said
+        spent.turns += 1
+        stage.wrote(sent, persona.name, spent.turns)
+        after = speaks(Said(text, author=persona.name, turn=spent.turns))
+        if after:
+            spoken = replace(
+                incoming,
+                author_id=f"persona:{persona.name}",
+                author_name=persona.display_name,
+                text=text,
+                from_persona=persona.name,
+                repeat=False,
+            )
+            await _play(stage, speaks, spoken, sent, after, answer=answer, spent=spent)
+
+
+@dataclass
+class _Spent:
+    """Persona replies so far after one person's message: the budget is shared by the chain."""
+
+    turns: int = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bot.core.engine import Engine
 from bot.core.events import user_key
+from bot.core.personas import Persona
 from bot.errors import CommandError
 
 
@@ -102,11 +103,7 @@ class Commands:
         conversation = await self.engine.conversation(context.platform, context.conversation)
         current = self.engine.persona_named(conversation.persona)
         if not args:
-            lines = [f"Talking with {current.display_name} ({current.name}). Personas:"]
-            for persona in self.engine.personas.all():
-                mark = "*" if persona.name == current.name else "-"
-                lines.append(f"{mark} {persona.name}: {persona.display_name}")
-            return CommandResult("\n".join(lines), private=True)
+            return CommandResult(await self._personas_here(context, current), private=True)
         if len(args) > 1:
             raise CommandError("Usage: persona [NAME]")
         if not context.is_admin:
@@ -117,6 +114,20 @@ class Commands:
             raise CommandError(f"There is no persona called {args[0]!r}. Choose one of: {names}.")
         await self.engine.history.set_persona(conversation.id, chosen.name)
         return CommandResult(f"{chosen.display_name} is here now. {chosen.greeting}")
+
+    async def _personas_here(self, context: CommandContext, current: Persona) -> str:
+        """Who talks here (the cast, when it is more than one) and every persona (* here)."""
+        cast = await self.engine.cast_for(context.platform, context.conversation)
+        here = {p.name for p in cast} if len(cast) > 1 else {current.name}
+        if len(cast) > 1:
+            names = ", ".join(f"{p.display_name} ({p.name})" for p in cast)
+            lines = [f"The cast here: {names}. Personas:"]
+        else:
+            lines = [f"Talking with {current.display_name} ({current.name}). Personas:"]
+        for persona in self.engine.personas.all():
+            mark = "*" if persona.name in here else "-"
+            lines.append(f"{mark} {persona.name}: {persona.display_name}")
+        return "\n".join(lines)
 
     async def _cast(self, context: CommandContext, args: list[str]) -> CommandResult:
         """persona cast: list; persona cast add NAME / remove NAME (admins)."""

@@ -267,9 +267,13 @@ def _duplicate_keys(root: yaml.MappingNode) -> list[PersonaProblem]:
     return problems
 
 
+def has_local_avatar(persona: Persona) -> bool:
+    """The avatar is a picture file in the personas directory (not an https URL)."""
+    return bool(persona.avatar) and not persona.avatar.startswith("https://")
+
+
 def _avatar_missing(persona: Persona, path: Path) -> bool:
-    local = bool(persona.avatar) and not persona.avatar.startswith("https://")
-    return local and not (path.parent / persona.avatar).is_file()
+    return has_local_avatar(persona) and not (path.parent / persona.avatar).is_file()
 
 
 def load_persona_file(path: Path) -> Persona:

@@ -2,8 +2,9 @@
 
 A channel, a DM and a thread are each one conversation, keyed by the channel id. A thread
 started from a message we answered or sent forks that conversation: on its first answer it gets a
-copy of the history so far and the persona, and from then on owns its history (`/reset` and
-`/persona set` inside it touch the thread only). Any other thread takes its parent's persona.
+copy of the history so far, the persona and the cast, and from then on owns its history (`/reset`,
+`/persona set` and `/persona cast` inside it touch the thread only). Any other thread takes its
+parent's persona and cast (a copy, made on its first answer).
 
 Most messages in a busy guild are not for the bot, so the decision whether to answer is made
 from memory: personas are cached per conversation (read with a SELECT on a miss, never created),
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.adapters.message_map import MessageMap
+from bot.core.history import Conversation
 from bot.core.personas import Persona
 
 if TYPE_CHECKING:
@@ -80,10 +82,15 @@ class Conversations:
 
     async def cast(self, key: str, channel: object) -> list[Persona]:
         """The conversation's cast (bot/core/cast.py): a cast of one is the conversation's
-        persona. Personas no longer loaded are left out; never empty."""
+        persona; a thread not yet answered in plays its parent channel's cast. Personas no
+        longer loaded are left out; never empty."""
         persona = await self.persona(key, channel)
+        own, names = await self._known(key)
+        parent = getattr(channel, "parent_id", None)
+        if own is None and isinstance(channel, discord.Thread) and parent:
+            names = (await self._known(str(parent)))[1]
         members: dict[str, Persona] = {}
-        for name in (await self._known(key))[1]:
+        for name in names:
             member = self._engine.personas.find(name)
             if member is not None:
                 members.setdefault(name, member)
@@ -120,9 +127,14 @@ class Conversations:
             return
         persona = await self.persona(key, channel)
         origin = await self._messages.lookup(key)  # a thread has its starter message's id
+        source: Conversation | None
         if origin is not None and origin.conversation != key:
             source = await engine.conversation(PLATFORM, origin.conversation)
             await engine.history.fork(source.id, conversation.id, persona.name)
         else:
+            source = await engine.history.find(PLATFORM, str(channel.parent_id))
             await engine.history.set_persona(conversation.id, persona.name)
+        cast = await engine.history.cast(source.id) if source is not None else []
+        if cast:  # the channel's cast plays in the thread too
+            await engine.history.add_to_cast(conversation.id, cast)
         self._cache.pop(key, None)

@@ -1,7 +1,8 @@
 """A cast's faces on Discord: one channel webhook the bot creates and reuses.
 
 Each cast member's reply is posted through the channel's webhook with the persona's display name
-(and its avatar when `avatar` is an https URL; Discord takes avatars per message only by URL), and
+(and its avatar when `avatar` is an https URL; Discord takes avatars per message only by URL: a
+picture file is logged once and the webhook's default avatar is used), and
 streamed by editing that webhook message. The bot needs Manage Webhooks in the channel; without it
 (or when the webhook was deleted) the reply comes from the bot's own account with the persona's
 name in bold, and `lacking` lists the channels so the operator can fix it. A thread speaks
@@ -19,7 +20,7 @@ import discord
 
 from bot.adapters.discord.budget import ChannelBudget
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView
-from bot.core.personas import Persona
+from bot.core.personas import Persona, has_local_avatar
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ class Webhooks:
         self._hooks: dict[int, discord.Webhook] = {}
         self._refused: dict[int, float] = {}  # channel id → when Discord said Forbidden
         self._lock = asyncio.Lock()
+        self._unshown: set[str] = set()  # personas whose avatar file Discord cannot take
+
+    def avatar(self, persona: Persona) -> str | None:
+        """The avatar URL to post with; a picture file is not (said once per persona)."""
+        if has_local_avatar(persona) and persona.name not in self._unshown:
+            self._unshown.add(persona.name)
+            log.warning(
+                "the avatar of %s is a file: Discord webhooks take avatars by URL only, so on "
+                "Discord %s speaks with the webhook's default avatar (Matrix shows the file)",
+                persona.name,
+                persona.name,
+            )
+        return avatar_url(persona)
 
     @property
     def ids(self) -> set[int]:
@@ -117,7 +131,7 @@ class WebhookReplyView(ReplyView):
         super().__init__(source, interval, budget)
         self.hook = hook
         self.name = persona.display_name[:80]  # Discord's limit for a webhook username
-        self.avatar = avatar_url(persona)
+        self.avatar = hooks.avatar(persona)
         self._hooks = hooks
         self._fallen_back = False
 

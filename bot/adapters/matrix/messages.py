@@ -20,8 +20,11 @@ from typing import Any, Protocol
 
 from nio import MatrixRoom
 
+from bot.adapters.matrix.cast import CastPlayer
+from bot.adapters.matrix.cast import Turn as CastTurn
 from bot.adapters.matrix.commands import MatrixCommands
 from bot.adapters.matrix.direct import DirectRooms
+from bot.adapters.matrix.faces import Avatars
 from bot.adapters.matrix.pacing import Pacers
 from bot.adapters.matrix.render import (
     ReplyTarget,
@@ -33,11 +36,13 @@ from bot.adapters.matrix.render import (
 from bot.adapters.matrix.state import MatrixState
 from bot.adapters.matrix.threads import ThreadContext
 from bot.app import App
-from bot.core.attention import Attention, Trigger
+from bot.core.attention import Attention
 from bot.core.background import Background
+from bot.core.cast import Choice, Said
 from bot.core.commands import CommandContext, parse
 from bot.core.engine import Incoming
 from bot.core.events import user_key
+from bot.core.personas import Persona
 from bot.spend.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -133,6 +138,14 @@ class MatrixMessages:
         self.threads = threads
         self._redact = redact
         self.attention = Attention()
+        self.cast = CastPlayer(
+            app.engine,
+            threads,
+            Avatars(threads.client, self.settings.personas_dir),
+            self.attention,
+            answer_dms=self.settings.matrix_answer_dms,
+            answer_bots=self.settings.matrix_answer_bots,
+        )
         self.limiter = RateLimiter(
             app.pool, self.settings.matrix_rate_per_minute, self.settings.matrix_rate_burst
         )
@@ -155,22 +168,15 @@ class MatrixMessages:
         if not await self.state.claim(message.event_id, room.room_id, conversation):
             log.info("event %s was handled before; not again", message.event_id)
             return
-        trigger = await self._trigger(room, message)
-        persona = await self.app.engine.persona_for(PLATFORM, conversation)
-        decision = self.attention.decide(
-            conversation_key=conversation,
-            persona=persona,
-            text=message.body,
-            trigger=trigger,
-            answer_dms=self.settings.matrix_answer_dms,
-            answer_bots=self.settings.matrix_answer_bots,
-        )
-        log.debug("event %s in %s: %s", message.event_id, conversation, decision.reason)
-        if not decision.answer:
+        cast = await self.cast.cast(conversation, room.room_id)
+        said = await self._said(room, message, cast)
+        choices = self.cast.who_speaks(cast, said, conversation)
+        log.debug("event %s in %s: %s", message.event_id, conversation, choices)
+        if not choices:
             return
         if not await self.limiter.allow(user_key(PLATFORM, message.sender)):
             return
-        self._spawn(self._reply(room, message, conversation))
+        self._spawn(self._reply(room, message, conversation, cast, choices))
 
     async def on_undecryptable(self, room: MatrixRoom, event_id: str) -> None:
         """With encryption on, a message the bot cannot decrypt gets a clear notice (at most one
@@ -203,12 +209,21 @@ class MatrixMessages:
                 return known[0]
         return message.room_id
 
-    async def _trigger(self, room: MatrixRoom, message: RoomMessage) -> Trigger:
-        replied = await self.state.lookup(message.reply_to) if message.reply_to else None
-        root = await self.state.lookup(message.thread_root) if message.thread_root else None
-        return Trigger(
-            mentioned=self._mentioned(message),
-            reply_to_bot=bool((replied and replied[1]) or (root and root[1])),
+    async def _said(self, room: MatrixRoom, message: RoomMessage, cast: list[Persona]) -> Said:
+        """The message as the cast sees it: a reply to (or in a thread on) one of the bot's
+        events is a reply to the persona that sent it; to the cast when that is unknown."""
+        replied: str | None = None
+        for event_id in (message.reply_to, message.thread_root):
+            known = await self.state.lookup(event_id) if event_id else None
+            if event_id and known is not None and known[1]:
+                replied = await self.cast.author(room.room_id, event_id, cast)
+                break
+        else:
+            event_id = None
+        return Said(
+            text=message.body,
+            reply_to=replied,
+            mentioned=self._mentioned(message) or (event_id is not None and replied is None),
             is_dm=self.direct.is_direct(room.room_id),
             from_bot=message.msgtype == "m.notice",
         )
@@ -223,7 +238,14 @@ class MatrixMessages:
     def _spawn(self, work: Awaitable[None]) -> None:
         self._tasks.spawn(work)
 
-    async def _reply(self, room: MatrixRoom, message: RoomMessage, conversation: str) -> None:
+    async def _reply(
+        self,
+        room: MatrixRoom,
+        message: RoomMessage,
+        conversation: str,
+        cast: list[Persona],
+        choices: list[Choice],
+    ) -> None:
         before = ""
         if message.thread_root and conversation == f"{room.room_id}|{message.thread_root}":
             names = {user: room.user_name(user) or user for user in room.users}
@@ -239,28 +261,40 @@ class MatrixMessages:
             guild=message.room_id.split(":", 1)[-1],
             message_id=message.event_id,
         )
+
+        async def answer(turn: CastTurn) -> tuple[str, str] | None:
+            return await self._answer(room, message.thread_root, turn)
+
+        await self.cast.play(incoming, message.event_id, cast, choices, answer=answer)
+
+    async def _answer(
+        self, room: MatrixRoom, thread_root: str | None, turn: CastTurn
+    ) -> tuple[str, str] | None:
+        """One persona's answer, rendered; (its event id, its text) when it was given."""
         target = ReplyTarget(
-            message.event_id,
-            message.thread_root,
+            turn.answering,
+            thread_root,
             self.settings.matrix_msgtype,
             self.settings.matrix_stream,
             self.settings.matrix_max_edits,
-            asker=message.sender,
+            asker=turn.asker,
+            face=turn.face,
         )
 
         async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str | None:
             return await self._send(room.room_id, content, txn, droppable=droppable)
 
         async def attach(path: Path, spoiler: bool) -> list[str]:
-            return await self.commands.send_file(room.room_id, path, spoiler, message.event_id)
+            return await self.commands.send_file(room.room_id, path, spoiler, turn.answering)
 
         async def redact(event_id: str, txn: str) -> None:
             await self._redact(room.room_id, event_id, txn)
 
         reply = StreamedReply(target, send, self.pacers(room.room_id), attach=attach, redact=redact)
         typing = asyncio.create_task(self._keep_typing(room.room_id))
+        conversation = turn.incoming.conversation
         try:
-            async with contextlib.aclosing(self.app.engine.handle(incoming)) as events:
+            async with contextlib.aclosing(self.app.engine.handle(turn.incoming)) as events:
                 await reply.render(events)
         finally:
             typing.cancel()
@@ -271,6 +305,9 @@ class MatrixMessages:
                 await self.state.sent(reply.event_id, room.room_id, conversation)
             for event_id in reply.files:
                 await self.state.sent(event_id, room.room_id, conversation)
+        if reply.event_id is None or reply.answered is None:
+            return None
+        return reply.event_id, reply.answered
 
     async def _keep_typing(self, room_id: str) -> None:
         """Typing notices expire; renew them until the reply is done (cold starts)."""
@@ -303,6 +340,7 @@ class MatrixMessages:
             content["m.relates_to"] = relation(message.event_id, message.thread_root)
             await self._send(room.room_id, content, transaction_id(message.event_id, "command"))
             return
+        await self.cast.adopt(conversation, room.room_id)  # a thread: its room's cast first
         context = CommandContext(
             PLATFORM,
             conversation,

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import nh3
 from markdown_it import MarkdownIt
 
+from bot.adapters.matrix.faces import PROFILE, Face, dress
 from bot.adapters.matrix.pacing import Pacer
 from bot.core.engine import Delta, Done, Event, Failed, Notice, Picture
 
@@ -61,10 +62,18 @@ def relation(reply_to: str, thread_root: str | None) -> dict[str, Any]:
     }
 
 
-def edit_content(original: str, text: str, msgtype: str) -> dict[str, Any]:
+def edit_content(
+    original: str, text: str, msgtype: str, face: Face | None = None
+) -> dict[str, Any]:
+    """An `m.replace` edit; a cast member's profile and fallback go in `m.new_content`."""
     new = message_content(text, msgtype)
+    shown = message_content(f"* {text}", msgtype)
+    if face is not None:  # clients without edits show the top level: the fallback alone
+        new = dress(new, face)
+        shown = {**new, "body": f"* {new['body']}"}
+        del shown[PROFILE]
     return {
-        **message_content(f"* {text}", msgtype),
+        **shown,
         "m.new_content": new,
         "m.relates_to": {"rel_type": "m.replace", "event_id": original},
         "m.mentions": {},  # an edit pings nobody again
@@ -97,6 +106,16 @@ class ReplyTarget:
     stream: bool
     max_edits: int = 8  # edits in progress per reply; the final text is always sent
     asker: str | None = None  # mentioned intentionally in the reply, as clients do for replies
+    face: Face | None = None  # a cast member speaking under its own name (faces.py)
+
+    def txn(self, step: str) -> str:
+        """The step's transaction id; cast members answering one event each have their own."""
+        if self.face is None:
+            return transaction_id(self.event_id, step)
+        return transaction_id(f"{self.event_id}\0{self.face.id}", step)
+
+    def dressed(self, content: dict[str, Any]) -> dict[str, Any]:
+        return content if self.face is None else dress(content, self.face)
 
 
 class StreamedReply:
@@ -124,6 +143,7 @@ class StreamedReply:
         self._redact = redact
         self.files: list[str] = []  # event ids of the pictures sent
         self.shown_events: list[str] = []  # the reply message and its edits, oldest first
+        self.answered: str | None = None  # the whole reply, once the engine gave it
         self._text = ""
         self._shown = ""
         self._sent_id: str | None = None
@@ -148,6 +168,7 @@ class StreamedReply:
             elif isinstance(event, Done):
                 await self._pacer.ready()
                 await self._show(event.text, step="final")
+                self.answered = event.text
             elif isinstance(event, Picture) and self._attach is not None:
                 self.files += await self._attach(event.path, event.spoiler)
             elif isinstance(event, Failed):
@@ -169,15 +190,15 @@ class StreamedReply:
     async def _show(self, text: str, *, step: str, droppable: bool = False) -> None:
         if text == self._shown:
             return
-        txn = transaction_id(self.target.event_id, step)
+        txn = self.target.txn(step)
         if self._sent_id is None:
-            content = message_content(text, self.target.msgtype)
+            content = self.target.dressed(message_content(text, self.target.msgtype))
             content["m.relates_to"] = relation(self.target.event_id, self.target.thread_root)
             content["m.mentions"] = {"user_ids": [self.target.asker]} if self.target.asker else {}
             self._sent_id = await self._send(content, txn)
             sent = self._sent_id
         else:
-            content = edit_content(self._sent_id, text, self.target.msgtype)
+            content = edit_content(self._sent_id, text, self.target.msgtype, self.target.face)
             sent = await self._send(content, txn, droppable=droppable)
         self._pacer.edited()
         if sent is not None:
@@ -190,7 +211,7 @@ class StreamedReply:
         if self._redact is None or not self.shown_events:
             return
         for number, event_id in enumerate(reversed(self.shown_events)):
-            await self._redact(event_id, transaction_id(self.target.event_id, f"redact{number}"))
+            await self._redact(event_id, self.target.txn(f"redact{number}"))
         self.shown_events.clear()
         self._sent_id, self._shown = None, ""
 
@@ -202,6 +223,6 @@ class StreamedReply:
         if self._sent_id is not None:  # a notice is showing: replace it
             await self._show(message, step="failed")
             return
-        content = message_content(message, "m.notice")
+        content = self.target.dressed(message_content(message, "m.notice"))
         content["m.relates_to"] = relation(self.target.event_id, self.target.thread_root)
-        self._sent_id = await self._send(content, transaction_id(self.target.event_id, "failed"))
+        self._sent_id = await self._send(content, self.target.txn("failed"))

@@ -2,9 +2,10 @@
 
 The first time the bot is addressed in a thread, the thread's conversation has no history of
 its own. `ThreadContext.seed` fetches the root (`GET /rooms/{room}/event/{root}`) and the
-thread's earlier messages (the relations API, `rel_type` `m.thread`), and stores them as the
-conversation's first exchanges: a run of people's messages followed by one of the bot's
-becomes an exchange; when the root is the bot's answer, the question it answered comes first.
+thread's earlier messages (the relations API, `rel_type` `m.thread`; a cast member's message
+under its persona, its name fallback taken off), and stores them as the conversation's first
+exchanges: a run of people's messages followed by one of the bot's becomes an exchange; when
+the root is the bot's answer, the question it answered comes first.
 People's messages after the bot's last word are handed back, to go before the new message.
 Edits count as shown (the server bundles the latest `m.replace`).
 """
@@ -18,6 +19,7 @@ from typing import Any
 from nio import AsyncClient, MegolmEvent, RoomGetEventResponse
 from nio.api import RelationshipType
 
+from bot.adapters.matrix.faces import profile_id, without_fallback
 from bot.core.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class Line:
     sender: str
     name: str
     text: str
+    persona: str | None = None  # the cast member who said it (its per-message profile)
 
 
 class ThreadContext:
@@ -58,7 +61,7 @@ class ThreadContext:
                 author_id=pending[-1].sender,
                 author_name=pending[-1].name,
                 text=_joined(pending),
-                persona=persona,
+                persona=line.persona or persona,
                 reply=line.text,
             )
             pending = []
@@ -67,13 +70,13 @@ class ThreadContext:
     async def _lines(
         self, room_id: str, root: str, current: str, names: dict[str, str]
     ) -> list[Line]:
-        root_source = await self._event(room_id, root)
+        root_source = await self.event(room_id, root)
         if root_source is None:
             return []
         sources = [root_source]
         if root_source.get("sender") == self.user_id:  # "reply in thread" on the bot's answer
             asked = _in_reply_to(root_source)
-            question = await self._event(room_id, asked) if asked else None
+            question = await self.event(room_id, asked) if asked else None
             if question is not None:
                 sources.insert(0, question)
         thread: list[dict[str, Any]] = []
@@ -90,7 +93,7 @@ class ThreadContext:
         sources += [s for s in thread if s.get("event_id") != current]
         return [line for s in sources if (line := _line(s, names)) is not None]
 
-    async def _event(self, room_id: str, event_id: str) -> dict[str, Any] | None:
+    async def event(self, room_id: str, event_id: str) -> dict[str, Any] | None:
         response = await self.client.room_get_event(room_id, event_id)
         if not isinstance(response, RoomGetEventResponse):
             log.warning("could not read event %s in %s", event_id, room_id)
@@ -120,7 +123,8 @@ def _line(source: dict[str, Any], names: dict[str, str]) -> Line | None:
     if not isinstance(body, str) or not body.strip():
         return None
     sender = str(source.get("sender"))
-    return Line(sender, names.get(sender) or sender, body.strip())
+    persona = profile_id(content)
+    return Line(sender, names.get(sender) or sender, without_fallback(content, body), persona)
 
 
 def _in_reply_to(source: dict[str, Any]) -> str | None:

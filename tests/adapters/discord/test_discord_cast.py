@@ -13,7 +13,7 @@ from bot.adapters.discord.policy import DiscordPolicy
 from bot.config import REPO_ROOT
 from bot.core.commands import CommandContext
 from tests.adapters.discord.test_discord import Env, make_env
-from tests.discord_helpers import FakeInteraction, FakeUser, reply_to
+from tests.discord_helpers import FakeInteraction, FakeUser, make_thread, reply_to
 from tests.fakes.ollama import FakeOllama
 
 
@@ -114,6 +114,23 @@ async def test_the_budget_counts_every_branch_after_one_message(
         conversation = await env.app.engine.conversation("discord", str(env.channel.id))
         turns = await env.app.engine.history.recent(conversation.id)
         assert [t.author_name for t in turns] == [env.alice.display_name, "mimi", "sage", "sage"]
+
+
+async def test_a_thread_plays_its_channels_cast(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    async for env in cast_env(tmp_path, database_url, fake_ollama, "max_persona_turns: 0\n"):
+        thread = make_thread(env.channel, 1573680000000000123)
+        env.ollama.queue_reply("Hello from the thread.")
+        await dpytest.message("Sage, are you here too?", thread, env.alice)
+        [reply] = env.bot_messages()
+        assert reply.content == "**Sage**: Hello from the thread.", "the channel's cast plays"
+        own = await env.app.engine.cast_for("discord", str(thread.id))
+        assert [p.name for p in own] == ["mimi", "sage"], "the thread keeps a copy of the cast"
+        admin = CommandContext("discord", str(thread.id), "1", "admin", is_admin=True)
+        await env.app.commands.run(admin, "persona", ["cast", "remove", "sage"])
+        channel_cast = await env.app.engine.cast_for("discord", str(env.channel.id))
+        assert [p.name for p in channel_cast] == ["mimi", "sage"], "the channel keeps its own"
 
 
 async def test_slash_persona_cast_maps_onto_the_command_layer(

@@ -4,6 +4,7 @@ and the fallback to the bot's account with the name in bold."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import discord
@@ -141,3 +142,16 @@ async def test_replies_to_a_persona_message_are_known_without_the_stage(
         assert replied_persona(reply, cast, Stage(), reply_to_bot=True) == expected
     plain = await channel.fetch_message(fake.add_message(ALLOWED, 42, "no reply"))
     assert replied_persona(plain, cast, Stage(), reply_to_bot=False) is None
+
+
+def test_an_avatar_file_is_not_sent_to_discord_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hooks = Webhooks()
+    mimi = persona("mimi", "mimi.png")
+    with caplog.at_level(logging.WARNING, logger="bot.adapters.discord.webhooks"):
+        assert hooks.avatar(mimi) is None
+        assert hooks.avatar(mimi) is None
+        assert hooks.avatar(SAGE) == "https://example.org/sage.png"
+    [record] = caplog.records
+    assert "avatar of mimi is a file" in record.getMessage()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from bot.adapters.matrix.faces import PROFILE, Face, profile_id
 from bot.adapters.matrix.pacing import Pacer, Pacers
 from bot.adapters.matrix.render import ReplyTarget, StreamedReply, to_html, transaction_id
 from bot.core.engine import Delta, Done, Event, Failed, Notice
@@ -188,3 +189,37 @@ async def test_edits_stop_at_the_cap_but_the_final_text_lands() -> None:
     )
     assert [droppable for _, droppable in sent] == [False, True, True, False]
     assert sent[-1][0]["m.new_content"]["body"] == final.text
+
+
+async def test_a_cast_members_stream_carries_its_profile_and_fallback() -> None:
+    """MSC4144: the profile and the name fallback in the first message and in every edit's
+    `m.new_content`; two cast members answering one event get different transaction ids."""
+    clock = _Clock()
+    sent: list[tuple[dict[str, Any], str]] = []
+
+    async def send(content: dict[str, Any], txn: str, *, droppable: bool = False) -> str:
+        sent.append((content, txn))
+        return "$reply"
+
+    face = Face("sage", "Sage <3", "mxc://hs/abc")
+    target = ReplyTarget("$asked", None, "m.text", True, face=face)
+    reply = StreamedReply(target, send, Pacer(1.0, clock))
+    items: list[tuple[float, Event]] = [(0.0, Delta("Hel")), (2.0, Delta("lo"))]
+    items.append((2.1, Done("Hello", _persona(), "test")))
+    await reply.render(_events(clock, items))
+    (first, first_txn), *edits = sent
+    assert first["body"] == "Sage <3: Hel"
+    assert first["formatted_body"].startswith(
+        '<p><strong data-mx-profile-fallback="">Sage &lt;3: </strong>Hel'
+    )
+    expected = {"id": "sage", "displayname": "Sage <3", "avatar_url": "mxc://hs/abc"}
+    assert first[PROFILE] == {**expected, "has_fallback": True}
+    assert edits, "the stream was edited"
+    final = edits[-1][0]
+    assert final["m.new_content"]["body"] == "Sage <3: Hello"
+    assert final["m.new_content"][PROFILE]["id"] == "sage"
+    assert final["body"] == "* Sage <3: Hello" and PROFILE not in final
+    alone = ReplyTarget("$asked", None, "m.text", True)
+    other = ReplyTarget("$asked", None, "m.text", True, face=Face("mimi", "Mimi"))
+    assert len({first_txn, alone.txn("first"), other.txn("first")}) == 3
+    assert profile_id(final) == "sage" and profile_id({"body": "x"}) is None
