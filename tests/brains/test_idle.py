@@ -99,7 +99,7 @@ async def test_the_pool_measures_a_restart_without_its_polling_sleep(
         ollama.fail_next(503, "loading", count=3)
         assert await pool.prewake(MODEL)
         await pool.acquire(gpu, MODEL)  # waits on the same wake
-        pool.release(gpu)
+        await pool.release(gpu)
         assert gpu.wake_seconds is not None and gpu.auto.wake is not None
         assert gpu.wake_seconds >= 0.6, "two polling sleeps of 0.3 s"
         assert 0.3 <= gpu.wake_seconds - gpu.auto.wake < 0.45, "the last sleep is not billed"
