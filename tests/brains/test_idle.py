@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from bot.brains.build import build_pool
-from bot.brains.idle import AUTO_IDLE_MAX, MIN_HISTORY, AutoIdle, best_idle
+from bot.brains.idle import (
+    AUTO_IDLE_MAX,
+    MIN_GLOBAL,
+    MIN_HISTORY,
+    TYPING_WINDOW,
+    AutoIdle,
+    best_idle,
+)
 from tests.conftest import make_settings
 from tests.fakes.fly import FakeFly, MachineOllama
 from tests.fakes.loopback import dead_url
@@ -62,6 +69,49 @@ def test_a_busy_context_stays_up_through_short_gaps() -> None:
     assert idle.limit(now) == pytest.approx(8.0), "stay up through the 8 s gaps"
 
 
+def _questions(idle: AutoIdle, count: int, typed: float | None, now: float = 0.0) -> float:
+    """`count` lone questions an hour apart, each typed for `typed` seconds (None: typing that
+    never becomes a message); the machine wakes for each, so only the hour-long gaps are idle."""
+    for _ in range(count):
+        idle.demand(now, now - 3600.0 if now else None, typing=True)
+        if typed is not None:
+            idle.demand(now + typed, None)  # the message, while the machine wakes
+        now += 3600.0
+    return now
+
+
+def test_a_machine_stays_up_while_someone_types() -> None:
+    idle = AutoIdle(wake=12.0, stop=3.0)
+    now = _questions(idle, MIN_HISTORY + 1, typed=20.0)
+    assert idle.limit(now - 3600.0 + 21.0) == 0.0, "after the reply: stop at once"
+    # Someone starts typing; the machine (woken by it) is ready 12 s later. A fixed timeout
+    # would count from then; ours holds until the learned 20 s of typing are over.
+    idle.demand(now, now - 3600.0 + 21.0, typing=True)
+    assert idle.limit(now + 12.0) == pytest.approx(8.0)
+    assert idle.limit(now) == pytest.approx(20.0)
+    idle.demand(now + 20.0, None)  # the message came: nothing is on its way any more
+    assert idle.limit(now + 21.0) == 0.0
+
+
+def test_typing_that_never_becomes_a_message_teaches_no_hold() -> None:
+    idle = AutoIdle(wake=12.0, stop=3.0)
+    now = _questions(idle, MIN_HISTORY, typed=None)
+    idle.demand(now, now - 3600.0, typing=True)
+    assert idle.limit(now) == 0.0, f"typing gave up within {TYPING_WINDOW} s every time"
+
+
+def test_a_new_context_uses_what_all_contexts_learned() -> None:
+    idle = AutoIdle(wake=12.0, stop=3.0)
+    for k in range(MIN_GLOBAL):  # ten gaps of 18 s, each in a busy stretch
+        for j in range(10):
+            idle.demand(k * 10_000.0 + j * 5.0, None)
+        idle.demand(k * 10_000.0 + 63.0, k * 10_000.0 + 45.0)
+    # A lone demand is a context never seen: it takes the 18 s all contexts learned, not the
+    # ski-rental guess of R = 15 s.
+    idle.demand(500_000.0, None)
+    assert idle.limit(500_001.0) == pytest.approx(18.0)
+
+
 @pytest.fixture
 async def machine() -> AsyncIterator[tuple[FakeFly, MachineOllama]]:
     async with MachineOllama() as ollama, FakeFly(ollama=ollama, boot_seconds=0.05) as fly:
@@ -98,8 +148,8 @@ async def test_the_pool_measures_a_restart_without_its_polling_sleep(
         # each followed by a polling sleep.
         ollama.fail_next(503, "loading", count=3)
         assert await pool.prewake(MODEL)
-        await pool.acquire(gpu, MODEL)  # waits on the same wake
-        await pool.release(gpu)
+        lease = await pool.acquire(gpu, MODEL)  # waits on the same wake
+        await pool.release(lease)
         assert gpu.wake_seconds is not None and gpu.auto.wake is not None
         assert gpu.wake_seconds >= 0.6, "two polling sleeps of 0.3 s"
         assert 0.3 <= gpu.wake_seconds - gpu.auto.wake < 0.45, "the last sleep is not billed"
