@@ -37,6 +37,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 AUTO_IDLE_MAX = 900.0  # never stay up idle longer than this
 WAIT_WEIGHT = 0.45  # a restart (a cold start someone may wait for) counts as 1.45 of them
@@ -46,7 +47,7 @@ HISTORY = 2000  # gaps kept per context
 MIN_HISTORY = 30  # fewer in a context: the idle time learned over all contexts
 MIN_GLOBAL = 10  # fewer gaps at all: the ski-rental rule
 TYPING_WINDOW = 60.0  # typing with no message this long after it never becomes one
-_REFRESH = 20  # recompute an idle time after this many new gaps
+_REFRESH = 20  # recompute an idle time after this many new gaps (or 5% of them)
 
 
 def best_idle(gaps: list[float], restart: float, penalty: float) -> float:
@@ -54,15 +55,18 @@ def best_idle(gaps: list[float], restart: float, penalty: float) -> float:
 
     Between two gap lengths the cost only grows with T, so the minimum is at 0 or at a gap.
     """
-    n = len(gaps)
-    best_t, best_cost, below = 0.0, n * (restart + penalty), 0.0
-    for k, g in enumerate(gaps, 1):  # T = g: the first k gaps are stayed through
-        if g > AUTO_IDLE_MAX:
-            break
-        below += g
-        cost = below + (n - k) * (g + restart + penalty)
-        if cost < best_cost:
-            best_t, best_cost = g, cost
+    n, stop = len(gaps), restart + penalty
+    capped = gaps[: bisect_right(gaps, AUTO_IDLE_MAX)]
+    # T = gaps[k-1]: the first k gaps are stayed through, the other n - k cost T + R + penalty
+    costs = [
+        below + (n - k) * (g + stop)
+        for k, (g, below) in enumerate(zip(capped, accumulate(capped), strict=True), 1)
+    ]
+    best_t, best_cost = 0.0, n * stop
+    if costs:
+        k = min(range(len(costs)), key=costs.__getitem__)
+        if costs[k] < best_cost:
+            best_t = capped[k]
     return best_t
 
 
@@ -77,7 +81,7 @@ class _Book:
     def add(self, gap: float) -> None:
         self.gaps.append(gap)
         self._fresh += 1
-        if self._fresh >= _REFRESH:
+        if self._fresh >= max(_REFRESH, len(self.gaps) // 20):
             self._best = None
 
     def best(self, restart: float, enough: int) -> float | None:

@@ -6,6 +6,7 @@ fake Fly Machines API on loopback (tests/fakes/fly.py), the embedded PostgreSQL 
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,6 +45,20 @@ def test_best_idle_on_gaps_worked_by_hand() -> None:
     assert best_idle([100.0, 200.0, 300.0], restart=10.0, penalty=0.0) == 0.0
     # Gaps longer than the cap are never stayed through.
     assert best_idle([AUTO_IDLE_MAX + 1] * 3, restart=1e6, penalty=0.0) == 0.0
+
+
+def test_best_idle_is_the_cheapest_idle_time_by_brute_force() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        gaps = sorted(rng.choice([rng.uniform(0, 40), rng.uniform(0, 2000)]) for _ in range(30))
+        restart, penalty = rng.uniform(5, 60), rng.uniform(0, 30)
+
+        def cost(t: float, gaps: list[float] = gaps, r: float = restart + penalty) -> float:
+            return sum(g if g <= t else t + r for g in gaps)
+
+        candidates = [0.0, *(g for g in gaps if g <= AUTO_IDLE_MAX)]
+        cheapest = min(cost(t) for t in candidates)
+        assert cost(best_idle(gaps, restart, penalty)) == pytest.approx(cheapest)
 
 
 def test_ski_rental_until_there_is_history_then_learned() -> None:
