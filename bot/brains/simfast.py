@@ -2,7 +2,10 @@
 
 `replay()` follows one backend through a trace by events instead of a clock: the same rules as
 the pool (pool.py) on the virtual loop, written out so a few hundred timeouts can be swept in
-seconds. A test replays the same traces through both and compares them, so they cannot drift.
+seconds (`sweep()`: the events sorted once and the rules inlined for a fixed timeout). Tests
+replay the same traces through the pool, `replay` and `sweep` and compare them, so they cannot
+drift. The rule is the pool's own (idle.AutoIdle for `auto`), told of each demand and whether it
+is someone typing.
 
     typing        pre-wake: a sleeping machine is started; an up one counts as used now
     message       wakes a sleeping machine and waits for it; answered in `service` seconds

@@ -7,7 +7,7 @@ to a restart's cost; `sparse`: 150 messages a day; and each `--trace FILE`):
     optimum              the cheapest schedule that adds no wait (simfast.optimum)
     best fixed timeout   the cheapest fixed idle timeout, 0-60 s by 0.5 s and 60-300 s by 5 s,
                          with the same pre-wake and idle checks, that makes no larger share of
-                         messages wait for a wake than ours does (simfast.replay)
+                         messages wait for a wake than ours does (simfast.sweep)
 
 Then the same month of the `community` trace priced three ways, and as mixes: a per-token API
 (`kind: openai` at `--usd-in`/`--usd-out` per million tokens), a home GPU that never sleeps
