@@ -6,6 +6,7 @@ fake Fly Machines API on loopback (tests/fakes/fly.py), the embedded PostgreSQL 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
@@ -174,3 +175,48 @@ async def test_the_pool_measures_a_restart_without_its_polling_sleep(
     assert fly.state == "stopped" and gpu.auto.stop > 0.0
     assert gpu.auto.billing_minimum == 0.5, "from the backend's `billing_minimum`"
     assert gpu.auto.restart == pytest.approx(max(0.5, gpu.auto.wake + gpu.auto.stop))
+
+
+async def test_the_pool_holds_a_machine_while_someone_types(
+    tmp_path: Path, database_url: str, machine: tuple[FakeFly, MachineOllama]
+) -> None:
+    """The production path: `prewake` (someone typing) and `idle_check` on the pool's clock."""
+    fly, ollama = machine
+    backend = {
+        "name": "fly-l40s",
+        "url": ollama.url,
+        "models": [MODEL],
+        "wake": {"driver": "fly", "app": fly.app, "machine": fly.machine, "api_url": fly.url},
+        "idle_stop": "auto",
+    }
+    settings = make_settings(
+        tmp_path,
+        database_url,
+        dead_url(),
+        backends=[backend],
+        fly_api_token="fly-test-token-123",
+        backend_wake_poll=0.05,
+        memory_enabled=False,
+    )
+    clock = [0.0]
+    pool = build_pool(settings, clock=lambda: clock[0])
+    [gpu] = pool.backends
+    # Lone questions an hour apart, each typed for 20 s: stop right after a reply, but hold
+    # 20 s after someone starts typing.
+    _questions(gpu.auto, MIN_HISTORY + 1, typed=20.0, now=-200_000.0)
+    try:
+        assert await pool.prewake(MODEL)
+        assert gpu._wake is not None
+        await asyncio.wait_for(asyncio.shield(gpu._wake), 10)  # the wake typing started
+        assert gpu.state == "up"
+        gpu.auto.wake, gpu.auto.stop = 12.0, 3.0  # the fake boots at once; say a cold start is 12 s
+        clock[0] = 19.0
+        assert await pool.idle_check() == [], "still typing: held"
+        clock[0] = 19.5  # the message comes and is answered
+        lease = await pool.acquire(gpu, MODEL)
+        await pool.release(lease)
+        clock[0] = 20.5
+        assert await pool.idle_check() == ["fly-l40s"], "answered, nothing on its way: stopped"
+        assert fly.state == "stopped"
+    finally:
+        await pool.aclose()
