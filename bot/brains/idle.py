@@ -20,8 +20,10 @@ there is any history. A gap runs from the end of the last use (a reply, a pre-wa
 wake) to the next demand (a message, or someone typing).
 
 Someone typing is a message on its way: after a typing start the machine stays up until the
-message comes, for at most the hold `H` learned the same way from how long typing took to become
-a message before (typing that never did counts as a gap with no end). A fixed timeout cannot do
+message comes, for at most the hold `H` after the last typing event, learned the same way from
+how long typing took to become a message before (typing that never did counts as a gap with no
+end). A message ends all the typing seen before it: Discord repeats its typing event every few
+seconds while someone types. A fixed timeout cannot do
 this: it stops a machine while a slow typist is still typing, and the message then waits for a
 whole cold start.
 
@@ -138,8 +140,9 @@ class AutoIdle:
             self._typed.add(math.inf)  # it never became a message
         if typing:
             self._typing.append(now)
-        elif self._typing:
-            self._typed.add(now - self._typing.popleft())
+        elif self._typing:  # a message ends every typing seen (Discord repeats its typing event)
+            self._typed.add(now - self._typing[0])
+            self._typing.clear()
 
     def limit(self, since: float) -> float:
         """Seconds to stay up idle after a use that ended at `since`."""

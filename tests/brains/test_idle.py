@@ -109,6 +109,18 @@ def test_a_machine_stays_up_while_someone_types() -> None:
     assert idle.limit(now + 21.0) == 0.0
 
 
+def test_typing_repeated_while_someone_types_is_one_wait() -> None:
+    """Discord sends its typing event again every few seconds while someone types."""
+    idle = AutoIdle(wake=12.0, stop=3.0)
+    now = _questions(idle, MIN_HISTORY + 1, typed=20.0)
+    for repeat in (0.0, 8.0, 16.0):
+        idle.demand(now + repeat, None if repeat else now - 3600.0 + 21.0, typing=True)
+    assert idle.limit(now + 18.0) == pytest.approx(18.0), "held 20 s from the last typing"
+    idle.demand(now + 30.0, now + 18.0)  # the message
+    assert idle.limit(now + 31.0) == 0.0, "the message ends all three"
+    assert idle._typed.gaps[-1] == 30.0, "typed for 30 s, from the first typing event"
+
+
 def test_typing_that_never_becomes_a_message_teaches_no_hold() -> None:
     idle = AutoIdle(wake=12.0, stop=3.0)
     now = _questions(idle, MIN_HISTORY, typed=None)
