@@ -134,7 +134,8 @@ class AutoIdle:
             del self._recent[:cut]
 
     def _match(self, now: float, typing: bool) -> None:
-        """Pair typing starts with the messages that follow them, oldest first."""
+        """Typing starts waiting for a message; a message ends them all and teaches the hold
+        how long it took from the first. Typing a minute old with no message gave up."""
         while self._typing and self._typing[0] < now - TYPING_WINDOW:
             self._typing.popleft()
             self._typed.add(math.inf)  # it never became a message
