@@ -66,11 +66,12 @@ class Backend:
             return self.idle_stop
         return self.auto.limit(self.last_used)
 
-    def demand(self, now: float) -> None:
-        """A message or typing is here: the idle gap it ends goes into the auto idle book."""
+    def demand(self, now: float, typing: bool = False) -> None:
+        """A message (or, `typing`, someone typing) is here: the idle gap it ends and the typing
+        go into the auto idle book."""
         waking = self.state == "waking" or (self._wake is not None and not self._wake.done())
         idle = self._used and self.in_flight == 0 and not waking
-        self.auto.demand(now, self.last_used if idle else None)
+        self.auto.demand(now, self.last_used if idle else None, typing)
         self._used = True
 
     def serves(self, model: str) -> bool:

@@ -189,7 +189,7 @@ class BackendPool:
         if not usable:
             return False
         backend = usable[0]
-        backend.demand(self._clock())
+        backend.demand(self._clock(), typing=True)
         if not backend.driver.always_on:
             state = await self.sessions.hold(backend.name, self.holder, 0, self._wall())
             if state == "closed" and backend.state == "up":

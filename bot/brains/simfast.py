@@ -2,7 +2,10 @@
 
 `replay()` follows one backend through a trace by events instead of a clock: the same rules as
 the pool (pool.py) on the virtual loop, written out so a few hundred timeouts can be swept in
-seconds. A test replays the same traces through both and compares them, so they cannot drift.
+seconds (`sweep()`: the events sorted once and the rules inlined for a fixed timeout). Tests
+replay the same traces through the pool, `replay` and `sweep` and compare them, so they cannot
+drift. The rule is the pool's own (idle.AutoIdle for `auto`), told of each demand and whether it
+is someone typing.
 
     typing        pre-wake: a sleeping machine is started; an up one counts as used now
     message       wakes a sleeping machine and waits for it; answered in `service` seconds
@@ -31,7 +34,7 @@ class IdleRule(Protocol):
 
     def limit(self, since: float) -> float: ...
 
-    def demand(self, now: float, idle_since: float | None) -> None: ...
+    def demand(self, now: float, idle_since: float | None, typing: bool = False) -> None: ...
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Fixed:
     def limit(self, since: float) -> float:
         return self.seconds
 
-    def demand(self, now: float, idle_since: float | None) -> None:
+    def demand(self, now: float, idle_since: float | None, typing: bool = False) -> None:
         return None
 
 
@@ -96,10 +99,10 @@ class _Box:
         self.rule.stop = self.machine.stop
         self.state = "asleep"
 
-    def demand(self, now: float) -> None:
+    def demand(self, now: float, typing: bool = True) -> None:
         """Someone is typing or has sent a message: wake, or count as used."""
         idle = self.state != "waking" and self.busy_until <= now and self.used_once
-        self.rule.demand(now, self.last_used if idle else None)
+        self.rule.demand(now, self.last_used if idle else None, typing)
         if self.state == "asleep":
             self.state, self.woken_at = "waking", max(now, self.free_at)
             self.ready_at = self.woken_at + self.machine.boot + self.machine.load
@@ -109,7 +112,7 @@ class _Box:
         self.used_once = True
 
     def message(self, now: float) -> None:
-        self.demand(now)
+        self.demand(now, typing=False)
         start = now if self.state == "up" else self.ready_at
         self.out.waits.append(start - now)
         end = start + self.machine.service
@@ -128,13 +131,7 @@ def replay(
     prewake: bool = True,
 ) -> Outcome:
     """One backend through `trace` under `rule`; see the module's docstring."""
-    events: list[tuple[float, int]] = []  # (time, 0 typing | 1 message)
-    for m in trace:
-        if prewake and m.typing > 0:
-            events.append((m.at - m.typing, 0))
-        if m.sent:
-            events.append((m.at, 1))
-    events.sort()
+    events = _events(trace, prewake)
     box = _Box(machine, rule, check, billing_minimum)
     for at, kind in events:
         box.advance(at)
@@ -171,4 +168,69 @@ def optimum(trace: list[Message], machine: Machine, billing_minimum: float = 0.0
     for at in ats:
         out.busy += at + s - max(at, end)
         end = at + s
+    return out
+
+
+def _events(trace: list[Message], prewake: bool) -> list[tuple[float, int]]:
+    events: list[tuple[float, int]] = []  # (time, 0 typing | 1 message)
+    for m in trace:
+        if prewake and m.typing > 0:
+            events.append((m.at - m.typing, 0))
+        if m.sent:
+            events.append((m.at, 1))
+    events.sort()
+    return events
+
+
+def sweep(
+    trace: list[Message],
+    machine: Machine,
+    timeouts: tuple[float, ...],
+    *,
+    check: float = 1.0,
+    billing_minimum: float = 0.0,
+) -> list[Outcome]:
+    """`replay` with each fixed timeout of `timeouts` (and pre-wake), the events sorted once and
+    `_Box`'s rules inlined: the same outcomes (a test compares them), several times faster."""
+    events = _events(trace, prewake=True)
+    return [_fixed(events, machine, t, check, billing_minimum) for t in timeouts]
+
+
+def _fixed(
+    events: list[tuple[float, int]], machine: Machine, limit: float, check: float, minimum: float
+) -> Outcome:
+    wake, stop, service = machine.boot + machine.load, machine.stop, machine.service
+    out = Outcome()
+    waits = out.waits
+    ceil = math.ceil
+    state = 0  # 0 asleep, 1 waking, 2 up
+    woken_at = ready_at = last_used = free_at = busy_until = 0.0
+    billed = busy = 0.0
+    starts = 0
+    for now, kind in [*events, (math.inf, 2)]:
+        if state == 1 and ready_at <= now:
+            state, last_used = 2, max(last_used, ready_at)
+        if state == 2:
+            due = max(last_used + limit, busy_until)
+            tick = ceil(due / check - 1e-9) * check
+            if tick < now:
+                free_at = tick + stop
+                billed += max(minimum, free_at - woken_at)
+                state = 0
+        if kind == 2:
+            break
+        if state == 0:
+            state, woken_at = 1, max(now, free_at)
+            ready_at = woken_at + wake
+            starts += 1
+        elif state == 2:
+            last_used = max(last_used, now)
+        if kind:
+            start = now if state == 2 else ready_at
+            waits.append(start - now)
+            end = start + service
+            busy += end - max(start, busy_until)
+            busy_until = max(busy_until, end)
+            last_used = max(last_used, end)
+    out.billed, out.busy, out.starts = billed, busy, starts
     return out

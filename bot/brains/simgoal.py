@@ -7,7 +7,7 @@ to a restart's cost; `sparse`: 150 messages a day; and each `--trace FILE`):
     optimum              the cheapest schedule that adds no wait (simfast.optimum)
     best fixed timeout   the cheapest fixed idle timeout, 0-60 s by 0.5 s and 60-300 s by 5 s,
                          with the same pre-wake and idle checks, that makes no larger share of
-                         messages wait for a wake than ours does (simfast.replay)
+                         messages wait for a wake than ours does (simfast.sweep)
 
 Then the same month of the `community` trace priced three ways, and as mixes: a per-token API
 (`kind: openai` at `--usd-in`/`--usd-out` per million tokens), a home GPU that never sleeps
@@ -26,8 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from bot.brains.simfast import Fixed, Outcome
-from bot.brains.simfast import replay as fast_replay
+from bot.brains.simfast import Outcome, sweep
 from bot.brains.simtrace import (
     Machine,
     Message,
@@ -86,15 +85,8 @@ def best_fixed(
 ) -> tuple[float, Outcome]:
     """The cheapest swept timeout making no larger share of messages wait than `cold_rate`
     (or, when none does, the one making the fewest wait)."""
-    runs = [
-        (
-            t,
-            fast_replay(
-                trace, machine, Fixed(t), check=CHECK_EVERY, billing_minimum=billing_minimum
-            ),
-        )
-        for t in SWEEP
-    ]
+    outcomes = sweep(trace, machine, SWEEP, check=CHECK_EVERY, billing_minimum=billing_minimum)
+    runs = list(zip(SWEEP, outcomes, strict=True))
     fit = [r for r in runs if _cold_rate(r[1]) <= cold_rate + 1e-12]
     if fit:
         return min(fit, key=lambda r: r[1].billed)

@@ -10,8 +10,8 @@ the longest `BACKEND_IDLE_CHECK_INTERVAL` allows). Policies, side by side:
 
     always on          the machine never sleeps
     idle 1/5/15 min    stopped after a fixed idle time; pre-wake on typing as ours
-    ours               `idle_stop: auto` (idle.py: the idle time learned from the gaps) and
-                       pre-wake on typing
+    ours               `idle_stop: auto` (idle.py: the idle time learned from the gaps, and
+                       held while someone types) and pre-wake on typing
     optimum            knowing every message in advance, the cheapest schedule that adds no
                        wait (simfast.optimum)
 

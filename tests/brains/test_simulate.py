@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bot.brains.idle import AutoIdle
-from bot.brains.simfast import Fixed, optimum, replay
-from bot.brains.simgoal import Prices, goal, mixes, token_prices
+from bot.brains.simfast import Fixed, optimum, replay, sweep
+from bot.brains.simgoal import Prices, best_fixed, goal, mixes, token_prices
 from bot.brains.simtrace import (
     HOURLY,
     Machine,
@@ -137,6 +137,55 @@ def test_the_quick_sweep_follows_the_real_pool(rule: str) -> None:
     # The real clock carries float noise into measured wake times, so the learned limits can
     # differ by a hair at a tie; allow 0.1%.
     assert real.billed == pytest.approx(quick.billed, rel=1e-3)
+
+
+def test_the_sweep_is_the_quick_replay_with_fixed_timeouts() -> None:
+    trace = community_trace(days=2, per_day=300) + adversarial_trace(days=1, per_day=100)
+    trace.sort(key=lambda m: m.at)
+    timeouts = (0.0, 4.5, 17.0, 60.0, 300.0)
+    for minimum in (0.0, 60.0):
+        swept = sweep(trace, Machine(), timeouts, billing_minimum=minimum)
+        for t, out in zip(timeouts, swept, strict=True):
+            one = replay(trace, Machine(), Fixed(t), billing_minimum=minimum)
+            assert (out.billed, out.busy, out.starts, out.waits) == (
+                one.billed,
+                one.busy,
+                one.starts,
+                one.waits,
+            ), f"timeout {t}, minimum {minimum}"
+
+
+def _slow_typists(days: int, seed: int = 5) -> list[Message]:
+    """Conversations whose messages take 15-35 s to type: longer than a cold start."""
+    rng = random.Random(seed)
+    trace: list[Message] = []
+    for day in range(days):
+        for _ in range(20):
+            at = day * 86_400.0 + rng.uniform(0, 86_000)
+            for _ in range(rng.randint(3, 20)):
+                typing = rng.uniform(15.0, 35.0)
+                at += typing + rng.expovariate(1 / 20)
+                trace.append(Message(at, typing=typing))
+    return sorted(trace, key=lambda m: m.at)
+
+
+@pytest.mark.parametrize("name", ["slow typists", "community, 150 a day", "adversarial"])
+def test_ours_is_not_dearer_than_the_best_fixed_timeout(name: str) -> None:
+    """The goal's comparison on generated traces: the cheapest swept fixed timeout (same
+    pre-wake, same checks) that makes no larger share of messages wait than ours."""
+    machine = Machine()
+    trace = {
+        "slow typists": lambda: _slow_typists(days=6),
+        "community, 150 a day": lambda: community_trace(days=15, per_day=150, seed=3),
+        "adversarial": lambda: adversarial_trace(days=4, restart=15.0, seed=4),
+    }[name]()
+    ours = replay(trace, machine, AutoIdle())
+    cold = ours.cold_hits / len(ours.waits)
+    timeout, fixed = best_fixed(trace, machine, cold, 0.0)
+    assert fixed.cold_hits <= ours.cold_hits
+    assert ours.billed <= fixed.billed, f"fixed {timeout} s"
+    if name == "slow typists":  # one timeout must cover typing and replies alike; ours learns
+        assert ours.billed < 0.95 * fixed.billed  # each context's own (and holds for typing)
 
 
 def test_always_on_bills_the_whole_span() -> None:
