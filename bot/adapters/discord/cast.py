@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
 
 import discord
 
@@ -21,7 +20,7 @@ from bot.adapters.discord.render import trigger_text
 from bot.adapters.discord.reply import ReplyView
 from bot.adapters.discord.webhooks import WebhookReplyView, Webhooks
 from bot.core.attention import Attention
-from bot.core.cast import Choice, Said, Stage, who_speaks
+from bot.core.cast import Choice, Cue, Said, Stage, play, who_speaks
 from bot.core.events import Incoming
 from bot.core.personas import Persona
 
@@ -158,48 +157,21 @@ class CastPlayer:
         choices: list[Choice],
         reply: Reply,
     ) -> None:
-        """`reply` renders the engine's answer into the view and returns its text."""
-        await self._play(message, incoming, cast, choices, reply, spent=_Spent())
+        """`reply` renders the engine's answer into the view and returns its text; the turns
+        are the core's (bot/core/cast.py `play`), each reply answering the message before it."""
+        messages = {str(message.id): message}  # the Discord message behind each id in play
 
-    async def _play(
-        self,
-        message: discord.Message,
-        incoming: Incoming,
-        cast: list[Persona],
-        choices: list[Choice],
-        reply: Reply,
-        *,
-        spent: _Spent,
-    ) -> None:
-        for choice in choices:
-            persona = choice.persona
-            if incoming.from_persona is not None and spent.turns >= persona.max_persona_turns:
-                continue  # siblings used up the budget meanwhile
-            if not self.stage.claim(str(message.id), persona.name):
-                continue
-            view = await self.faces.view(message, persona, len(cast) > 1)
-            text = await reply(message, replace(incoming, persona=persona.name), view)
+        async def one(cue: Cue) -> tuple[str, str] | None:
+            source = messages[cue.message_id]
+            view = await self.faces.view(source, cue.persona, len(cast) > 1)
+            text = await reply(source, cue.incoming, view)
             if text is None or not view.sent:
-                continue
-            incoming = replace(incoming, repeat=True)  # stored now, with this first answer
-            said, spent.turns = view.sent[0], spent.turns + 1
-            self.stage.wrote(str(said.id), persona.name, spent.turns)
-            heard = Said(text, author=persona.name, turn=spent.turns)
-            after = self.who_speaks(cast, heard, incoming.conversation)
-            if after:
-                spoken = replace(
-                    incoming,
-                    author_id=f"persona:{persona.name}",
-                    author_name=persona.display_name,
-                    text=text,
-                    from_persona=persona.name,
-                    repeat=False,
-                )
-                await self._play(said, spoken, cast, after, reply, spent=spent)
+                return None
+            said = view.sent[0]
+            messages[str(said.id)] = said
+            return str(said.id), text
 
+        def speaks(said: Said) -> list[Choice]:
+            return self.who_speaks(cast, said, incoming.conversation)
 
-@dataclass
-class _Spent:
-    """Persona replies so far after one person's message: the budget is shared by the chain."""
-
-    turns: int = 0
+        await play(self.stage, speaks, incoming, str(message.id), choices, answer=one)
