@@ -7,69 +7,24 @@ Secrets are `SecretStr` so that `repr()`, logs and error messages never show the
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import platformdirs
-import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.config_types import (
+    Command,
+    DiscordIds,
+    GuardFailPolicy,
+    backend_key_variables,
+    default_data_dir,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _split_ids(value: object) -> object:
-    """'1, 2,3' → [1, 2, 3] for the Discord ID lists (a JSON list works too)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            return json.loads(text)
-        return [int(part) for part in text.split(",") if part.strip()]
-    return value
-
-
-DiscordIds = Annotated[list[int], NoDecode, BeforeValidator(_split_ids)]
-
-
-def _split_command(value: object) -> object:
-    """'python -m x' (shell words) or '["python", "-m", "x"]' (JSON) → a list of arguments."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        return json.loads(text) if text.startswith("[") else shlex.split(text)
-    return value
-
-
-Command = Annotated[list[str] | None, NoDecode, BeforeValidator(_split_command)]
-
-
-def _default_data_dir() -> Path:
-    return Path(platformdirs.user_data_dir("personabot"))
-
-
-class GuardFailPolicy(BaseModel):
-    """What to do when Llama Guard gives no verdict, per platform (GUARD_FAIL_POLICY__CONSOLE)."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    console: Literal["open", "closed"] = "open"  # the operator's own terminal
-    """with no verdict in the terminal: `open` answers with a notice, `closed` refuses"""
-    discord: Literal["open", "closed"] = "closed"
-    """the same, for Discord"""
-    matrix: Literal["open", "closed"] = "closed"
-    """the same, for Matrix"""
-    default: Literal["open", "closed"] = "closed"  # any other platform
-    """the same, for any other platform"""
-
-    def for_platform(self, platform: str) -> Literal["open", "closed"]:
-        known = {"console": self.console, "discord": self.discord, "matrix": self.matrix}
-        return known.get(platform, self.default)
 
 
 class Settings(BaseSettings):
@@ -87,7 +42,7 @@ class Settings(BaseSettings):
     """PostgreSQL URL (needs the pgvector extension). Unset: the embedded server in
     `DATA_DIR/pgdata`"""
     data_dir: Path = Field(
-        default_factory=_default_data_dir,
+        default_factory=default_data_dir,
         json_schema_extra={"doc_default": "the user data dir (`~/.local/share/personabot`)"},
     )
     """embedded database and logs"""
@@ -438,25 +393,10 @@ class Settings(BaseSettings):
             value = dotenv_values(".env").get(variable)
         return SecretStr(value) if value else None
 
-    def _backend_key_variables(self) -> list[str]:
-        """The variables the backends' `api_key_env` name (BACKENDS or BACKENDS_FILE)."""
-        entries: Any = self.backends
-        if not entries and self.backends_file is not None:
-            try:
-                entries = yaml.safe_load(self.backends_file.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                return []  # the pool reports the file's problem when it is built
-        if isinstance(entries, dict):
-            entries = entries.get("backends")
-        if not isinstance(entries, list):
-            return []
-        names = [e.get("api_key_env") for e in entries if isinstance(e, dict)]
-        return [n for n in names if isinstance(n, str)]
-
     def secret_values(self) -> list[str]:
         """Every configured secret (backends' API keys too), for the log redaction filter."""
         values: list[str] = []
-        for variable in self._backend_key_variables():
+        for variable in backend_key_variables(self.backends, self.backends_file):
             key = self.api_key(variable)
             if key is not None:
                 values.append(key.get_secret_value())
