@@ -24,7 +24,7 @@ from bot.core.commands import Commands
 from bot.core.engine import Engine
 from bot.core.history import History
 from bot.core.metrics import Metrics
-from bot.core.personas import PersonaRegistry
+from bot.core.persona_files import PersonaRegistry
 from bot.core.prompts import PromptBuilder
 from bot.errors import PersonaError
 from bot.images.audit import build_fal_audit

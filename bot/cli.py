@@ -18,7 +18,7 @@ from bot.ops.logs import setup_logging
 from bot.spend.report import add_spend_parser, spend_cli
 
 if TYPE_CHECKING:
-    from bot.core.personas import PersonaRegistry
+    from bot.core.persona_files import PersonaRegistry
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ async def _migrate(settings: Settings) -> int:
 
 def _registry(settings: Settings) -> PersonaRegistry:
     """The personas as they are on disk (a broken file is logged and left out)."""
-    from bot.core.personas import PersonaRegistry
+    from bot.core.persona_files import PersonaRegistry
 
     registry = PersonaRegistry(settings.personas_dir)
     for problem in registry.load_all():
@@ -158,7 +158,7 @@ def _registry(settings: Settings) -> PersonaRegistry:
 
 
 def _personas_check(directory: Path) -> int:
-    from bot.core.personas import check_directory
+    from bot.core.persona_files import check_directory
 
     personas, problems = check_directory(directory)
     for persona in personas:

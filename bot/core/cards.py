@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from bot.core.personas import PersonaFileError, load_persona_file
+from bot.core.persona_files import PersonaFileError, load_persona_file
 from bot.errors import PersonaError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

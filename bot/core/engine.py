@@ -36,7 +36,8 @@ from bot.core.moderation import (
     unmoderated,
     withheld,
 )
-from bot.core.personas import Persona, PersonaRegistry
+from bot.core.persona_files import PersonaRegistry
+from bot.core.personas import Persona
 from bot.core.ports import (
     DrawingPort,
     MemoryPort,

@@ -47,7 +47,7 @@ def settings_problems(exc: ValidationError) -> list[Check]:
 
 
 def check_files(settings: Settings) -> list[Check]:
-    from bot.core.personas import check_directory
+    from bot.core.persona_files import check_directory
 
     checks: list[Check] = []
     personas, problems = check_directory(settings.personas_dir)

@@ -66,7 +66,7 @@ def _targets(settings: Settings) -> list[_Target]:
 
 def required_models(settings: Settings) -> dict[str, str]:
     """model → what needs it."""
-    from bot.core.personas import check_directory
+    from bot.core.persona_files import check_directory
 
     needed: dict[str, str] = {}
     personas, _ = check_directory(settings.personas_dir)

@@ -20,7 +20,8 @@ import discord
 
 from bot import db
 from bot.config import Settings
-from bot.core.personas import check_directory, has_local_avatar
+from bot.core.persona_files import check_directory
+from bot.core.personas import has_local_avatar
 from bot.errors import BotError
 from bot.ops.diagnostics import Check
 

@@ -12,7 +12,7 @@ import pytest
 
 from bot.cli import main
 from bot.core.cards import CardError, import_card, read_card
-from bot.core.personas import PersonaRegistry, load_persona_file
+from bot.core.persona_files import PersonaRegistry, load_persona_file
 from bot.errors import PersonaError
 from tests.fakes.fal import make_png
 

@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from bot.config import REPO_ROOT
-from bot.core.personas import (
-    Persona,
-    PersonaRegistry,
-    check_directory,
-    load_persona_file,
-)
+from bot.core.persona_files import PersonaRegistry, check_directory, load_persona_file
+from bot.core.personas import Persona
 from bot.errors import PersonaError
 
 SHIPPED = REPO_ROOT / "personas"

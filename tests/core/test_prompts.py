@@ -1,7 +1,7 @@
 from datetime import UTC, datetime
 
 from bot.config import REPO_ROOT
-from bot.core.personas import load_persona_file
+from bot.core.persona_files import load_persona_file
 from bot.core.prompts import (
     PromptBuilder,
     Turn,

@@ -26,7 +26,8 @@ from bot.core.moderation import (
     UNMODERATED,
     UNMODERATED_NO_VERDICT,
 )
-from bot.core.personas import Persona, PersonaFileError, load_persona_file
+from bot.core.persona_files import PersonaFileError, load_persona_file
+from bot.core.personas import Persona
 from bot.safety.guard import enforced_codes, parse_verdict
 from bot.safety.prompt import DEFINITIONS, GuardTurn, fit, neutralise, windows
 from tests.conftest import make_settings
