@@ -107,7 +107,7 @@ class Memory:
         any); never raises. With `spawn` (the engine's), the call record is written in the
         background, off the reply's path."""
         try:
-            models = await self.store.models_of(user_key)
+            models = await self.store.models_of(user_key, scope)
             if not models:
                 return []
             record = self._recorder(context, spawn)
