@@ -229,15 +229,23 @@ async def compare_bench(url: str, args: argparse.Namespace) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     try:
         await recall_times(pool, 50, 0)  # warm the cache
+        runs: dict[str, list[list[float]]] = {"table": [], "index": []}
         with load_running(url, args.load):
             for run in range(args.runs):
                 out = await compare(pool, args.recalls, 100 + run)
                 for name in ("table", "index"):
-                    p50, p95, p99 = (percentile(out[name], q) * 1e3 for q in (0.5, 0.95, 0.99))
-                    pages = statistics.median(out[f"{name}_buf"])
+                    figures = [percentile(out[name], q) * 1e3 for q in (0.5, 0.95, 0.99)]
+                    figures.append(statistics.median(out[f"{name}_buf"]))
+                    runs[name].append(figures)
+                    p50, p95, p99, pages = figures
                     print(
                         f"| {run + 1} | {name} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {pages:.0f} |"
                     )
+        for name in ("table", "index"):
+            cols = [sorted(c) for c in zip(*runs[name], strict=True)]
+            for label, pick in (("min", 0), ("median", len(runs[name]) // 2), ("max", -1)):
+                p50, p95, p99, pages = (c[pick] for c in cols)
+                print(f"| {label} | {name} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {pages:.0f} |")
     finally:
         await pool.close()
 
