@@ -235,11 +235,12 @@ class Memory:
         to compare the new facts with; the newest ones when the message cannot be embedded
         with a model the facts were embedded with. The vector recall made of the message is
         used when this process still has it (one embedding call a message, not two)."""
-        models = await self.store.models_of(exchange.user_key)
-        if not models:
-            return []
+        # recall embedded the message only if the user had facts of that model
         kept = self._queries.pop((exchange.user_key, exchange.message), None)
-        if kept is None or kept[0] not in models:
+        if kept is None:
+            models = await self.store.models_of(exchange.user_key)
+            if not models:
+                return []
             context = CallContext(
                 exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
             )

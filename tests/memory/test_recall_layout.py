@@ -7,6 +7,7 @@ embeddings come from the fake Ollama on loopback."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,10 +19,18 @@ from pgvector import HalfVector
 from bot import db
 from bot.app import App, running_app
 from bot.config import REPO_ROOT
-from bot.memory.store import INDEXED_DIMS, MemoryStore, NewFact, recall_query
+from bot.memory.store import INDEXED_DIMS, MemoryStore, NewFact, recall_query, scope_of
 from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
-from tests.memory.test_memory import context, memory_of, near
+from tests.memory.test_memory import (
+    context,
+    exchange,
+    extraction_requests,
+    facts,
+    memory_of,
+    near,
+    say,
+)
 
 MODEL = "ollama:nomic-embed-text"
 
@@ -141,3 +150,24 @@ async def test_no_memories_in_this_place_costs_no_embedding(
     found = await memory.recall("test:alice", query, context=context(), scope="test:conv:c1")
     assert [m.text for m in found] == ["Likes tea."]
     assert len(fake_ollama.embed_requests()) == before + 1
+
+
+async def test_a_message_is_embedded_once_for_recall_and_extraction(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """Extraction compares the user's facts with the vector recall made of the same message."""
+    memory = memory_of(mapp)
+    query = "Tea or coffee this morning?"
+    fact = NewFact("Likes tea.", near(fake_ollama.embedding_for(query), 0.9, 0))
+    here = scope_of("test", "c1", None)
+    await memory.store.add("test:alice", [fact], model=MODEL, persona="mimi", scope=here)
+    await exchange(mapp, fake_ollama, say(query), facts("Drinks coffee in the morning."))
+    inputs = [body["input"] for body in fake_ollama.embed_requests()]
+    assert inputs.count([query]) == 1, inputs
+    assert ["Drinks coffee in the morning."] in inputs
+    shown = json.dumps(extraction_requests(fake_ollama)[-1])
+    assert "Likes tea." in shown, "the nearest facts, found with recall's vector"
+    rows = await mapp.pool.fetch("SELECT text FROM memories WHERE user_key = 'test:alice'")
+    assert {r["text"] for r in rows} == {"Likes tea.", "Drinks coffee in the morning."}
+    calls = await mapp.pool.fetchval("SELECT count(*) FROM model_calls WHERE purpose = 'embed'")
+    assert calls == 2, "one embedding of the message, one of the new fact"
