@@ -12,7 +12,9 @@ GPU, not on the table.
 connections, each recalling for random users, touching what it found and adding a memory every
 fifth turn, without pause (a busy bot on the same database, on the same two cores).
 `--runs 3` times recall that many times and prints each run and min/median/max of p50/p95/p99.
-`--explain` prints `EXPLAIN (ANALYZE, BUFFERS)` of one recall. `--pg-dir` keeps the database,
+`--explain` prints `EXPLAIN (ANALYZE, BUFFERS)` of one recall. `--compare` then times recall
+through the table (the query before migration 0018) against the store's query for the same
+users, alternating, and counts the pages each touches. `--pg-dir` keeps the database,
 so the million rows are written once (the largest size is what is kept).
 
 Extraction: jobs run through the real pipeline (job row, structured-output call to the fake
@@ -20,7 +22,7 @@ Ollama on loopback with zero latency, embedding, dedupe and insert), so what is 
 overhead per extraction, not a model (`--jobs 0` skips it).
 
     .venv/bin/python bench/memory.py [--sizes 10000,100000,1000000] [--recalls 500]
-        [--pg-dir DIR] [--load 4] [--runs 3] [--explain] [--jobs 200]
+        [--pg-dir DIR] [--load 4] [--runs 3] [--explain] [--compare] [--jobs 200]
 """
 
 from __future__ import annotations
