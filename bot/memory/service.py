@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -59,6 +60,7 @@ _KNOWN_IN_PROMPT = 12  # the user's stored facts nearest the message, shown to t
 _LEASE_SECONDS = 300.0
 _REEMBED_BATCH = 32
 _JOB_DAYS = 7  # a job whose model never answers is dropped after this many days
+_KEPT_QUERIES = 256  # recall's embeddings of messages, kept for their extraction
 
 
 class Memory:
@@ -88,6 +90,9 @@ class Memory:
         self._calls = calls
         self._gate = asyncio.Semaphore(concurrency)
         self.vet = vet  # the input guard for new facts (set by the app when the guard is on)
+        # (user key, message) -> (model, vector): the message recall embedded, which its
+        # extraction compares the user's facts with, so it is embedded once (issue 22)
+        self._queries: OrderedDict[tuple[str, str], tuple[str, list[float]]] = OrderedDict()
 
     def active(self, persona: Persona) -> bool:
         return self.enabled and persona.memory
@@ -109,13 +114,16 @@ class Memory:
         `spawn` (the engine's), the call record is written in the background, off the reply's
         path."""
         try:
-            models = await self.store.models_of(user_key)
+            models = await self.store.models_of(user_key, scope)
             if not models:
                 return []
             record = self._recorder(context, spawn)
             embedded = await self.embeddings.embed([text], record=record)
             if embedded.model not in models:
                 return []  # no rows of this model: vectors of other models are not comparable
+            self._queries[(user_key, text)] = (embedded.model, embedded.vectors[0])
+            if len(self._queries) > _KEPT_QUERIES:
+                self._queries.popitem(last=False)
             found = await self.store.recall(
                 user_key,
                 embedded.vectors[0],
@@ -229,20 +237,31 @@ class Memory:
     async def _nearest(self, exchange: Exchange) -> list[MemoryRow]:
         """The user's current facts the exchange's persona sees, nearest the message by meaning
         (their stored embeddings), to compare the new facts with; the newest ones when the
-        message cannot be embedded with a model the facts were embedded with."""
-        models = await self.store.models_of(exchange.user_key)
-        if not models:
-            return []
-        context = CallContext(
-            exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
-        )
-        embedded = await self.embeddings.embed([exchange.message], record=self._recorder(context))
-        if embedded.model not in models:
-            return await self.store.recent(exchange.user_key, _KNOWN_IN_PROMPT, exchange.persona)
+        message cannot be embedded with a model the facts were embedded with. The vector recall
+        made of the message is used when this process still has it (one embedding call a
+        message, not two)."""
+        # recall embedded the message only if the user had facts of that model
+        kept = self._queries.pop((exchange.user_key, exchange.message), None)
+        if kept is None:
+            models = await self.store.models_of(exchange.user_key)
+            if not models:
+                return []
+            context = CallContext(
+                exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
+            )
+            embedded = await self.embeddings.embed(
+                [exchange.message], record=self._recorder(context)
+            )
+            if embedded.model not in models:
+                return await self.store.recent(
+                    exchange.user_key, _KNOWN_IN_PROMPT, exchange.persona
+                )
+            kept = (embedded.model, embedded.vectors[0])
+        model, vector = kept
         return await self.store.nearest(
             exchange.user_key,
-            embedded.vectors[0],
-            embedded.model,
+            vector,
+            model,
             _KNOWN_IN_PROMPT,
             exchange.scope,
             persona=exchange.persona,

@@ -23,6 +23,7 @@ from bot.memory.types import (
 )
 
 __all__ = [
+    "INDEXED_DIMS",
     "Exchange",
     "Job",
     "MemoryRow",
@@ -30,26 +31,46 @@ __all__ = [
     "NewFact",
     "Recalled",
     "normalise",
+    "recall_query",
     "scope_of",
     "text_hash",
 ]
 
+# The scan reads only what memories_recall_idx holds (migration 0018), so for vectors of up to
+# INDEXED_DIMS dimensions it is an index-only scan of the user's few leaf pages; the text is then
+# read for the top k alone. {indexed} is that index's predicate, spelled as in the migration so
+# the planner can use it (rows of one model all have the query's dimensions).
 _RECALL = """
-WITH scored AS (
-    SELECT id, text, created_at, 1 - (embedding <=> $2::halfvec) AS similarity
-    FROM memories
-    WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL
-      AND ($8::text IS NULL OR scope = $8)
-      AND ($9::text IS NULL OR private_to IS NULL OR private_to = $9)
+WITH top AS (
+    SELECT id, similarity,
+           similarity - $5 * (1 - power(0.5,
+               extract(epoch FROM now() - created_at) / 86400.0 / $6)) AS score
+    FROM (
+        SELECT id, created_at, 1 - (embedding <=> $2::halfvec) AS similarity
+        FROM memories
+        WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL{indexed}
+          AND ($8::text IS NULL OR scope = $8)
+          AND ($9::text IS NULL OR private_to IS NULL OR private_to = $9)
+    ) AS scored
+    WHERE similarity >= $4
+    ORDER BY score DESC, id DESC
+    LIMIT $7
 )
-SELECT id, text, similarity,
-       similarity - $5 * (1 - power(0.5,
-           extract(epoch FROM now() - created_at) / 86400.0 / $6)) AS score
-FROM scored
-WHERE similarity >= $4
-ORDER BY score DESC, id DESC
-LIMIT $7
+SELECT top.id, m.text, top.similarity, top.score
+FROM top JOIN memories m ON m.id = top.id
+ORDER BY top.score DESC, top.id DESC
 """
+INDEXED_DIMS = 1024
+_RECALL_INDEXED = _RECALL.format(indexed=f" AND vector_dims(embedding) <= {INDEXED_DIMS}")
+_RECALL_WIDE = _RECALL.format(indexed="")
+
+
+def recall_query(dims: int) -> str:
+    """The recall query for vectors of `dims` dimensions ($1 user key, $2 vector, $3 model,
+    $4 floor, $5 recency weight, $6 half-life in days, $7 top k, $8 scope or NULL, $9 the
+    persona asking or NULL)."""
+    return _RECALL_INDEXED if dims <= INDEXED_DIMS else _RECALL_WIDE
+
 
 _COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by, private_to"
 # A persona sees the shared facts (private_to NULL) and its own, never another persona's.
@@ -129,12 +150,14 @@ class MemoryStore(JobQueries):
     def __init__(self, pool: Any) -> None:
         self._pool = pool
 
-    async def models_of(self, user_key: str) -> list[str]:
-        """Embedding models of the user's current memories (empty: nothing to recall)."""
+    async def models_of(self, user_key: str, scope: str | None = None) -> list[str]:
+        """Embedding models of the user's current memories, with `scope` only of those learned
+        there (empty: nothing to recall, no query to embed)."""
         rows = await self._pool.fetch(
             "SELECT DISTINCT embed_model FROM memories"
-            " WHERE user_key = $1 AND superseded_by IS NULL",
+            " WHERE user_key = $1 AND superseded_by IS NULL AND ($2::text IS NULL OR scope = $2)",
             user_key,
+            scope,
         )
         return [r["embed_model"] for r in rows]
 
@@ -154,7 +177,7 @@ class MemoryStore(JobQueries):
         """The user's facts nearest `vector`; with `scope`, only those learned there; with
         `persona`, only the shared ones and those private to it."""
         rows = await self._pool.fetch(
-            _RECALL,
+            recall_query(len(vector)),
             user_key,
             HalfVector(vector),
             model,

@@ -41,7 +41,7 @@ from bot.spend.budgets import (
     utcnow,
 )
 from bot.spend.ladder import BudgetStatus, Ladder
-from bot.spend.prices import KINDS, Prices
+from bot.spend.prices import KINDS, LOOKUP, Prices
 
 if TYPE_CHECKING:
     from bot.ops.notify import AdminNotifier
@@ -127,35 +127,25 @@ class Ledger(Ladder):
         """A settled cost row; a second call with the same request id changes nothing."""
         units = _units(kind, units)
         at = at or self._clock()
-        price_id = None
         if isinstance(unit_price, float):
             unit_price = Decimal(str(unit_price))
-        if unit_price is None:
-            price = await self.prices.lookup(kind, provider, model, at)
-            if price is None:
+        if unit_price is None:  # priced and inserted in one round trip
+            row = await self.pool.fetchrow(
+                _INSERT_PRICED,
+                *(kind, provider, model, at, month_of(at), units),
+                *(user_key, platform, guild, persona, request_id),
+            )
+            if row is not None and row["price_id"] is None:
                 log.error("no price for %s from %s (%s): recorded at 0", kind, provider, model)
-                unit_price = Decimal(0)
-            else:
-                unit_price, price_id = price.unit_price, price.id
-        inserted = await self.pool.fetchval(
-            _INSERT + " RETURNING id",
-            at,
-            month_of(at),
-            kind,
-            provider,
-            model,
-            units,
-            unit_price,
-            units * unit_price,
-            price_id,
-            user_key,
-            platform,
-            guild,
-            persona,
-            request_id,
-            "settled",
-        )
-        if inserted is not None and units * unit_price > 0:
+            cost = row["cost"] if row is not None else None
+        else:
+            cost = await self.pool.fetchval(
+                _INSERT + " RETURNING cost",
+                *(at, month_of(at), kind, provider, model, units, unit_price),
+                *(units * unit_price, None, user_key, platform, guild, persona, request_id),
+                "settled",
+            )
+        if cost is not None and cost > 0:
             await self._global_alerts(month_of(at))
 
     async def reserve(
@@ -315,6 +305,19 @@ _INSERT = (
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
     " CASE WHEN $15::text = 'settled' THEN $1::timestamptz END)"
     " ON CONFLICT (request_id) DO NOTHING"
+)
+
+# A settled row at the price in force (0 when none): $1 kind, $2 provider, $3 model, $4 at,
+# $5 month, $6 units, $7 user key, $8 platform, $9 guild, $10 persona, $11 request id.
+_INSERT_PRICED = (
+    f"WITH price AS ({LOOKUP})"
+    " INSERT INTO ledger (at, month, kind, provider, model, units, unit_price, cost, price_id,"
+    " user_key, platform, guild, persona, request_id, status, settled_at)"
+    " SELECT $4::timestamptz, $5::date, $1::text, $2::text, $3::text, $6::numeric,"
+    " coalesce(p.unit_price, 0), $6::numeric * coalesce(p.unit_price, 0), p.id, $7::text,"
+    " $8::text, $9::text, $10::text, $11::text, 'settled', $4::timestamptz"
+    " FROM (VALUES (1)) AS one LEFT JOIN price p ON true"
+    " ON CONFLICT (request_id) DO NOTHING RETURNING price_id, cost"
 )
 
 _USAGE = (

@@ -32,7 +32,8 @@ class Price:
     source: str
 
 
-_LOOKUP = (
+# The price in force: $1 kind, $2 provider, $3 model, $4 the event's time.
+LOOKUP = (
     "SELECT * FROM prices"
     " WHERE kind = $1 AND $2 LIKE provider AND (model IS NULL OR model = $3)"
     " AND effective_from <= $4"
@@ -49,7 +50,7 @@ class Prices:
         self, kind: str, provider: str, model: str | None, at: datetime, *, conn: Any = None
     ) -> Price | None:
         """The price in force for this event, or None when nothing matches."""
-        row = await (conn or self._pool).fetchrow(_LOOKUP, kind, provider, model, at)
+        row = await (conn or self._pool).fetchrow(LOOKUP, kind, provider, model, at)
         return _price(row) if row is not None else None
 
     async def add(

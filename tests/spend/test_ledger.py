@@ -89,6 +89,33 @@ async def test_record_is_idempotent_on_request_id(pool: Any) -> None:
     assert [(r["units"], r["cost"]) for r in rows] == [(Decimal(1), Decimal("0.003"))]
 
 
+async def test_record_without_a_price_or_with_the_callers_price(
+    pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Priced in the same statement as the insert: no price in force is a row at 0 (and an
+    error in the log, once); a price the caller gives is used as it is, with no price row."""
+    ledger = make_ledger(pool, Clock(nov(5)))
+    for _ in range(2):
+        await ledger.record(
+            kind="image", provider="nobody", model="x", units=Decimal(2), request_id="free"
+        )
+    await ledger.record(
+        kind="chat_tokens",
+        provider="openai:api",
+        model="m",
+        units=Decimal(1000),
+        unit_price=Decimal("0.000002"),
+        request_id="given",
+    )
+    rows = {r["request_id"]: r for r in await pool.fetch("SELECT * FROM ledger")}
+    assert (rows["free"]["cost"], rows["free"]["price_id"]) == (Decimal(0), None)
+    assert rows["free"]["status"] == "settled" and rows["free"]["settled_at"] == nov(5)
+    assert rows["given"]["cost"] == Decimal("0.002") and rows["given"]["price_id"] is None
+    assert [r.message for r in caplog.records].count(
+        "no price for image from nobody (x): recorded at 0"
+    ) == 1
+
+
 async def test_price_change_applies_from_its_date_and_never_rewrites_the_past(pool: Any) -> None:
     clock = Clock(nov(30, 23, 59, 59))
     ledger = make_ledger(pool, clock)
