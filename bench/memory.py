@@ -76,6 +76,7 @@ WITH scored AS (
     FROM memories
     WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL
       AND ($8::text IS NULL OR scope = $8)
+      AND ($9::text IS NULL OR private_to IS NULL OR private_to = $9)
 )
 SELECT id, text, similarity,
        similarity - $5 * (1 - power(0.5,
@@ -195,6 +196,7 @@ async def explain(pool: Any, user: str) -> str:
         30.0,
         5,
         None,
+        None,
     )
     vectors = re.compile(r"'\[[^\]]*\]'::halfvec")
     return "\n".join(vectors.sub("'[…]'::halfvec", r[0]) for r in rows)
@@ -208,7 +210,7 @@ async def compare(pool: Any, recalls: int, seed: int) -> dict[str, list[float]]:
     queries = {"table": _TABLE_RECALL, "index": recall_query(DIM)}
     for i in range(recalls):
         user = f"bench:{rng.randrange(USERS)}"
-        args = (user, HalfVector(random_vector(rng)), MODEL, -1.0, 0.05, 30.0, 5, None)
+        args = (user, HalfVector(random_vector(rng)), MODEL, -1.0, 0.05, 30.0, 5, None, None)
         for name in ("table", "index") if i % 2 else ("index", "table"):
             started = time.perf_counter()
             await pool.fetch(queries[name], *args)

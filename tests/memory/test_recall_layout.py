@@ -58,7 +58,9 @@ def unit(dims: int, seed: int) -> list[float]:
     return [x / norm for x in v]
 
 
-async def plan(pool: Any, dims: int, user: str, scope: str | None) -> str:
+async def plan(
+    pool: Any, dims: int, user: str, scope: str | None, persona: str | None = None
+) -> str:
     """The recall query's plan, with sequential scans off: whether the index can serve it,
     whatever the planner would pick on a table this small."""
     async with pool.acquire() as conn, conn.transaction():
@@ -74,6 +76,7 @@ async def plan(pool: Any, dims: int, user: str, scope: str | None) -> str:
             30.0,
             5,
             scope,
+            persona,
         )
     return "\n".join(r[0] for r in rows)
 
@@ -85,8 +88,9 @@ async def test_recall_reads_one_users_rows_from_the_index_alone(pool: Any) -> No
         await store.add(user, new, model=MODEL, persona="mimi", scope="test:conv:c1")
     await pool.execute("VACUUM ANALYZE memories")
     for scope in (None, "test:conv:c1"):
-        shown = await plan(pool, 768, "test:alice", scope)
-        assert "Index Only Scan using memories_recall_idx" in shown, shown
+        for persona in (None, "mimi"):  # a persona sees shared facts and its own (0017)
+            shown = await plan(pool, 768, "test:alice", scope, persona)
+            assert "Index Only Scan using memories_recall_idx" in shown, shown
     models = "EXPLAIN (COSTS OFF) SELECT DISTINCT embed_model FROM memories WHERE user_key = $1"
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
