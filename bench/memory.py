@@ -113,6 +113,8 @@ def random_vector(rng: random.Random) -> list[float]:
 async def recall_once(store: MemoryStore, user: str, vector: list[float]) -> list[int]:
     """The database part of a recall on the reply's path; the ids it found."""
     models = await store.models_of(user)
+    if not models:  # small tables leave some users with nothing: no recall, as in the bot
+        return []
     found = await store.recall(
         user, vector, models[0], top_k=5, floor=-1.0, recency_weight=0.05, half_life_days=30
     )
