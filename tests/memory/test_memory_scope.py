@@ -163,3 +163,24 @@ async def test_a_fact_said_twice_outlives_the_deletion_of_one_message(
     await mapp.engine.message_deleted("test", "m1")
     rows = await mapp.pool.fetch("SELECT scope FROM memories ORDER BY scope")
     assert [r["scope"] for r in rows] == ["test:conv:dm-alice", "test:guild:g1"]
+
+
+async def test_an_exchange_is_queued_already_taken_by_the_process_that_answered_it(
+    mapp: App,
+) -> None:
+    """`enqueue_held` writes the job and its lease in one statement: no other worker takes it
+    (nor lists it as pending) until it is given back."""
+    assert mapp.memory is not None
+    store = mapp.memory.store
+    job = Exchange(
+        "test:alice", "Alice", "mimi", "llama3.2:3b", "test", None,
+        "I like tea", "Noted.", "test:conv:dm-alice", None, "mimi",
+    )  # fmt: skip
+    held = await store.enqueue_held(job, 300.0)
+    assert held.exchange == job and held.attempts == 0
+    assert await store.claim(held.id, 300.0) is None
+    assert await store.pending() == []
+    await store.release(held.id)
+    assert await store.pending() == [held.id]
+    claimed = await store.claim(held.id, 300.0)
+    assert claimed is not None and claimed.exchange == job
