@@ -239,7 +239,7 @@ class Memory:
         for attempt in range(job.attempts, 2):
             try:
                 extracted = await self.extractor.extract(exchange, request)
-                await self._store_facts(job.id, exchange, extracted, keepers)
+                finished = await self._store_facts(job.id, exchange, extracted, keepers)
             except ModelUnavailable as exc:
                 log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
                 await self.store.release(job.id)
@@ -248,7 +248,8 @@ class Memory:
                 log.warning("memory extraction attempt %d invalid: %s", attempt + 1, exc)
                 await self.store.count_attempt(job.id)
                 continue
-            await self.store.finish(job.id)
+            if not finished:
+                await self.store.finish(job.id)
             return
         log.error("memory extraction for job %s gave invalid output twice; dropped", job.id)
         await self.store.finish(job.id)
@@ -292,9 +293,10 @@ class Memory:
         exchange: Exchange,
         extracted: Extracted,
         known: dict[int, str | None],
-    ) -> None:
+    ) -> bool:
         """Store what was extracted; `known` holds the facts shown (id → the persona that
-        keeps it, None: shared), the only ones it may replace or drop."""
+        keeps it, None: shared), the only ones it may replace or drop. True when the job was
+        finished (deleted) with the facts, in their transaction."""
         cleaned: list[tuple[str, tuple[int, ...]]] = []
         seen: set[str] = set()
         for fact in extracted.facts:
@@ -314,7 +316,7 @@ class Memory:
         if drops:
             await self.store.drop(exchange.user_key, drops, job_id=job_id)
         if not cleaned:
-            return
+            return False
         context = CallContext(
             exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
         )
@@ -327,6 +329,7 @@ class Memory:
         ]
         ids = await self._add(job_id, exchange, embedded.model, new, known)
         log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
+        return True
 
     async def _add(
         self,
@@ -344,7 +347,7 @@ class Memory:
             shared = any(known[i] is None for i in item.replaces)
             groups.setdefault(None if shared else exchange.private_to, []).append(item)
         ids: list[int] = []
-        for keeper, facts in groups.items():
+        for n, (keeper, facts) in enumerate(groups.items(), 1):
             ids += await self.store.add(
                 exchange.user_key,
                 facts,
@@ -354,6 +357,7 @@ class Memory:
                 scope=exchange.scope,
                 source_message_id=exchange.message_id,
                 private_to=keeper,
+                finish=n == len(groups),  # the job ends with the last group's transaction
             )
         return ids
 
