@@ -45,12 +45,7 @@ class CallLog:
         prompt = json.dumps(request.messages) if self._keep_prompts else None
         if self._keep_prompts:
             log.debug("prompt for %s/%s: %s", context.persona, context.user_key, prompt)
-        call_id = await self._pool.fetchval(
-            "INSERT INTO model_calls (purpose, backend, model, platform, conversation_id,"
-            " user_key, persona, options, prompt_tokens, completion_tokens, total_ms, load_ms,"
-            " prompt_eval_ms, eval_ms, ok, error, prompt)"
-            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)"
-            " RETURNING id",
+        values = (
             purpose,
             backend,
             stats.model if stats else request.model,
@@ -69,45 +64,59 @@ class CallLog:
             error,
             prompt,
         )
-        if self._ledger is not None and stats is not None:
-            await self._charge(self._ledger, context, stats, purpose, call_id)
+        if self._ledger is None or stats is None:
+            await self._pool.execute(_INSERT, *values)
+        elif stats.priced:
+            call_id = await self._pool.fetchval(_INSERT + " RETURNING id", *values)
+            await self._charge_priced(self._ledger, context, stats, purpose, call_id)
+        else:  # the call and its ledger row in one statement
+            await self._ledger.record_with(
+                _INSERT + " RETURNING id",
+                values,
+                kind=_kind(purpose),
+                provider=stats.backend,
+                model=stats.model,
+                units=Decimal((stats.prompt_tokens or 0) + (stats.completion_tokens or 0)),
+                request_prefix="model_call:",
+                user_key=context.user_key,
+                platform=context.platform,
+                persona=context.persona,
+            )
 
     @staticmethod
-    async def _charge(
+    async def _charge_priced(
         ledger: Ledger, context: CallContext, stats: CallStats, purpose: str, call_id: int
     ) -> None:
-        """The call's tokens in the ledger (unit price from the price table; 0 for our own)."""
-        tokens = (stats.prompt_tokens or 0) + (stats.completion_tokens or 0)
-        kind = "chat_tokens"
-        if "embed" in purpose:
-            kind = "embed_tokens"
-        elif "guard" in purpose or "moderat" in purpose:
-            kind = "moderation_tokens"
-        who: dict[str, Any] = {
-            "user_key": context.user_key,
-            "platform": context.platform,
-            "persona": context.persona,
-        }
-        if stats.priced:  # a backend billed per token: input and output at their own prices
-            for part, units, price in (
-                ("input", stats.prompt_tokens, stats.usd_per_input_token),
-                ("output", stats.completion_tokens, stats.usd_per_output_token),
-            ):
-                await ledger.record(
-                    kind=kind,
-                    provider=stats.backend,
-                    model=stats.model,
-                    units=Decimal(units or 0),
-                    unit_price=price or Decimal(0),
-                    request_id=f"model_call:{call_id}:{part}",
-                    **who,
-                )
-            return
-        await ledger.record(
-            kind=kind,
-            provider=stats.backend,
-            model=stats.model,
-            units=Decimal(tokens),
-            request_id=f"model_call:{call_id}",
-            **who,
-        )
+        """A call a backend billed per token: input and output at their own prices."""
+        for part, units, price in (
+            ("input", stats.prompt_tokens, stats.usd_per_input_token),
+            ("output", stats.completion_tokens, stats.usd_per_output_token),
+        ):
+            await ledger.record(
+                kind=_kind(purpose),
+                provider=stats.backend,
+                model=stats.model,
+                units=Decimal(units or 0),
+                unit_price=price or Decimal(0),
+                request_id=f"model_call:{call_id}:{part}",
+                user_key=context.user_key,
+                platform=context.platform,
+                persona=context.persona,
+            )
+
+
+_INSERT = (
+    "INSERT INTO model_calls (purpose, backend, model, platform, conversation_id,"
+    " user_key, persona, options, prompt_tokens, completion_tokens, total_ms, load_ms,"
+    " prompt_eval_ms, eval_ms, ok, error, prompt)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)"
+)
+
+
+def _kind(purpose: str) -> str:
+    """The ledger kind of a call's tokens: unit price from the price table, 0 for our own."""
+    if "embed" in purpose:
+        return "embed_tokens"
+    if "guard" in purpose or "moderat" in purpose:
+        return "moderation_tokens"
+    return "chat_tokens"

@@ -14,24 +14,16 @@ class JobQueries:
     _pool: Any
 
     async def enqueue(self, exchange: Exchange) -> int:
-        return int(
-            await self._pool.fetchval(
-                "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
-                " conversation_id, message, reply, scope, message_id, private_to)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING id",
-                exchange.user_key,
-                exchange.author_name,
-                exchange.persona,
-                exchange.model,
-                exchange.platform,
-                exchange.conversation_id,
-                exchange.message,
-                exchange.reply,
-                exchange.scope,
-                exchange.message_id,
-                exchange.private_to,
-            )
+        return int(await self._pool.fetchval(_ENQUEUE + " RETURNING id", *_values(exchange)))
+
+    async def enqueue_held(self, exchange: Exchange, lease_seconds: float) -> Job:
+        """`enqueue` and `claim` in one round trip: the new job, taken for `lease_seconds`."""
+        row = await self._pool.fetchrow(
+            _ENQUEUE_HELD,
+            *_values(exchange),
+            lease_seconds,
         )
+        return _job(row)
 
     async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
         """Take a job for `lease_seconds` unless another worker holds it."""
@@ -41,22 +33,7 @@ class JobQueries:
             job_id,
             lease_seconds,
         )
-        if row is None:
-            return None
-        exchange = Exchange(
-            row["user_key"],
-            row["author_name"],
-            row["persona"],
-            row["model"],
-            row["platform"],
-            row["conversation_id"],
-            row["message"],
-            row["reply"],
-            row["scope"],
-            row["message_id"],
-            row["private_to"],
-        )
-        return Job(row["id"], exchange, row["attempts"])
+        return None if row is None else _job(row)
 
     async def expire(self, days: float) -> int:
         """Drop jobs that could not be extracted for `days` (a model that never came back)."""
@@ -92,3 +69,49 @@ class JobQueries:
         await self._pool.execute(
             "UPDATE memory_jobs SET message = $2 WHERE message_id = ANY($1)", message_rows, text
         )
+
+
+_ENQUEUE = (
+    "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
+    " conversation_id, message, reply, scope, message_id, private_to)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
+)
+_ENQUEUE_HELD = (
+    "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
+    " conversation_id, message, reply, scope, message_id, private_to, locked_until)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11, now() + make_interval(secs => $12))"
+    " RETURNING *"
+)
+
+
+def _values(exchange: Exchange) -> tuple[Any, ...]:
+    return (
+        exchange.user_key,
+        exchange.author_name,
+        exchange.persona,
+        exchange.model,
+        exchange.platform,
+        exchange.conversation_id,
+        exchange.message,
+        exchange.reply,
+        exchange.scope,
+        exchange.message_id,
+        exchange.private_to,
+    )
+
+
+def _job(row: Any) -> Job:
+    exchange = Exchange(
+        row["user_key"],
+        row["author_name"],
+        row["persona"],
+        row["model"],
+        row["platform"],
+        row["conversation_id"],
+        row["message"],
+        row["reply"],
+        row["scope"],
+        row["message_id"],
+        row["private_to"],
+    )
+    return Job(row["id"], exchange, row["attempts"])

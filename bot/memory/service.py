@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -46,7 +47,15 @@ from bot.memory.extract import (
     Extractor,
     InvalidExtraction,
 )
-from bot.memory.store import Exchange, MemoryRow, MemoryStore, NewFact, Recalled, normalise
+from bot.memory.store import (
+    Exchange,
+    Job,
+    MemoryRow,
+    MemoryStore,
+    NewFact,
+    Recalled,
+    normalise,
+)
 
 __all__ = ["EXTRACTION_SCHEMA", "Extractor", "InvalidExtraction", "Memory", "build_memory"]
 
@@ -188,9 +197,16 @@ class Memory:
         await self.store.message_edited(message_rows, text)
 
     async def remember(self, exchange: Exchange) -> None:
-        """Queue the exchange in Postgres, then extract from it (call in the background)."""
-        job_id = await self.store.enqueue(exchange)
-        await self.process(job_id)
+        """Queue the exchange in Postgres, taken by this process in the same statement, then
+        extract from it (call in the background)."""
+        queued = time.monotonic()
+        job: Job | None = await self.store.enqueue_held(exchange, _LEASE_SECONDS)
+        async with self._gate:
+            if job is not None and time.monotonic() - queued > _LEASE_SECONDS / 2:
+                await self.store.release(job.id)  # long in the queue: take it anew
+                job = await self.store.claim(job.id, _LEASE_SECONDS)
+            if job is not None:
+                await self._extract(job)
 
     async def resume(self) -> int:
         """Extract from exchanges left pending by an earlier run; returns how many were tried."""
@@ -206,33 +222,37 @@ class Memory:
     async def process(self, job_id: int) -> None:
         async with self._gate:
             job = await self.store.claim(job_id, _LEASE_SECONDS)
-            if job is None:
-                return
-            exchange = job.exchange
+            if job is not None:
+                await self._extract(job)
+
+    async def _extract(self, job: Job) -> None:
+        """Extract from a job this process holds; finished, or given back for later."""
+        exchange = job.exchange
+        try:
+            known = await self._nearest(exchange)
+        except ModelUnavailable as exc:
+            log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
+            await self.store.release(job.id)
+            return
+        request = self.extractor.request(exchange, known)
+        keepers = {m.id: m.private_to for m in known}
+        for attempt in range(job.attempts, 2):
             try:
-                known = await self._nearest(exchange)
+                extracted = await self.extractor.extract(exchange, request)
+                finished = await self._store_facts(job.id, exchange, extracted, keepers)
             except ModelUnavailable as exc:
                 log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
                 await self.store.release(job.id)
                 return
-            request = self.extractor.request(exchange, known)
-            keepers = {m.id: m.private_to for m in known}
-            for attempt in range(job.attempts, 2):
-                try:
-                    extracted = await self.extractor.extract(exchange, request)
-                    await self._store_facts(job.id, exchange, extracted, keepers)
-                except ModelUnavailable as exc:
-                    log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
-                    await self.store.release(job.id)
-                    return
-                except InvalidExtraction as exc:
-                    log.warning("memory extraction attempt %d invalid: %s", attempt + 1, exc)
-                    await self.store.count_attempt(job.id)
-                    continue
+            except InvalidExtraction as exc:
+                log.warning("memory extraction attempt %d invalid: %s", attempt + 1, exc)
+                await self.store.count_attempt(job.id)
+                continue
+            if not finished:
                 await self.store.finish(job.id)
-                return
-            log.error("memory extraction for job %s gave invalid output twice; dropped", job.id)
-            await self.store.finish(job.id)
+            return
+        log.error("memory extraction for job %s gave invalid output twice; dropped", job.id)
+        await self.store.finish(job.id)
 
     async def _nearest(self, exchange: Exchange) -> list[MemoryRow]:
         """The user's current facts the exchange's persona sees, nearest the message by meaning
@@ -273,9 +293,10 @@ class Memory:
         exchange: Exchange,
         extracted: Extracted,
         known: dict[int, str | None],
-    ) -> None:
+    ) -> bool:
         """Store what was extracted; `known` holds the facts shown (id → the persona that
-        keeps it, None: shared), the only ones it may replace or drop."""
+        keeps it, None: shared), the only ones it may replace or drop. True when the job was
+        finished (deleted) with the facts, in their transaction."""
         cleaned: list[tuple[str, tuple[int, ...]]] = []
         seen: set[str] = set()
         for fact in extracted.facts:
@@ -295,7 +316,7 @@ class Memory:
         if drops:
             await self.store.drop(exchange.user_key, drops, job_id=job_id)
         if not cleaned:
-            return
+            return False
         context = CallContext(
             exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
         )
@@ -308,6 +329,7 @@ class Memory:
         ]
         ids = await self._add(job_id, exchange, embedded.model, new, known)
         log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
+        return True
 
     async def _add(
         self,
@@ -325,7 +347,7 @@ class Memory:
             shared = any(known[i] is None for i in item.replaces)
             groups.setdefault(None if shared else exchange.private_to, []).append(item)
         ids: list[int] = []
-        for keeper, facts in groups.items():
+        for n, (keeper, facts) in enumerate(groups.items(), 1):
             ids += await self.store.add(
                 exchange.user_key,
                 facts,
@@ -335,6 +357,7 @@ class Memory:
                 scope=exchange.scope,
                 source_message_id=exchange.message_id,
                 private_to=keeper,
+                finish=n == len(groups),  # the job ends with the last group's transaction
             )
         return ids
 

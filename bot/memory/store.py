@@ -300,17 +300,19 @@ class MemoryStore(JobQueries):
         scope: str | None = None,
         source_message_id: int | None = None,
         private_to: str | None = None,
+        finish: bool = False,
     ) -> list[int]:
         """Insert new facts (duplicates of current ones are skipped) and supersede what they
         contradict; returns the ids of the rows inserted. With `private_to`, only that persona
         recalls them (None: shared); a fact already shared in the place is not kept twice.
         With `job_id`, nothing is stored if the job is gone: the user said "forget all" while
-        it was being extracted."""
+        it was being extracted; with `finish` as well, the job is deleted in the same
+        transaction (its extraction is done)."""
         inserted: list[int] = []
+        job = "DELETE FROM memory_jobs WHERE id = $1" if finish else "SELECT id FROM memory_jobs"
+        job += " RETURNING id" if finish else " WHERE id = $1 FOR UPDATE"
         async with self._pool.acquire() as conn, conn.transaction():
-            if job_id is not None and not await conn.fetchval(
-                "SELECT id FROM memory_jobs WHERE id = $1 FOR UPDATE", job_id
-            ):
+            if job_id is not None and not await conn.fetchval(job, job_id):
                 return []
             for fact in facts:
                 if private_to is not None and await conn.fetchval(

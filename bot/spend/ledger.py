@@ -21,8 +21,10 @@ higher of the two steps holds for its replies.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -147,6 +149,38 @@ class Ledger(Ladder):
             )
         if cost is not None and cost > 0:
             await self._global_alerts(month_of(at))
+
+    async def record_with(
+        self,
+        source: str,
+        source_args: Sequence[Any],
+        *,
+        kind: str,
+        provider: str,
+        model: str | None,
+        units: Decimal,
+        request_prefix: str,
+        user_key: str | None = None,
+        platform: str | None = None,
+        persona: str | None = None,
+    ) -> int:
+        """`source` (an INSERT of one row, `RETURNING id`, over `source_args`) and a settled
+        cost row for it at the price in force, whose request id is `request_prefix` and that
+        id, in one statement (one round trip); returns the source row's id."""
+        units = _units(kind, units)
+        at = self._clock()
+        shift = len(source_args)
+        row = await self.pool.fetchrow(
+            _with_source(source, shift),
+            *source_args,
+            *(kind, provider, model, at, month_of(at), units),
+            *(user_key, platform, None, persona, request_prefix),
+        )
+        if row["priced"] is not None and row["price_id"] is None:
+            log.error("no price for %s from %s (%s): recorded at 0", kind, provider, model)
+        if row["cost"] is not None and row["cost"] > 0:
+            await self._global_alerts(month_of(at))
+        return int(row["id"])
 
     async def reserve(
         self,
@@ -319,6 +353,24 @@ _INSERT_PRICED = (
     " FROM (VALUES (1)) AS one LEFT JOIN price p ON true"
     " ON CONFLICT (request_id) DO NOTHING RETURNING price_id, cost"
 )
+
+
+@functools.cache
+def _with_source(source: str, shift: int) -> str:
+    """`_INSERT_PRICED` after `source`'s own parameters ($1 to $`shift`), its request id
+    the prefix ($11) followed by the id the source row was given."""
+    insert = re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + shift}", _INSERT_PRICED)
+    request_id = f"${11 + shift}::text"
+    insert = insert.replace(request_id, f"{request_id} || source.id")
+    insert = insert.replace("FROM (VALUES (1)) AS one", "FROM source")
+    insert = insert.replace("RETURNING price_id, cost", "RETURNING true AS priced, price_id, cost")
+    price, _, rest = insert.removeprefix("WITH ").partition(" INSERT INTO ledger")
+    return (
+        f"WITH source AS ({source}), {price}, charged AS (INSERT INTO ledger{rest})"
+        " SELECT source.id, charged.priced, charged.price_id, charged.cost"
+        " FROM source LEFT JOIN charged ON true"
+    )
+
 
 _USAGE = (
     "SELECT COALESCE(sum(cost), 0) AS cost,"

@@ -16,7 +16,7 @@ import pytest
 from bot.app import App, running_app
 from bot.core.commands import CommandContext
 from bot.core.engine import Incoming
-from bot.memory.store import Exchange, scope_of
+from bot.memory.store import Exchange, NewFact, scope_of
 from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
 from tests.memory.test_memory import collect, exchange, facts, last_notes
@@ -163,3 +163,47 @@ async def test_a_fact_said_twice_outlives_the_deletion_of_one_message(
     await mapp.engine.message_deleted("test", "m1")
     rows = await mapp.pool.fetch("SELECT scope FROM memories ORDER BY scope")
     assert [r["scope"] for r in rows] == ["test:conv:dm-alice", "test:guild:g1"]
+
+
+async def test_an_exchange_is_queued_already_taken_by_the_process_that_answered_it(
+    mapp: App,
+) -> None:
+    """`enqueue_held` writes the job and its lease in one statement: no other worker takes it
+    (nor lists it as pending) until it is given back."""
+    assert mapp.memory is not None
+    store = mapp.memory.store
+    job = Exchange(
+        "test:alice", "Alice", "mimi", "llama3.2:3b", "test", None,
+        "I like tea", "Noted.", "test:conv:dm-alice", None, "mimi",
+    )  # fmt: skip
+    held = await store.enqueue_held(job, 300.0)
+    assert held.exchange == job and held.attempts == 0
+    assert await store.claim(held.id, 300.0) is None
+    assert await store.pending() == []
+    await store.release(held.id)
+    assert await store.pending() == [held.id]
+    claimed = await store.claim(held.id, 300.0)
+    assert claimed is not None and claimed.exchange == job
+
+
+async def test_facts_stored_with_finish_end_their_job_in_the_same_transaction(
+    mapp: App,
+) -> None:
+    """`add(..., finish=True)` deletes the job with the facts it stores; a job already gone
+    (forgotten meanwhile) stores nothing."""
+    assert mapp.memory is not None
+    store = mapp.memory.store
+    job = Exchange(
+        "test:alice", "Alice", "mimi", "llama3.2:3b", "test", None,
+        "I like tea", "Noted.", "test:conv:dm-alice", None,
+    )  # fmt: skip
+    held = await store.enqueue_held(job, 300.0)
+    fact = NewFact("Likes tea.", [0.1, 0.2, 0.3], ())
+    ids = await store.add("test:alice", [fact], model="m", persona="mimi", job_id=held.id,
+                          finish=True)  # fmt: skip
+    assert len(ids) == 1
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
+    again = NewFact("Likes green tea.", [0.1, 0.2, 0.3], ())
+    assert await store.add("test:alice", [again], model="m", persona="mimi", job_id=held.id,
+                           finish=True) == []  # fmt: skip
+    assert [r.text for r in await store.all_rows("test:alice")] == ["Likes tea."]

@@ -116,6 +116,47 @@ async def test_record_without_a_price_or_with_the_callers_price(
     ) == 1
 
 
+_CALL = (
+    "INSERT INTO model_calls (purpose, backend, model, platform, user_key, persona, ok)"
+    " VALUES ($1, $2, $3, 'console', 'console:1', 'x', true) RETURNING id"
+)
+
+
+async def test_record_with_writes_its_source_row_and_the_charge_in_one_statement(
+    pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The source row (a model call) and its cost row: the request id is the prefix and the
+    source's id, priced at the price in force, or at 0 with an error logged when none is."""
+    ledger = make_ledger(pool, Clock(nov(5)))
+    paid = await ledger.record_with(
+        _CALL, ("image", "fal", SCHNELL), kind="image", provider="fal", model=SCHNELL,
+        units=Decimal(2), request_prefix="call:", user_key="console:1", persona="x",
+    )  # fmt: skip
+    free = await ledger.record_with(
+        _CALL, ("image", "nobody", "m"), kind="image", provider="nobody", model="m",
+        units=Decimal(1), request_prefix="call:",
+    )  # fmt: skip
+    calls = {r["id"]: r["backend"] for r in await pool.fetch("SELECT * FROM model_calls")}
+    assert calls == {paid: "fal", free: "nobody"}
+    rows = {r["request_id"]: r for r in await pool.fetch("SELECT * FROM ledger")}
+    assert set(rows) == {f"call:{paid}", f"call:{free}"}
+    charged = rows[f"call:{paid}"]
+    assert (charged["cost"], charged["units"], charged["status"]) == (
+        Decimal("0.006"),
+        Decimal(2),
+        "settled",
+    )
+    assert (charged["user_key"], charged["persona"], charged["month"]) == (
+        "console:1",
+        "x",
+        date(2026, 11, 1),
+    )
+    assert (rows[f"call:{free}"]["cost"], rows[f"call:{free}"]["price_id"]) == (Decimal(0), None)
+    assert [r.message for r in caplog.records] == [
+        "no price for image from nobody (m): recorded at 0"
+    ]
+
+
 async def test_price_change_applies_from_its_date_and_never_rewrites_the_past(pool: Any) -> None:
     clock = Clock(nov(30, 23, 59, 59))
     ledger = make_ledger(pool, clock)
