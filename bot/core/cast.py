@@ -203,6 +203,27 @@ class Stage:
             table.popitem(last=False)
 
 
+class Casting:
+    """A platform's rules for who speaks (attention; whether DMs and bots are answered) and its
+    `Stage`: what the adapters' cast players share."""
+
+    def __init__(self, attention: Attention, *, answer_dms: bool, answer_bots: bool) -> None:
+        self.attention = attention
+        self.stage = Stage()  # who wrote which message, who answered what
+        self._answer_dms = answer_dms
+        self._answer_bots = answer_bots
+
+    def who_speaks(self, cast: Sequence[Persona], said: Said, key: str) -> list[Choice]:
+        return who_speaks(
+            cast,
+            said,
+            self.attention,
+            key,
+            answer_dms=self._answer_dms,
+            answer_bots=self._answer_bots,
+        )
+
+
 @dataclass(frozen=True)
 class Cue:
     """One cast member to answer one message: `incoming` names the persona (and, for another

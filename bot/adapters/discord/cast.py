@@ -20,7 +20,7 @@ from bot.adapters.discord.render import trigger_text
 from bot.adapters.discord.reply import ReplyView
 from bot.adapters.discord.webhooks import WebhookReplyView, Webhooks
 from bot.core.attention import Attention
-from bot.core.cast import Choice, Cue, Said, Stage, play, who_speaks
+from bot.core.cast import Casting, Choice, Cue, Said, Stage, play
 from bot.core.events import Incoming
 from bot.core.personas import Persona
 
@@ -126,28 +126,15 @@ class Faces:
 Reply = Callable[[discord.Message, Incoming, ReplyView], Awaitable[str | None]]
 
 
-class CastPlayer:
+class CastPlayer(Casting):
     """Plays a cast's turns in one channel: each chosen persona answers a message once, then
     the others may answer that reply, within the persona-turn budget (bot/core/cast.py)."""
 
     def __init__(
         self, faces: Faces, attention: Attention, *, answer_dms: bool, answer_bots: bool
     ) -> None:
+        super().__init__(attention, answer_dms=answer_dms, answer_bots=answer_bots)
         self.faces = faces
-        self.attention = attention
-        self.stage = Stage()  # who wrote which message, who answered what
-        self._answer_dms = answer_dms
-        self._answer_bots = answer_bots
-
-    def who_speaks(self, cast: list[Persona], said: Said, key: str) -> list[Choice]:
-        return who_speaks(
-            cast,
-            said,
-            self.attention,
-            key,
-            answer_dms=self._answer_dms,
-            answer_bots=self._answer_bots,
-        )
 
     async def play(
         self,

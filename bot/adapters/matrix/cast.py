@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from bot.adapters.matrix.faces import Avatars, Face, profile_id
 from bot.adapters.matrix.threads import ThreadContext
 from bot.core.attention import Attention
-from bot.core.cast import Choice, Cue, Said, Stage, cast_for, play, who_speaks
+from bot.core.cast import Casting, Choice, Cue, Said, cast_for, play
 from bot.core.engine import Engine, Incoming
 from bot.core.personas import Persona
 
@@ -42,7 +42,7 @@ class Turn:
 Answer = Callable[[Turn], Awaitable[tuple[str, str] | None]]
 
 
-class CastPlayer:
+class CastPlayer(Casting):
     def __init__(
         self,
         engine: Engine,
@@ -55,11 +55,8 @@ class CastPlayer:
     ) -> None:
         self.engine = engine
         self.threads = threads
+        super().__init__(attention, answer_dms=answer_dms, answer_bots=answer_bots)
         self.avatars = avatars
-        self.attention = attention
-        self.stage = Stage()  # who wrote which event, who answered what
-        self._answer_dms = answer_dms
-        self._answer_bots = answer_bots
 
     async def cast(self, conversation: str, room_id: str) -> list[Persona]:
         """The conversation's cast; a thread not yet answered in takes its room's first."""
@@ -92,16 +89,6 @@ class CastPlayer:
         source = await self.threads.event(room_id, event_id)
         name = profile_id(source.get("content") or {}) if source is not None else None
         return name if any(p.name == name for p in cast) else None
-
-    def who_speaks(self, cast: list[Persona], said: Said, key: str) -> list[Choice]:
-        return who_speaks(
-            cast,
-            said,
-            self.attention,
-            key,
-            answer_dms=self._answer_dms,
-            answer_bots=self._answer_bots,
-        )
 
     async def play(
         self,
