@@ -148,27 +148,24 @@ class FalAudit:
         )
 
     async def _book(self, item: FalRequest, row: Any) -> bool:
-        request_id = f"fal:{item.request_id}"
-        before = await self.pool.fetchval("SELECT 1 FROM ledger WHERE request_id = $1", request_id)
-        if before is not None:
-            return False
-        await self.ledger.record(
+        booked = await self.ledger.record(
             kind="image",
             provider="fal",
             model=item.endpoint_id,
             units=Decimal(item.megapixels() or row["megapixels"]),
-            request_id=request_id,
+            request_id=f"fal:{item.request_id}",
             platform=row["platform"],
             guild=row["guild"],
             persona=row["persona"],
         )
-        log.warning(
-            "fal request %s was run for picture %s but never seen by the bot (a retried "
-            "submit?); booked without a member",
-            item.request_id,
-            row["request_id"],
-        )
-        return True
+        if booked:
+            log.warning(
+                "fal request %s was run for picture %s but never seen by the bot (a retried "
+                "submit?); booked without a member",
+                item.request_id,
+                row["request_id"],
+            )
+        return booked
 
 
 def _owner(item: FalRequest, ours: list[Any], now: datetime) -> Any | None:

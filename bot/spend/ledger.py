@@ -125,8 +125,9 @@ class Ledger(Ladder):
         guild: str | None = None,
         persona: str | None = None,
         at: datetime | None = None,
-    ) -> None:
-        """A settled cost row; a second call with the same request id changes nothing."""
+    ) -> bool:
+        """A settled cost row; a second call with the same request id changes nothing.
+        True when the row was written (False: the request id was booked before)."""
         units = _units(kind, units)
         at = at or self._clock()
         if isinstance(unit_price, float):
@@ -149,6 +150,7 @@ class Ledger(Ladder):
             )
         if cost is not None and cost > 0:
             await self._global_alerts(month_of(at))
+        return cost is not None
 
     async def record_with(
         self,
@@ -341,32 +343,43 @@ _INSERT = (
     " ON CONFLICT (request_id) DO NOTHING"
 )
 
+
 # A settled row at the price in force (0 when none): $1 kind, $2 provider, $3 model, $4 at,
-# $5 month, $6 units, $7 user key, $8 platform, $9 guild, $10 persona, $11 request id.
+# $5 month, $6 units, $7 user key, $8 platform, $9 guild, $10 persona, $11 request id; its rows
+# come FROM the price CTE `price` (as `p`), its request id from `request_id`.
+def _priced_insert(request_id: str, rows: str) -> str:
+    return (
+        "INSERT INTO ledger (at, month, kind, provider, model, units, unit_price, cost, price_id,"
+        " user_key, platform, guild, persona, request_id, status, settled_at)"
+        " SELECT $4::timestamptz, $5::date, $1::text, $2::text, $3::text, $6::numeric,"
+        " coalesce(p.unit_price, 0), $6::numeric * coalesce(p.unit_price, 0), p.id, $7::text,"
+        f" $8::text, $9::text, $10::text, {request_id}, 'settled', $4::timestamptz"
+        f" FROM {rows} LEFT JOIN price p ON true"
+        " ON CONFLICT (request_id) DO NOTHING"
+    )
+
+
 _INSERT_PRICED = (
-    f"WITH price AS ({LOOKUP})"
-    " INSERT INTO ledger (at, month, kind, provider, model, units, unit_price, cost, price_id,"
-    " user_key, platform, guild, persona, request_id, status, settled_at)"
-    " SELECT $4::timestamptz, $5::date, $1::text, $2::text, $3::text, $6::numeric,"
-    " coalesce(p.unit_price, 0), $6::numeric * coalesce(p.unit_price, 0), p.id, $7::text,"
-    " $8::text, $9::text, $10::text, $11::text, 'settled', $4::timestamptz"
-    " FROM (VALUES (1)) AS one LEFT JOIN price p ON true"
-    " ON CONFLICT (request_id) DO NOTHING RETURNING price_id, cost"
+    f"WITH price AS ({LOOKUP}) "
+    + _priced_insert("$11::text", "(VALUES (1)) AS one")
+    + " RETURNING price_id, cost"
 )
+
+
+def _shifted(sql: str, shift: int) -> str:
+    """`sql` with its parameters renumbered to follow `shift` others ($1 becomes $shift+1)."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + shift}", sql)
 
 
 @functools.cache
 def _with_source(source: str, shift: int) -> str:
-    """`_INSERT_PRICED` after `source`'s own parameters ($1 to $`shift`), its request id
-    the prefix ($11) followed by the id the source row was given."""
-    insert = re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + shift}", _INSERT_PRICED)
-    request_id = f"${11 + shift}::text"
-    insert = insert.replace(request_id, f"{request_id} || source.id")
-    insert = insert.replace("FROM (VALUES (1)) AS one", "FROM source")
-    insert = insert.replace("RETURNING price_id, cost", "RETURNING true AS priced, price_id, cost")
-    price, _, rest = insert.removeprefix("WITH ").partition(" INSERT INTO ledger")
+    """`source` (its parameters $1 to $`shift`) and `_INSERT_PRICED`'s row after it, whose
+    request id is the prefix ($11, shifted) followed by the id the source row was given."""
+    price = _shifted(LOOKUP, shift)
+    charged = _shifted(_priced_insert("$11::text || source.id", "source"), shift)
     return (
-        f"WITH source AS ({source}), {price}, charged AS (INSERT INTO ledger{rest})"
+        f"WITH source AS ({source}), price AS ({price}),"
+        f" charged AS ({charged} RETURNING true AS priced, price_id, cost)"
         " SELECT source.id, charged.priced, charged.price_id, charged.cost"
         " FROM source LEFT JOIN charged ON true"
     )
