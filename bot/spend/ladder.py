@@ -52,9 +52,7 @@ class Ladder:
     budgets: Budgets
     _clock: Callable[[], datetime]
     _notifier: AdminNotifier | None
-
-    def persona_cap(self, persona: str | None) -> PersonaCap | None:
-        raise NotImplementedError
+    persona_cap: Callable[[str | None], PersonaCap | None]  # the Ledger's
 
     async def degrade_level(self, persona: str | None = None) -> int:
         """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused.
