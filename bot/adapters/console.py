@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import TextIO
 
 from bot.core.attention import Attention
-from bot.core.cast import Choice, Cue, Said, Stage, play, who_speaks
+from bot.core.cast import Casting, Choice, Cue, Said, play
 from bot.core.commands import CommandContext, Commands, parse
 from bot.core.engine import Delta, Done, Engine, Failed, Incoming, Notice, Picture
-from bot.core.personas import Persona
 from bot.errors import BotError, user_message
 
 PLATFORM = "console"
@@ -41,8 +40,8 @@ class ConsoleChat:
         self.out = out
         self.err = err
         self._last_answered_by: str | None = None
-        self.attention = Attention()  # who in a cast follows the talk
-        self.stage = Stage()  # who wrote which line, who answered what
+        # who in a cast follows the talk, who wrote which line and answered what
+        self.casting = Casting(Attention(), answer_dms=True, answer_bots=False)
         self._said = 0  # lines so far (a cast's stage knows them by number)
 
     async def choose_persona(self, name: str) -> bool:
@@ -60,7 +59,7 @@ class ConsoleChat:
         self._said += 1
         message_id = f"console-{self._said}"
         # The terminal talks to the cast as a DM does: the named ones answer, else one surely.
-        choices = self._speaks(cast, Said(text, is_dm=True))
+        choices = self.casting.who_speaks(cast, Said(text, is_dm=True), self.conversation)
         answered = False
 
         async def one(cue: Cue) -> tuple[str, str] | None:
@@ -73,13 +72,10 @@ class ConsoleChat:
             return f"console-{self._said}", reply
 
         def speaks(said: Said) -> list[Choice]:
-            return self._speaks(cast, said)
+            return self.casting.who_speaks(cast, said, self.conversation)
 
-        await play(self.stage, speaks, incoming, message_id, choices, answer=one)
+        await play(self.casting.stage, speaks, incoming, message_id, choices, answer=one)
         return answered
-
-    def _speaks(self, cast: list[Persona], said: Said) -> list[Choice]:
-        return who_speaks(cast, said, self.attention, self.conversation)
 
     async def _say(self, incoming: Incoming, name: str | None, *, interactive: bool) -> str | None:
         """Render one reply (under `name` when given); its text, or None when none was given."""

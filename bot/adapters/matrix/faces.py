@@ -26,7 +26,7 @@ from typing import Any
 
 from nio import AsyncClient, UploadResponse
 
-from bot.core.personas import Persona
+from bot.core.personas import Persona, has_local_avatar
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Avatars:
 
     async def mxc(self, persona: Persona) -> str | None:
         """The persona's avatar as an mxc URI; None for none, an https one or a failed upload."""
-        if not persona.avatar or persona.avatar.startswith("https://"):
+        if not has_local_avatar(persona):
             return None
         path = self.personas_dir / persona.avatar
         try:
