@@ -13,9 +13,6 @@ class JobQueries:
 
     _pool: Any
 
-    async def enqueue(self, exchange: Exchange) -> int:
-        return int(await self._pool.fetchval(_ENQUEUE + " RETURNING id", *_values(exchange)))
-
     async def enqueue_held(self, exchange: Exchange, lease_seconds: float) -> Job:
         """`enqueue` and `claim` in one round trip: the new job, taken for `lease_seconds`."""
         row = await self._pool.fetchrow(
@@ -71,11 +68,6 @@ class JobQueries:
         )
 
 
-_ENQUEUE = (
-    "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
-    " conversation_id, message, reply, scope, message_id, private_to)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
-)
 _ENQUEUE_HELD = (
     "INSERT INTO memory_jobs (user_key, author_name, persona, model, platform,"
     " conversation_id, message, reply, scope, message_id, private_to, locked_until)"

@@ -137,7 +137,7 @@ async def test_a_deleted_message_stops_its_pending_extraction(mapp: App) -> None
         "test:alice", "Alice", "mimi", "llama3.2:3b", "test", conversation.id,
         "my PIN is 1234", "Noted.", "test:conv:dm-alice", row,
     )  # fmt: skip
-    await mapp.memory.store.enqueue(job)
+    await mapp.memory.store.enqueue_held(job, 300)  # as a reply queues it, taken
     await mapp.engine.message_deleted("test", "m9")
     assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
     assert await mapp.pool.fetchval("SELECT count(*) FROM messages") == 0
