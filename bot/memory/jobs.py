@@ -14,7 +14,8 @@ class JobQueries:
     _pool: Any
 
     async def enqueue_held(self, exchange: Exchange, lease_seconds: float) -> Job:
-        """`enqueue` and `claim` in one round trip: the new job, taken for `lease_seconds`."""
+        """A new job, already taken by this process for `lease_seconds` (queue and claim in one
+        round trip)."""
         row = await self._pool.fetchrow(
             _ENQUEUE_HELD,
             *_values(exchange),
