@@ -36,6 +36,9 @@ __all__ = [
     "text_hash",
 ]
 
+# A persona sees the shared facts (private_to NULL) and its own, never another persona's.
+_KEEPER = "private_to IS NULL OR private_to = {p}"
+
 # The scan reads only what memories_recall_idx holds (migration 0018), so for vectors of up to
 # INDEXED_DIMS dimensions it is an index-only scan of the user's few leaf pages; the text is then
 # read for the top k alone. {indexed} is that index's predicate, spelled as in the migration so
@@ -50,7 +53,7 @@ WITH top AS (
         FROM memories
         WHERE user_key = $1 AND embed_model = $3 AND superseded_by IS NULL{indexed}
           AND ($8::text IS NULL OR scope = $8)
-          AND ($9::text IS NULL OR private_to IS NULL OR private_to = $9)
+          AND ($9::text IS NULL OR {keeper})
     ) AS scored
     WHERE similarity >= $4
     ORDER BY score DESC, id DESC
@@ -61,8 +64,10 @@ FROM top JOIN memories m ON m.id = top.id
 ORDER BY top.score DESC, top.id DESC
 """
 INDEXED_DIMS = 1024
-_RECALL_INDEXED = _RECALL.format(indexed=f" AND vector_dims(embedding) <= {INDEXED_DIMS}")
-_RECALL_WIDE = _RECALL.format(indexed="")
+_RECALL_INDEXED = _RECALL.format(
+    indexed=f" AND vector_dims(embedding) <= {INDEXED_DIMS}", keeper=_KEEPER.format(p="$9")
+)
+_RECALL_WIDE = _RECALL.format(indexed="", keeper=_KEEPER.format(p="$9"))
 
 
 def recall_query(dims: int) -> str:
@@ -73,8 +78,6 @@ def recall_query(dims: int) -> str:
 
 
 _COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by, private_to"
-# A persona sees the shared facts (private_to NULL) and its own, never another persona's.
-_KEEPER = "private_to IS NULL OR private_to = {p}"
 
 
 async def _scrub(conn: Any, user_key: str) -> None:
