@@ -473,9 +473,17 @@ async def test_command_driver_starts_and_stops(tmp_path: Path, database_url: str
             events = await collect(app, say("hi box"))
             assert isinstance(events[-1], Done) and events[-1].text == "started by a command"
             assert marker.exists()
-            await asyncio.sleep(0.02)
-            assert app.backends is not None and await app.backends.idle_check() == ["box"]
+            # the app's own idle check (scheduled every second) stops it: calling idle_check
+            # here as well would race that job, so wait for the job to do its work
+            for _ in range(100):
+                if not marker.exists():
+                    break
+                await asyncio.sleep(0.05)
             assert not marker.exists()
+            row = await app.pool.fetchrow(
+                "SELECT reason, stopped_at FROM backend_sessions WHERE backend = 'box'"
+            )
+            assert row["reason"] == "idle" and row["stopped_at"] is not None
 
 
 async def test_failing_command_fails_plainly_and_rests_the_backend(
