@@ -474,16 +474,15 @@ async def test_command_driver_starts_and_stops(tmp_path: Path, database_url: str
             assert isinstance(events[-1], Done) and events[-1].text == "started by a command"
             assert marker.exists()
             # the app's own idle check (scheduled every second) stops it: calling idle_check
-            # here as well would race that job, so wait for the job to do its work
+            # here as well would race that job, so wait for the job to stop it and book it
+            query = "SELECT reason FROM backend_sessions WHERE backend = 'box'"
             for _ in range(100):
-                if not marker.exists():
+                if await app.pool.fetchval(query + " AND stopped_at IS NOT NULL"):
                     break
                 await asyncio.sleep(0.05)
             assert not marker.exists()
-            row = await app.pool.fetchrow(
-                "SELECT reason, stopped_at FROM backend_sessions WHERE backend = 'box'"
-            )
-            assert row["reason"] == "idle" and row["stopped_at"] is not None
+            row = await app.pool.fetchrow(query)
+            assert row["reason"] == "idle"
 
 
 async def test_failing_command_fails_plainly_and_rests_the_backend(
