@@ -50,6 +50,7 @@ from pgvector import HalfVector
 from bot import db
 from bot.app import running_app
 from bot.config import REPO_ROOT, Settings
+from bot.loop import run as run_on_loop
 from bot.memory.store import Exchange, MemoryStore, NewFact, recall_query
 from tests.fakes.ollama import FakeOllama
 
@@ -348,4 +349,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_on_loop(main())  # the event loop production runs on (bot/loop.py)

@@ -38,13 +38,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ollama
 import pgserver
 
 from bot import db
 from bot.app import running_app
+from bot.brains.http import ollama_client
 from bot.config import REPO_ROOT, Settings
 from bot.core.engine import Done, Engine, Incoming
+from bot.loop import run as run_on_loop
 from tests.fakes.ollama import FakeOllama
 
 REPLY = "A short reply of about a dozen words, streamed in pieces."
@@ -111,7 +112,7 @@ async def reply_once(engine: Engine, conversation: str, author: str) -> float:
 
 
 async def fake_only(url: str, n: int) -> list[float]:
-    client = ollama.AsyncClient(host=url)
+    client = ollama_client(url, read_timeout=60.0, connect_timeout=3.0)  # the bot's own
     times = []
     for _ in range(n):
         started = time.perf_counter()
@@ -237,14 +238,7 @@ def print_tables(r: dict[str, Any]) -> None:
         )
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--replies", type=int, default=300)
-    parser.add_argument("--levels", default="1,100,500,1000")
-    parser.add_argument("--memories", type=int, default=1_000_000)
-    parser.add_argument("--pg-dir", type=Path, help="keep the database here between runs")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+async def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.pg_dir is not None
         pg_dir = args.pg_dir or Path(tmp) / "pg"
@@ -259,5 +253,25 @@ async def main() -> None:
         print_tables(result)
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replies", type=int, default=300)
+    parser.add_argument("--levels", default="1,100,500,1000")
+    parser.add_argument("--memories", type=int, default=1_000_000)
+    parser.add_argument("--pg-dir", type=Path, help="keep the database here between runs")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="the event loop: production's (bot/loop.py) or the standard one, to compare",
+    )
+    args = parser.parse_args()
+    if args.loop == "asyncio":
+        asyncio.run(measure(args))
+    else:
+        run_on_loop(measure(args))
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -14,6 +14,7 @@ from bot import db
 from bot.brains.simtrace import add_simulate_parser
 from bot.config import Settings
 from bot.errors import BotError
+from bot.loop import run as run_loop
 from bot.ops.logs import setup_logging
 from bot.spend.report import add_spend_parser, spend_cli
 
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
     setup_logging(settings, stderr_level="ERROR" if args.command == "chat" else "WARNING")
     try:
         if args.command == "chat":
-            return asyncio.run(_chat(settings, args))
+            return run_loop(_chat(settings, args))
         if args.command == "run":
             from bot.runner import run
 
-            return asyncio.run(run(settings))
+            return run_loop(run(settings))
         if args.command == "memories":
             from bot.memory.admin import run_memories
 

@@ -3,6 +3,7 @@ the fake Ollama on loopback, and the app wired exactly as production wires it.""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,10 +14,17 @@ import pytest
 
 from bot.app import App, running_app
 from bot.config import REPO_ROOT, Settings
+from bot.loop import loop_factory
 from tests.fakes.ollama import FakeOllama
 from tests.fal_fixtures import fake_fal, fal_server  # noqa: F401 (the fake Fal's fixtures)
 from tests.synapse import Synapse
 from tests.synapse import available as synapse_available
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """The tests run on the event loop production runs on (bot/loop.py): uvloop's."""
+    factory = loop_factory()
+    return {"uvloop" if factory is not asyncio.new_event_loop else "asyncio": factory}
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import httpx
 import ollama
 
 from bot.brains.base import CallStats, ChatRequest, Chunk, RequestRejected, ToolCall
+from bot.brains.http import ollama_client
 from bot.errors import ModelInterrupted, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,9 @@ class OllamaBrain:
         self.host = host
         self.name = f"ollama:{redact_host(host)}"
         self._keep_alive = keep_alive
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout)
+        self._client = ollama_client(
+            host, read_timeout=read_timeout, connect_timeout=connect_timeout
+        )
         self._no_tools: set[str] = set()  # models Ollama said take no tools
 
     def label(self, model: str) -> str:

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
-import ollama
-
+from bot.brains.http import ollama_client
 from bot.brains.local import shipped_gguf
 from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
 from bot.brains.supervisor import OnFailure, WorkerProcess
@@ -74,8 +72,9 @@ class OllamaEmbedder:
         self.model = f"ollama:{model}"
         self.backend = f"ollama:{redact_host(host)}"
         self._name = model
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout)
+        self._client = ollama_client(
+            host, read_timeout=read_timeout, connect_timeout=connect_timeout
+        )
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
         started = time.perf_counter()

@@ -13,12 +13,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import ollama
 from pydantic import BaseModel, Field, ValidationError
 
 from bot.brains.base import CallStats, ChatRequest
-from bot.brains.ollama_brain import OLLAMA_ERRORS, call_stats, failure_reason, redact_host
+from bot.brains.http import ollama_client
+from bot.brains.ollama_brain import (
+    OLLAMA_ERRORS,
+    call_stats,
+    failure_reason,
+    redact_host,
+)
 from bot.core.calls import CallContext, CallLog
 from bot.errors import ModelUnavailable
 from bot.memory.store import Exchange, MemoryRow
@@ -115,8 +119,9 @@ class Extractor:
     ) -> None:
         self.backend = f"ollama:{redact_host(host)}"
         self._calls = calls
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout)
+        self._client = ollama_client(
+            host, read_timeout=read_timeout, connect_timeout=connect_timeout
+        )
 
     def request(self, exchange: Exchange, known: list[MemoryRow]) -> ChatRequest:
         listed = "\n".join(f"{m.id}: {m.text}" for m in known) or "(none yet)"

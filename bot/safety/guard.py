@@ -31,10 +31,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import ollama
-
 from bot.brains.base import CallStats, ChatRequest
+from bot.brains.http import ollama_client
 from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
 from bot.core.background import Background
 from bot.core.calls import CallContext, CallLog
@@ -128,9 +126,7 @@ class Guard:
         self._notifier = notifier if alerts else None
         self._keep_text = keep_text
         self._context = context
-        self._client = ollama.AsyncClient(
-            host=host, timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
-        )
+        self._client = ollama_client(host, read_timeout=timeout, connect_timeout=connect_timeout)
         self._down: str | None = None  # why the guard is unreachable, while it is
         self._background = Background("recording a guard verdict")
 

@@ -3,8 +3,13 @@ read to its end, so the connection goes back to the client's pool instead of bei
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from bot.brains.base import ChatRequest
 from bot.brains.ollama_brain import OllamaBrain
+from bot.errors import ModelUnavailable
 from tests.fakes.ollama import FakeOllama
 
 
@@ -45,3 +50,46 @@ async def test_a_reply_stopped_early_still_ends_cleanly(fake_ollama: FakeOllama)
         assert "".join([c.text async for c in brain.stream(request("again"))]) == "after"
     finally:
         await brain.aclose()
+
+
+async def test_many_conversations_at_once_are_not_held_to_httpx_defaults(
+    fake_ollama: FakeOllama,
+) -> None:
+    """Through httpx's own pool (100 connections, 20 kept idle) the 101st reply waited for a
+    connection and most replies beyond 20 at once opened a new one (bot/brains/http.py). 120 at
+    once, twice (under the 128 the fake server's listen backlog holds before they are accepted)."""
+    brain = OllamaBrain(fake_ollama.url)
+    fake_ollama.first_token_delay = 0.5  # all 120 are in flight at the same time
+
+    async def one(n: int) -> str:
+        return "".join([c.text async for c in brain.stream(request(f"hi {n}"))])
+
+    try:
+        first = await asyncio.gather(*(one(n) for n in range(120)))
+        assert all(first) and fake_ollama.max_active == 120
+        await asyncio.gather(*(one(n) for n in range(120)))
+    finally:
+        await brain.aclose()
+    assert len(fake_ollama.peers) == 240
+    assert len(set(fake_ollama.peers)) == 120, "the second wave opened new connections"
+
+
+async def test_a_server_that_hangs_up_is_not_taken_for_a_slow_one() -> None:
+    """httpx-aiohttp maps every aiohttp connection error to a connect time-out; bot/brains/http.py
+    puts a hang-up right, so the reason logged and shown is not "did not answer in time"."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    brain = OllamaBrain(f"http://127.0.0.1:{port}", read_timeout=30)
+    try:
+        with pytest.raises(ModelUnavailable) as caught:
+            [c async for c in brain.stream(request("hi"))]
+    finally:
+        await brain.aclose()
+        server.close()
+    assert "in time" not in str(caught.value) and "aiohttp" not in str(caught.value)
+    assert "RemoteProtocolError" in str(caught.value)

@@ -349,6 +349,7 @@ async def test_server_errors_and_timeouts_rest_it_and_the_user_gets_a_plain_sent
         assert isinstance(failed, Failed) and failed.text == ModelError.user_message
         [api_b] = app.backends.backends  # type: ignore[union-attr]
         assert 0 < api_b.breaker.remaining() <= 5.0
+        await app.engine.drain()  # the call's record is written in the background
         failure = (await app.pool.fetch("SELECT error FROM model_calls WHERE NOT ok"))[0]
         assert failure["error"] == "it answered HTTP 503"
 
