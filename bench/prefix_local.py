@@ -11,7 +11,8 @@ the longest beginning a new prompt shares with them. Each reply's figures are th
 reports (bot/brains/local_worker.py): the prompt's tokens, those taken from that cache, and
 llama.cpp's own prompt-eval time.
 
-Each run makes two passes, each with a fresh worker (nothing cached) and its own conversation:
+Each run makes two passes, each with a fresh worker (nothing cached) and its own conversation,
+side by side, a turn of one and then the same turn of the other:
   after   the requests as the bot lays them out (bot/core/prompts.py): the stable system prompt,
           the history, then this reply's notes (recalled memories) next to the new message;
   before  the same requests with the notes moved to the end of the system prompt, where they
@@ -130,23 +131,34 @@ def row(turn: int, stats: CallStats) -> dict[str, Any]:
     }
 
 
-async def one_pass(
-    settings: Settings, *, before: bool, conversation: str, args: Any
-) -> list[dict[str, Any]]:
-    brain = Measured(before=before, threads=args.threads, context=args.context)
-    rows: list[dict[str, Any]] = []
-    async with running_app(settings, brains=[brain]) as app:  # closes the brain on the way out
-        await seed_facts(app, conversation)
+async def one_turn(app: App, brain: Measured, conversation: str, n: int) -> dict[str, Any]:
+    topic = TOPICS[n % len(TOPICS)]
+    text = f"Hey Mimi, today I want to tell you about {topic}, it has been on my mind."
+    incoming = Incoming("bench", conversation, "u1", "Alice", text)
+    async with contextlib.aclosing(app.engine.handle(incoming)) as events:
+        last = [e async for e in events][-1]
+    if not isinstance(last, Done):
+        raise SystemExit(f"{conversation}, turn {n + 1} did not finish: {last}")
+    await app.engine.drain()
+    return row(n + 1, brain.stats[-1])
+
+
+async def both_passes(settings: Settings, args: Any, run: int) -> dict[str, list[dict[str, Any]]]:
+    """The two passes side by side, each in its own app (one database) with its own worker,
+    turn by turn in step, so that the machine's changing load falls on both alike."""
+    brains = {
+        "after": Measured(before=False, threads=args.threads, context=args.context),
+        "before": Measured(before=True, threads=args.threads, context=args.context),
+    }
+    rows: dict[str, list[dict[str, Any]]] = {"after": [], "before": []}
+    async with contextlib.AsyncExitStack() as stack:
+        apps = {}
+        for name, brain in brains.items():  # each app closes its brain on the way out
+            apps[name] = await stack.enter_async_context(running_app(settings, brains=[brain]))
+            await seed_facts(apps[name], f"{name}{run}")
         for n in range(args.turns):
-            topic = TOPICS[n % len(TOPICS)]
-            text = f"Hey Mimi, today I want to tell you about {topic}, it has been on my mind."
-            incoming = Incoming("bench", conversation, "u1", "Alice", text)
-            async with contextlib.aclosing(app.engine.handle(incoming)) as events:
-                last = [e async for e in events][-1]
-            if not isinstance(last, Done):
-                raise SystemExit(f"turn {n + 1} did not finish: {last}")
-            await app.engine.drain()
-            rows.append(row(n + 1, brain.stats[-1]))
+            for name, app in apps.items():
+                rows[name].append(await one_turn(app, brains[name], f"{name}{run}", n))
     return rows
 
 
@@ -180,14 +192,10 @@ async def one_run(args: Any, run: int) -> dict[str, Any]:
                 memory_enabled=True,
                 memory_min_similarity=-1.0,
             )
-            after = await one_pass(settings, before=False, conversation=f"after{run}", args=args)
-            before = await one_pass(settings, before=True, conversation=f"before{run}", args=args)
+            rows = await both_passes(settings, args, run)
         finally:
             server.cleanup()
-    return {
-        "after": {**summary(after), "per_turn": after},
-        "before": {**summary(before), "per_turn": before},
-    }
+    return {name: {**summary(turns), "per_turn": turns} for name, turns in rows.items()}
 
 
 def print_run(result: dict[str, Any]) -> None:
