@@ -16,8 +16,9 @@ side by side, a turn of one and then the same turn of the other:
   after   the requests as the bot lays them out (bot/core/prompts.py): the stable system prompt,
           the history, then this reply's notes (recalled memories) next to the new message;
   before  the same requests with the notes moved to the end of the system prompt, where they
-          were before issue 22. The move is made here, in the bench, on each request on its way
-          to the model (`old_layout`); the replies it gets become the history of its own later
+          were before issue 22, and a history too long for the local context trimmed one message
+          at a time, as it was then. Both are done here, in the bench, on each request on its
+          way to the model (`Measured`); the replies it gets become the history of its own later
           turns, as they did then.
 """
 
@@ -37,7 +38,7 @@ import yaml
 
 from bot.app import App, running_app
 from bot.brains.base import CallStats, ChatRequest, Chunk
-from bot.brains.local import LocalBrain, shipped_gguf
+from bot.brains.local import LocalBrain, estimate, shipped_gguf
 from bot.config import REPO_ROOT, Settings
 from bot.core.engine import Done, Incoming
 from bot.core.ports import scope_of
@@ -84,12 +85,23 @@ def old_layout(request: ChatRequest) -> ChatRequest:
 
 class Measured(LocalBrain):
     """The real local brain, keeping each reply's figures; with `before`, each request is laid
-    out the old way (`old_layout`) first."""
+    out the old way (`old_layout`) first, and its history trimmed to the local context the old
+    way too (one message at a time, not in steps)."""
 
     def __init__(self, *, before: bool, threads: int, context: int) -> None:
         super().__init__(threads=threads, context=context)
         self.before = before
         self.stats: list[CallStats] = []
+
+    def _messages(self, request: ChatRequest) -> list[dict[str, str]]:
+        if not self.before:
+            return super()._messages(request)
+        # before issue 22 the local brain dropped the oldest message one at a time
+        budget = self._context - min(request.max_tokens, self._context // 4)
+        system, rest = request.messages[:1], list(request.messages[1:])
+        while rest and estimate(system + rest) > budget and len(rest) > 1:
+            rest.pop(0)
+        return system + rest
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
         async for chunk in super().stream(old_layout(request) if self.before else request):
