@@ -131,9 +131,13 @@ class _PromptCounter:
     def count(self, messages: Any) -> int | None:
         if self._formatter is None:
             return None
-        result = self._formatter(messages=messages)
-        prompt = result.prompt.encode("utf-8")
-        return len(self._llm.tokenize(prompt, add_bos=not result.added_special, special=True))
+        try:
+            result = self._formatter(messages=messages)
+            prompt = result.prompt.encode("utf-8")
+            tokens = self._llm.tokenize(prompt, add_bos=not result.added_special, special=True)
+        except Exception:  # a figure, never a reason to fail the reply
+            return None
+        return len(tokens)
 
 
 def _token_text(llm: Any, token: int) -> str:
@@ -145,7 +149,9 @@ def _token_text(llm: Any, token: int) -> str:
 def _reset_perf(llm: Any) -> None:
     import llama_cpp
 
-    llama_cpp.llama_perf_context_reset(llm.ctx)
+    reset = getattr(llama_cpp, "llama_perf_context_reset", None)  # llama-cpp-python 0.3 on
+    if reset is not None:
+        reset(llm.ctx)
 
 
 def _prompt_figures(llm: Any, prompt_tokens: int | None) -> dict[str, Any]:
@@ -156,7 +162,10 @@ def _prompt_figures(llm: Any, prompt_tokens: int | None) -> dict[str, Any]:
     kept (the cache hit) is the context less both counts."""
     import llama_cpp
 
-    data = llama_cpp.llama_perf_context(llm.ctx)
+    perf = getattr(llama_cpp, "llama_perf_context", None)
+    if perf is None:
+        return {}
+    data = perf(llm.ctx)
     batched = data.n_p_eval if data.t_p_eval_ms > 0 else 0
     single = data.n_eval if data.t_eval_ms > 0 else 0
     figures: dict[str, Any] = {"prompt_eval_ms": float(data.t_p_eval_ms)}

@@ -6,13 +6,21 @@ put from one turn to the next."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from bot.app import running_app
 from bot.brains.base import CallStats, ChatRequest
 from bot.brains.local import LocalBrain, estimate, shipped_gguf, trim_in_steps
+from bot.config import REPO_ROOT
+from bot.core.engine import Done, Incoming
+from tests.conftest import make_settings
+from tests.fakes.loopback import dead_url
 
 # One llama.cpp thread, as in tests/brains/test_local_model.py (a shared 2-core machine).
 THREADS = 1
@@ -83,6 +91,31 @@ async def test_a_turn_that_extends_the_last_evaluates_only_what_is_new() -> None
         assert cold_again.prompt_evaluated_tokens > 4 * warm.prompt_evaluated_tokens
     finally:
         await brain.aclose()
+
+
+@needs_model
+async def test_the_call_log_keeps_the_local_models_prompt_figures(
+    tmp_path: Path, database_url: str
+) -> None:
+    data = yaml.safe_load((REPO_ROOT / "personas" / "mimi.yaml").read_text(encoding="utf-8"))
+    data.update(max_reply_tokens=16)
+    (tmp_path / "personas").mkdir()
+    (tmp_path / "personas" / "mimi.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    settings = make_settings(tmp_path, database_url, dead_url(), personas_dir=tmp_path / "personas")
+    brain = LocalBrain(threads=THREADS)
+    async with running_app(settings, brains=[brain]) as app:
+        for text in ("Hi Mimi! What did you draw today?", "A castle! Which colours?"):
+            incoming = Incoming("test", "c1", "alice", "Alice", text)
+            async with contextlib.aclosing(app.engine.handle(incoming)) as events:
+                assert isinstance([e async for e in events][-1], Done)
+            await app.engine.drain()
+        rows = await app.pool.fetch(
+            "SELECT backend, prompt_tokens, prompt_eval_ms FROM model_calls ORDER BY id"
+        )
+    assert [r["backend"] for r in rows] == ["local", "local"]
+    first, second = rows
+    assert first["prompt_tokens"] > 30 and second["prompt_tokens"] > first["prompt_tokens"]
+    assert first["prompt_eval_ms"] > 0 and second["prompt_eval_ms"] > 0
 
 
 def conversation(turns: int) -> list[list[dict[str, str]]]:
