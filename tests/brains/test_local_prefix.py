@@ -55,6 +55,16 @@ async def turn(brain: LocalBrain, messages: list[dict[str, Any]]) -> tuple[str, 
     return "".join(parts), stats
 
 
+def figures(stats: CallStats) -> tuple[int, int, int]:
+    prompt, cached, evaluated = (
+        stats.prompt_tokens,
+        stats.prompt_cached_tokens,
+        stats.prompt_evaluated_tokens,
+    )
+    assert prompt is not None and cached is not None and evaluated is not None
+    return prompt, cached, evaluated
+
+
 @needs_model
 async def test_a_turn_that_extends_the_last_evaluates_only_what_is_new() -> None:
     brain = LocalBrain(threads=THREADS)
@@ -91,6 +101,29 @@ async def test_a_turn_that_extends_the_last_evaluates_only_what_is_new() -> None
         assert cold_again.prompt_evaluated_tokens > 4 * warm.prompt_evaluated_tokens
     finally:
         await brain.aclose()
+
+
+@needs_model
+async def test_a_trimmed_history_keeps_the_cache_between_steps() -> None:
+    brain = LocalBrain(threads=THREADS, context=512)  # a small context, filled within a few turns
+    try:
+        history: list[dict[str, Any]] = []
+        seen: list[CallStats] = []
+        for n in range(18):  # steps at turns 10, 14 and 18
+            new = {"role": "user", "content": f"Turn {n}: I painted another tower of my castle."}
+            reply, stats = await turn(brain, [SYSTEM, *history, new])
+            history += [new, {"role": "assistant", "content": reply}]
+            seen.append(stats)
+    finally:
+        await brain.aclose()
+    pairs = list(itertools.pairwise(figures(s) for s in seen))  # (prompt, cached, evaluated)
+    trims = sum(b[0] < a[0] for a, b in pairs)
+    misses = [b for a, b in pairs if b[1] < a[0]]  # not all of the last prompt was reused
+    assert trims >= 2, "the history outgrew the context and was trimmed"
+    # only a step misses the cache; dropping a message a turn would miss on every trimmed turn
+    assert len(misses) == trims
+    assert len(misses) <= len(pairs) // 3
+    assert all(b[2] < 60 for a, b in pairs if b[1] >= a[0])  # a hit: the new turn only
 
 
 @needs_model
