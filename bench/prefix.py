@@ -20,7 +20,15 @@ window is small, so history is trimmed within the 20 turns.
 
 With `--no-memory` nothing is recalled, so no turn has notes: the floor of what is evaluated.
 
+With `--local` the figures are real instead: the same conversation runs with the real local
+model (SmolLM2-135M in llama.cpp, which reuses a prompt's prefix as Ollama does) as the only
+brain, no Ollama at all, and each turn reports the prompt tokens, those evaluated and llama.cpp's
+prompt-eval time, after (the bot's layout) and before (the notes in the system prompt); see
+bench/prefix_local.py.
+
     .venv/bin/python bench/prefix.py [--turns 20] [--window 1536] [--no-memory] [--json]
+    .venv/bin/python bench/prefix.py --local [--turns 20] [--runs 3] [--reply-tokens 24]
+        [--context 2048] [--threads 1] [--json]
 """
 
 from __future__ import annotations
@@ -166,7 +174,19 @@ async def main() -> None:
     parser.add_argument("--window", type=int, default=1536)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--local", action="store_true", help="real figures, the local model")
+    parser.add_argument("--runs", type=int, default=1, help="--local: runs of both passes")
+    parser.add_argument("--reply-tokens", type=int, default=24, help="--local: reply length")
+    parser.add_argument("--context", type=int, default=2048, help="--local: its context")
+    parser.add_argument("--threads", type=int, default=1, help="--local: llama.cpp threads")
     args = parser.parse_args()
+    if args.local:
+        from bench.prefix_local import main_local
+
+        results = await main_local(args)
+        if args.json:
+            print(json.dumps(results))
+        return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         server = pgserver.get_server(tmp / "pg", cleanup_mode="delete")

@@ -66,10 +66,22 @@ class CallStats:
     # A backend billed per token (kind: openai with a cost): dollars per input/output token.
     usd_per_input_token: Decimal | None = None
     usd_per_output_token: Decimal | None = None
+    # Of `prompt_tokens`, those the model took from its prompt cache (the longest beginning it
+    # had already evaluated) instead of evaluating again: Ollama's `prompt_eval_cached_count`.
+    # None: the backend does not say. Not a column of model_calls; the figure is for benches.
+    prompt_cached_tokens: int | None = None
 
     @property
     def priced(self) -> bool:
         return bool(self.usd_per_input_token or self.usd_per_output_token)
+
+    @property
+    def prompt_evaluated_tokens(self) -> int | None:
+        """Prompt tokens the model actually evaluated for this call (the rest came from its
+        prompt cache); None when the backend reports no cache figure."""
+        if self.prompt_tokens is None or self.prompt_cached_tokens is None:
+            return None
+        return self.prompt_tokens - self.prompt_cached_tokens
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "smollm2:135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# History is dropped in blocks of this share of the budget (bot/core/prompts.py's _TRIM_TO).
+_TRIM_TO = 0.5
 
 
 def shipped_gguf() -> Path | None:
@@ -70,12 +72,9 @@ class LocalBrain:
         return self._path is not None and importlib.util.find_spec("llama_cpp") is not None
 
     def _messages(self, request: ChatRequest) -> list[dict[str, str]]:
-        """Trim the oldest history so the prompt fits the small local context."""
+        """Trim the oldest history so the prompt fits the small local context, in steps."""
         budget = self._context - min(request.max_tokens, self._context // 4)
-        system, rest = request.messages[:1], list(request.messages[1:])
-        while rest and _estimate(system + rest) > budget and len(rest) > 1:
-            rest.pop(0)
-        return system + rest
+        return trim_in_steps(request.messages, budget)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
         if not self.available:
@@ -111,21 +110,64 @@ class LocalBrain:
                 raise
 
     def _stats(self, done: dict[str, object], started: float, load_ms: float | None) -> CallStats:
-        tokens = done.get("completion_tokens")
-        eval_ms = done.get("eval_ms")
         return CallStats(
             backend=self.name,
             model=LOCAL_MODEL_NAME,
-            completion_tokens=tokens if isinstance(tokens, int) else None,
+            prompt_tokens=_count(done.get("prompt_tokens")),
+            completion_tokens=_count(done.get("completion_tokens")),
             total_ms=(time.perf_counter() - started) * 1000,
             load_ms=load_ms,
-            eval_ms=float(eval_ms) if isinstance(eval_ms, int | float) else None,
+            prompt_eval_ms=_ms(done.get("prompt_eval_ms")),
+            eval_ms=_ms(done.get("eval_ms")),
             done_reason=str(done.get("done_reason") or "stop"),
+            prompt_cached_tokens=_count(done.get("prompt_cached_tokens")),
         )
 
     async def aclose(self) -> None:
         await self.worker.aclose()
 
 
-def _estimate(messages: list[dict[str, str]]) -> int:
+def trim_in_steps(messages: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+    """The system message, as much recent history as fits `budget` (estimated tokens), and the
+    new message, with history dropped in steps so that the prompt's beginning, which a prompt
+    cache reuses, stays the same from turn to turn until a step.
+
+    The history is cut into blocks from its oldest message on, each about half of what the
+    system message leaves of the budget, and whole blocks are dropped, oldest first, until the
+    rest fits. A block's bounds depend only on the messages before it and on the system
+    message, so as the conversation grows the kept history starts at the same message turn
+    after turn, and moves by half a budget when it must: the engine's rule (bot/core/prompts,
+    `history_window`), which keeps its start per conversation in the database; a request
+    carries no conversation, hence blocks counted from the request's own first message.
+    When no block boundary fits (one long message), messages go one at a time as before."""
+    if len(messages) < 3:
+        return messages
+    system, history, last = messages[:1], messages[1:-1], messages[-1:]
+    room = budget - estimate(system + last)
+    if estimate(history) <= room:
+        return messages
+    block = max(1, int((budget - estimate(system)) * _TRIM_TO))
+    start, filled = 0, 0
+    for index, message in enumerate(history):
+        size = estimate([message])
+        if filled and filled + size > block:  # a new block starts at this message
+            if estimate(history[index:]) <= room:
+                return system + history[index:] + last
+            start, filled = index, 0
+        filled += size
+    while start < len(history) and estimate(history[start:]) > room:
+        start += 1
+    return system + history[start:] + last
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _ms(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def estimate(messages: list[dict[str, str]]) -> int:
+    """The local context's token estimate: about three characters a token, and four a message."""
     return sum(len(m["content"]) // 3 + 4 for m in messages)

@@ -12,10 +12,19 @@ print are sent to stderr instead (fd 1 is pointed at fd 2), so nothing can corru
      "model_path": ..., "threads": 2, "context": 2048}   {"failed": "FileNotFoundError"}
     {"op": "chat", "id": 1, "messages": [...],           {"id": 1, "text": "Hel"} ...
      "temperature": .8, "seed": 7, "max_tokens": 200,    {"id": 1, "done": {"completion_tokens":
-     "repeat_penalty": 1.3}                                 9, "eval_ms": 250.1, "done_reason": ..}}
+     "repeat_penalty": 1.3}                                 9, "eval_ms": 250.1, "done_reason": ..,
+                                                           "prompt_tokens": 412,
+                                                           "prompt_cached_tokens": 380,
+                                                           "prompt_eval_ms": 96.0}}
     {"op": "stop", "id": 1}      (ends generation 1 at its next token; "done" follows)
     {"op": "embed", "id": 2, "texts": ["..."]}           {"id": 2, "vectors": [[...]], "tokens": 5}
                                                          {"id": n, "error": "ValueError"}
+
+Like Ollama, llama-cpp-python keeps the tokens it evaluated last and evaluates only what follows
+the longest beginning a new prompt shares with them. "done" says how that went, as Ollama does:
+`prompt_tokens` (the prompt, counted by the GGUF's own chat template and tokenizer, which is
+what the chat call itself does), `prompt_cached_tokens` (taken from that cache) and
+`prompt_eval_ms` (llama.cpp's own timer for evaluating the prompt, `llama_perf_context`).
 
 One request at a time: a second request waits until the first has answered "done". A reader
 thread takes stdin so that "stop" reaches a generation in progress; end of stdin (the bot went
@@ -99,10 +108,81 @@ def _load(request: dict[str, Any]) -> Any:
     )
 
 
-def _chat(llm: Any, request: dict[str, Any], inbox: _Inbox, channel: _Channel) -> None:
+class _PromptCounter:
+    """Counts a chat's prompt tokens the way llama-cpp-python's handler for the GGUF's own chat
+    template makes them (`chat_formatter_to_chat_completion_handler`: the template rendered by
+    `Jinja2ChatFormatter`, then tokenized with special tokens). Another chat format (a GGUF
+    without a template): None, the count is not known."""
+
+    def __init__(self, llm: Any) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._llm = llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        own = llm.chat_handler is None and llm.chat_format == "chat_template.default"
+        self._formatter = (
+            Jinja2ChatFormatter(
+                template, _token_text(llm, llm.token_eos()), _token_text(llm, llm.token_bos())
+            )
+            if own and template
+            else None
+        )
+
+    def count(self, messages: Any) -> int | None:
+        if self._formatter is None:
+            return None
+        try:
+            result = self._formatter(messages=messages)
+            prompt = result.prompt.encode("utf-8")
+            tokens = self._llm.tokenize(prompt, add_bos=not result.added_special, special=True)
+        except Exception:  # a figure, never a reason to fail the reply
+            return None
+        return len(tokens)
+
+
+def _token_text(llm: Any, token: int) -> str:
+    if token == -1:
+        return ""
+    return str(llm.detokenize([token], special=True).decode("utf-8", errors="replace"))
+
+
+def _reset_perf(llm: Any) -> None:
+    import llama_cpp
+
+    reset = getattr(llama_cpp, "llama_perf_context_reset", None)  # llama-cpp-python 0.3 on
+    if reset is not None:
+        reset(llm.ctx)
+
+
+def _prompt_figures(llm: Any, prompt_tokens: int | None) -> dict[str, Any]:
+    """What the prompt cost, from llama.cpp's counters since `_reset_perf`. llama.cpp counts a
+    decode of several tokens as prompt evaluation and of one token as generation, and reports
+    at least 1 of each (it guards a division): a count whose time is zero is none. Every token
+    in the context after the call was either decoded by it or kept from before, so what was
+    kept (the cache hit) is the context less both counts."""
+    import llama_cpp
+
+    perf = getattr(llama_cpp, "llama_perf_context", None)
+    if perf is None:
+        return {}
+    data = perf(llm.ctx)
+    batched = data.n_p_eval if data.t_p_eval_ms > 0 else 0
+    single = data.n_eval if data.t_eval_ms > 0 else 0
+    figures: dict[str, Any] = {"prompt_eval_ms": float(data.t_p_eval_ms)}
+    if prompt_tokens is not None:
+        cached = min(max(0, int(llm.n_tokens) - batched - single), prompt_tokens)
+        figures.update(prompt_tokens=prompt_tokens, prompt_cached_tokens=cached)
+    return figures
+
+
+def _chat(
+    llm: Any, prompts: _PromptCounter, request: dict[str, Any], inbox: _Inbox, channel: _Channel
+) -> None:
     ident = request["id"]
     count = 0
     finish: str | None = None
+    prompt_tokens = prompts.count(request["messages"])
+    _reset_perf(llm)
     started = time.perf_counter()
     stream = llm.create_chat_completion(
         messages=request["messages"],
@@ -126,6 +206,7 @@ def _chat(llm: Any, request: dict[str, Any], inbox: _Inbox, channel: _Channel) -
         "completion_tokens": count,
         "eval_ms": (time.perf_counter() - started) * 1000,
         "done_reason": finish or "stop",
+        **_prompt_figures(llm, prompt_tokens),
     }
     channel.send({"id": ident, "done": done})
 
@@ -152,10 +233,12 @@ def unit(vector: list[float]) -> list[float]:
 
 
 def _serve(llm: Any, inbox: _Inbox, channel: _Channel) -> None:
+    prompts: _PromptCounter | None = None
     while (request := inbox.requests.get()) is not _END:
         try:
             if request.get("op") == "chat":
-                _chat(llm, request, inbox, channel)
+                prompts = prompts or _PromptCounter(llm)
+                _chat(llm, prompts, request, inbox, channel)
             elif request.get("op") == "embed":
                 _embed(llm, request, channel)
             else:
