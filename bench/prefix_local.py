@@ -36,6 +36,7 @@ from typing import Any
 import pgserver
 import yaml
 
+from bench.prefix import TOPICS  # the same conversation's topics
 from bot.app import App, running_app
 from bot.brains.base import CallStats, ChatRequest, Chunk
 from bot.brains.local import LocalBrain, estimate, shipped_gguf
@@ -45,18 +46,6 @@ from bot.core.ports import scope_of
 from bot.memory.store import NewFact
 from tests.fakes.loopback import dead_url
 
-TOPICS = [
-    "pixel art",
-    "my cat Miso",
-    "the rain in Lisbon",
-    "a cosy farming game",
-    "learning the guitar",
-    "my sister's wedding",
-    "a sketchbook I bought",
-    "night shifts at the bakery",
-    "a trip to Porto",
-    "watercolour brushes",
-]
 FACTS = [
     "Draws pixel art most evenings.",
     "Has a grey cat called Miso.",
