@@ -1,9 +1,10 @@
 """The event loop the bot's long-running commands run on: uvloop's (libuv), where installed.
 
-The bot's CPU goes to the event loop itself, asyncpg's round trips and the HTTP clients
-(docs/benchmarks.md); uvloop runs the same asyncio code with less of it. The tests run on the
-same loop (tests/conftest.py). Where uvloop is not installed (it has no Windows build), the
-standard loop runs everything the same way.
+Much of the bot's CPU is the event loop's own work around asyncpg's round trips and the HTTP
+clients (docs/benchmarks.md). uvloop is libuv under the same asyncio API; on the pipeline bench
+its gain was within the noise of one pair, and it is what the bot and its tests run on
+(tests/conftest.py), so there is one loop to trust. Where uvloop is not installed (it has no
+Windows build), the standard loop runs everything the same way.
 """
 
 from __future__ import annotations
