@@ -36,14 +36,23 @@ OLLAMA_CONNECTIONS = 512
 
 def ollama_client(host: str, *, read_timeout: float, connect_timeout: float) -> ollama.AsyncClient:
     """The official client with explicit time-outs (its default is none), on aiohttp's pool."""
-    limits = httpx.Limits(
-        max_connections=OLLAMA_CONNECTIONS, max_keepalive_connections=OLLAMA_CONNECTIONS
-    )
     return ollama.AsyncClient(
         host=host,
         timeout=httpx.Timeout(read_timeout, connect=min(connect_timeout, read_timeout)),
-        transport=_Transport(limits=limits),
+        transport=_Transport(client=_session),
     )
+
+
+def _session() -> aiohttp.ClientSession:
+    """The transport's aiohttp session, made in the running loop at the first request. As httpx
+    did: proxies from HTTP(S)_PROXY/NO_PROXY (`trust_env`), certificates checked with certifi's
+    store, idle connections closed after 5 s."""
+    connector = aiohttp.TCPConnector(
+        limit=OLLAMA_CONNECTIONS,
+        keepalive_timeout=5.0,
+        ssl=httpx.create_ssl_context(),
+    )
+    return aiohttp.ClientSession(connector=connector, trust_env=True)
 
 
 class _Transport(AiohttpTransport):

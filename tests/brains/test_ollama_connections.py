@@ -10,6 +10,7 @@ import pytest
 from bot.brains.base import ChatRequest
 from bot.brains.ollama_brain import OllamaBrain
 from bot.errors import ModelUnavailable
+from tests.fakes.loopback import dead_url
 from tests.fakes.ollama import FakeOllama
 
 
@@ -93,3 +94,19 @@ async def test_a_server_that_hangs_up_is_not_taken_for_a_slow_one() -> None:
         server.close()
     assert "in time" not in str(caught.value) and "aiohttp" not in str(caught.value)
     assert "RemoteProtocolError" in str(caught.value)
+
+
+async def test_a_proxy_in_the_environment_is_used_as_httpx_used_it(
+    fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured (httpx's `trust_env`, kept with aiohttp's): the request for an
+    Ollama nobody listens at reaches the proxy, here the fake itself, which answers it."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", fake_ollama.url)
+    brain = OllamaBrain(dead_url())
+    try:
+        fake_ollama.queue_reply("through the proxy")
+        assert "".join([c.text async for c in brain.stream(request("hi"))]) == "through the proxy"
+    finally:
+        await brain.aclose()
