@@ -17,12 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from bot.brains.base import CallStats, ChatRequest
 from bot.brains.http import ollama_client
-from bot.brains.ollama_brain import (
-    OLLAMA_ERRORS,
-    call_stats,
-    failure_reason,
-    redact_host,
-)
+from bot.brains.ollama_brain import OLLAMA_ERRORS, call_stats, failure_reason, redact_host
 from bot.core.calls import CallContext, CallLog
 from bot.errors import ModelUnavailable
 from bot.memory.store import Exchange, MemoryRow
