@@ -3,14 +3,9 @@
 The ollama client speaks through httpx, whose connection pool (httpcore) walks every connection
 on every request and every release, polling each idle socket (httpx#3215, httpcore#1035). Its
 defaults (100 connections, 20 kept idle) made the 101st reply wait for a connection and most
-replies beyond 20 at once open a new one; raising the limits makes the walk longer. Measured on
-the 2-core development machine against the fake Ollama in its own process, the model taking 1 s:
-
-| client | CPU per call, one at a time | 500 at once: wall, CPU per call |
-|---|---:|---:|
-| httpx, its defaults | 1.34 ms | 8.88 s, 12.7 ms |
-| httpx, 512 connections | 1.44 ms | 16.01 s, 28.7 ms |
-| aiohttp's pool under httpx (`httpx-aiohttp`), 512 | 0.78 ms | 1.86 s, 1.17 ms |
+replies beyond 20 at once open a new one; raising the limits makes the walk longer. At 500 calls
+at once it cost 12.7 ms of CPU a call against 1.2 ms through aiohttp's pool (docs/benchmarks.md,
+"The HTTP client's connection pool", has the measurements).
 
 So the client keeps its API and its parsing, and its requests go through `httpx-aiohttp`'s
 transport. That transport maps aiohttp's errors onto httpx's, but takes a refused connection and
