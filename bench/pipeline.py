@@ -116,8 +116,8 @@ async def fake_only(url: str, n: int) -> list[float]:
     times = []
     for _ in range(n):
         started = time.perf_counter()
-        async for _part in await client.chat(
-            model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}], stream=True
+        async for _part in client.chat_stream(
+            model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}]
         ):
             pass
         times.append(time.perf_counter() - started)

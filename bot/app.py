@@ -145,6 +145,14 @@ def _persona_rates(pool: Any, scheduler: Scheduler) -> Buckets:
     return rates
 
 
+def _wire_memory(memory: Memory, engine: Engine, guard: Guard | None) -> None:
+    """New facts pass the input guard when it is on; extraction waits for a moment without
+    replies (bot/core/background.py, `Quiet`)."""
+    if guard is not None:
+        memory.vet = fact_vetter(guard, engine.persona_named)
+    memory.quiet = engine.quiet.wait
+
+
 async def _resume_memory(memory: Memory) -> None:
     await memory.resume()
 
@@ -193,8 +201,7 @@ async def running_app(
         memory=memory,
         moderation=moderation,
     )
-    if moderation.active:  # new facts pass the input guard
-        memory.vet = fact_vetter(guard, engine.persona_named)
+    _wire_memory(memory, engine, guard if moderation.active else None)
     scheduler = Scheduler(pool, metrics=engine.metrics)  # pool: jobs run once across replicas
     schedule_month_summary(scheduler, ledger, notifier)
     commands = Commands(engine)

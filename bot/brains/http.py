@@ -1,100 +1,270 @@
-"""The HTTP connections under the official `ollama` client: aiohttp's pool, not httpx's own.
+"""Ollama's HTTP API, spoken directly on aiohttp: the requests the official `ollama` client
+sends, its answers parsed into that client's own types.
 
-The ollama client speaks through httpx, whose connection pool (httpcore) walks every connection
-on every request and every release, polling each idle socket (httpx#3215, httpcore#1035). Its
-defaults (100 connections, 20 kept idle) made the 101st reply wait for a connection and most
-replies beyond 20 at once open a new one; raising the limits makes the walk longer. At 500 calls
-at once it cost 12.7 ms of CPU a call against 1.2 ms through aiohttp's pool (docs/benchmarks.md,
-"The HTTP client's connection pool", has the measurements).
+Every call the bot makes to Ollama (a reply, the guard's verdict, a memory extraction, an
+embedding) goes through `OllamaHTTP`. The official client sends through httpx, which cost
+2.8 ms of CPU a chat call and 3.5 ms an embedding against 0.4 to 0.8 ms here, for the same
+answers (docs/benchmarks.md, "Talking to Ollama"): httpx builds and merges a request, its
+cookies and headers per call, and its pool (httpcore) walks every connection on every request
+and release (httpx#3215, httpcore#1035); aiohttp's `trust_env` reads ~/.netrc and the proxy
+variables on a worker thread per request. A bot that answers hundreds of people at once on two
+cores spends that on every reply.
 
-So the client keeps its API and its parsing, and its requests go through `httpx-aiohttp`'s
-transport. That transport maps aiohttp's errors onto httpx's, but takes a refused connection and
-a server that hung up for time-outs (its map checks `ClientConnectionError` first); `_mapped`
-puts those right, so a refused connection still reads "nothing is listening there".
+What is kept from the official client, so a server sees no difference
+(tests/brains/test_ollama_http.py compares the bodies both send):
+
+- the host as it parses it (`_parse_host`: http, port 11434 unless given);
+- the request bodies: messages without their empty fields, `tools: []` when there are none,
+  nothing that is None;
+- its headers, with `OLLAMA_API_KEY` as a bearer token;
+- its answers: `ollama.ChatResponse`, `GenerateResponse`, `EmbedResponse`, parsed from the JSON
+  by pydantic; an HTTP error or an `error` line in a stream raises `ollama.ResponseError`;
+- no total time-out, a connect time-out and a read time-out between bytes.
+
+Transport failures raise httpx's exceptions, which every caller already words
+(`failure_reason` in bot/brains/ollama_brain.py): a refused connection is `ConnectError`, a hang-up
+`RemoteProtocolError`, a silence `ReadTimeout`. A proxy comes from `HTTP(S)_PROXY`/`NO_PROXY`, read
+once per client, as aiohttp's `trust_env` would read them per request.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import json
+import os
+import platform
+import urllib.request
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 import ollama
-from httpx_aiohttp import AiohttpTransport
+import pydantic
+from ollama._client import _parse_host  # the official client's reading of OLLAMA_HOST
 
 # Requests the bot sends one Ollama at once, and idle connections it keeps for the next ones.
 # Ollama itself queues up to OLLAMA_MAX_QUEUE (512 by default, its FAQ) beyond
 # OLLAMA_NUM_PARALLEL and answers 503 past it.
 OLLAMA_CONNECTIONS = 512
+_LINE_LIMIT = 2**20  # the longest streamed line read (aiohttp's default is 128 KiB)
+
+Answer = TypeVar("Answer", bound=pydantic.BaseModel)
 
 
-def ollama_client(host: str, *, read_timeout: float, connect_timeout: float) -> ollama.AsyncClient:
-    """The official client with explicit time-outs (its default is none), on aiohttp's pool."""
-    return ollama.AsyncClient(
-        host=host,
-        timeout=httpx.Timeout(read_timeout, connect=min(connect_timeout, read_timeout)),
-        transport=_Transport(client=_session),
+def ollama_client(host: str, *, read_timeout: float, connect_timeout: float) -> OllamaHTTP:
+    """A client of the Ollama at `host` with explicit time-outs (the official one has none)."""
+    return OllamaHTTP(host, read_timeout=read_timeout, connect_timeout=connect_timeout)
+
+
+class OllamaHTTP:
+    def __init__(self, host: str, *, read_timeout: float, connect_timeout: float) -> None:
+        self.base = _parse_host(host)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=read_timeout,  # waiting for a free connection, then connecting
+            sock_connect=min(connect_timeout, read_timeout),
+            sock_read=read_timeout,
+        )
+        self._headers = _headers()
+        self._proxy = _proxy_for(self.base)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def chat(
+        self,
+        *,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        format: Mapping[str, Any] | str | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: str | float | None = None,
+    ) -> ollama.ChatResponse:
+        """One whole answer (`stream: false`)."""
+        body = _chat(
+            model=model,
+            messages=messages,
+            tools=tools,
+            stream=False,
+            format=format,
+            options=options,
+            keep_alive=keep_alive,
+        )
+        return await self._answer("/api/chat", body, ollama.ChatResponse)
+
+    async def chat_stream(
+        self,
+        *,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        format: Mapping[str, Any] | str | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: str | float | None = None,
+    ) -> AsyncGenerator[ollama.ChatResponse, None]:
+        """The answer as Ollama streams it, one part per line; closing it early ends the
+        request."""
+        body = _chat(
+            model=model,
+            messages=messages,
+            tools=tools,
+            stream=True,
+            format=format,
+            options=options,
+            keep_alive=keep_alive,
+        )
+        async with self._post("/api/chat", body) as response:
+            async for line in response.content:
+                if line.strip():
+                    yield _part(line, ollama.ChatResponse)
+
+    async def generate(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        raw: bool | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: str | float | None = None,
+    ) -> ollama.GenerateResponse:
+        """A completion of `prompt` (`raw`: already in the model's format), whole."""
+        body = _present(
+            model=model,
+            prompt=prompt,
+            stream=False,
+            raw=raw,
+            options=options,
+            keep_alive=keep_alive,
+        )
+        return await self._answer("/api/generate", body, ollama.GenerateResponse)
+
+    async def embed(
+        self,
+        *,
+        model: str,
+        input: Sequence[str],
+        keep_alive: str | float | None = None,
+    ) -> ollama.EmbedResponse:
+        body = _present(model=model, input=list(input), keep_alive=keep_alive)
+        return await self._answer("/api/embed", body, ollama.EmbedResponse)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _answer(self, path: str, body: dict[str, Any], kind: type[Answer]) -> Answer:
+        async with self._post(path, body) as response:
+            data = await response.read()
+        return kind.model_validate_json(data)
+
+    @contextlib.asynccontextmanager
+    async def _post(self, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The response to a POST of `body` as JSON; an HTTP error raises ResponseError."""
+        session = self._session or self._open()
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        with _mapped():
+            async with session.post(
+                self.base + path,
+                data=data,
+                headers=self._headers,
+                timeout=self._timeout,
+                proxy=self._proxy,
+            ) as response:
+                if response.status >= 400:
+                    raise ollama.ResponseError(await response.text(), response.status)
+                yield response
+
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made in the running loop at the first request: certificates checked
+        against certifi's store (as httpx does), idle connections closed after 5 s."""
+        connector = aiohttp.TCPConnector(
+            limit=OLLAMA_CONNECTIONS,
+            keepalive_timeout=5.0,
+            ssl=httpx.create_ssl_context(),
+        )
+        self._session = aiohttp.ClientSession(connector=connector, read_bufsize=_LINE_LIMIT)
+        return self._session
+
+
+def _chat(
+    *,
+    model: str,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None,
+    stream: bool,
+    format: Mapping[str, Any] | str | None,
+    options: Mapping[str, Any] | None,
+    keep_alive: str | float | None,
+) -> dict[str, Any]:
+    return _present(
+        model=model,
+        # as the official client copies them: a field with an empty value is left out
+        messages=[{k: v for k, v in m.items() if v} for m in messages],
+        tools=list(tools or ()),
+        stream=stream,
+        format=format,
+        options=options,
+        keep_alive=keep_alive,
     )
 
 
-def _session() -> aiohttp.ClientSession:
-    """The transport's aiohttp session, made in the running loop at the first request. As httpx
-    did: proxies from HTTP(S)_PROXY/NO_PROXY (`trust_env`), certificates checked with certifi's
-    store, idle connections closed after 5 s."""
-    connector = aiohttp.TCPConnector(
-        limit=OLLAMA_CONNECTIONS,
-        keepalive_timeout=5.0,
-        ssl=httpx.create_ssl_context(),
-    )
-    return aiohttp.ClientSession(connector=connector, trust_env=True)
+def _present(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
-class _Transport(AiohttpTransport):
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        with _mapped():
-            response = await super().handle_async_request(request)
-        response.stream = _Stream(response.stream)
-        return response
+def _part(line: bytes, kind: type[Answer]) -> Answer:
+    """One streamed line; a line carrying `error` (Ollama failed mid-answer) raises."""
+    if b'"error"' in line:
+        error = json.loads(line).get("error")
+        if error:
+            raise ollama.ResponseError(error)
+    return kind.model_validate_json(line)
 
 
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream | httpx.SyncByteStream) -> None:
-        assert isinstance(inner, httpx.AsyncByteStream)
-        self._inner = inner
+def _headers() -> dict[str, str]:
+    """The official client's headers (ollama/_client.py, BaseClient)."""
+    headers = {
+        "content-type": "application/json",
+        "accept": "application/json",
+        "user-agent": (
+            f"personabot ({platform.machine()} {platform.system().lower()})"
+            f" Python/{platform.python_version()}"
+        ),
+    }
+    api_key = os.environ.get("OLLAMA_API_KEY")
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _mapped():
-            async for chunk in self._inner:
-                yield chunk
 
-    async def aclose(self) -> None:
-        with _mapped():
-            await self._inner.aclose()
+def _proxy_for(base: str) -> str | None:
+    """The proxy `HTTP_PROXY`/`HTTPS_PROXY` name for this host unless `NO_PROXY` exempts it."""
+    parts = urlsplit(base)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 @contextlib.contextmanager
 def _mapped() -> Iterator[None]:
-    """httpx's error for what aiohttp raised, where the transport's own map got it wrong or
-    left it out (an unmapped aiohttp error would escape every `except httpx.HTTPError`)."""
+    """httpx's exception for what aiohttp raised, as the official client's callers expect."""
     try:
         yield
-    except httpx.TransportError as exc:
-        better = _better(exc.__cause__)
-        if better is None:
-            raise
-        raise better(str(exc)) from exc.__cause__
     except aiohttp.ClientError as exc:
-        raise httpx.NetworkError(str(exc) or type(exc).__name__) from exc
+        raise _as_httpx(exc)(str(exc) or type(exc).__name__) from exc
 
 
-def _better(cause: BaseException | None) -> type[httpx.TransportError] | None:
-    if cause is None or isinstance(cause, TimeoutError):  # aiohttp's time-outs are TimeoutErrors
-        return None
-    if isinstance(cause, aiohttp.ClientConnectorError):
+def _as_httpx(exc: aiohttp.ClientError) -> type[httpx.TransportError]:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return httpx.ConnectError
-    if isinstance(cause, aiohttp.ServerDisconnectedError):
-        return httpx.RemoteProtocolError
-    if isinstance(cause, aiohttp.ClientConnectionError):
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError  # a hang-up, or a body cut short
+    if isinstance(exc, aiohttp.ClientConnectionError):
         return httpx.ReadError
-    return None
+    return httpx.NetworkError

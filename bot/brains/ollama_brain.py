@@ -1,4 +1,4 @@
-"""Chat through the official `ollama` AsyncClient, with explicit time-outs (its default is none)."""
+"""Chat with an Ollama server (/api/chat, through bot/brains/http.py), with explicit time-outs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import ollama
+import pydantic
 
 from bot.brains.base import CallStats, ChatRequest, Chunk, RequestRejected, ToolCall
 from bot.brains.http import ollama_client
@@ -72,6 +73,7 @@ OLLAMA_ERRORS: tuple[type[BaseException], ...] = (
     httpx.HTTPError,
     OSError,  # ConnectionError among them
     json.JSONDecodeError,
+    pydantic.ValidationError,  # JSON that is not of the answer's shape
 )
 
 
@@ -86,7 +88,7 @@ def failure_reason(exc: BaseException, model: str | None = None) -> str:
         return "it did not answer in time"
     if isinstance(exc, (ConnectionError, httpx.ConnectError, OSError)):
         return "nothing is listening there"
-    if isinstance(exc, ValueError):  # json.JSONDecodeError among them
+    if isinstance(exc, ValueError):  # json.JSONDecodeError and pydantic's ValidationError
         return "it sent an answer that is not JSON"
     return type(exc).__name__
 
@@ -156,11 +158,10 @@ class OllamaBrain:
     async def _parts(
         self, request: ChatRequest, tools: list[dict[str, Any]]
     ) -> AsyncGenerator[ollama.ChatResponse, None]:
-        parts = await self._client.chat(
+        parts = self._client.chat_stream(
             model=request.model,
             messages=request.messages,
-            tools=tools or None,
-            stream=True,
+            tools=tools,
             options=request.options(),
             keep_alive=self._keep_alive,
         )
@@ -168,9 +169,7 @@ class OllamaBrain:
             async for part in parts:
                 yield part
         finally:  # a reply stopped early ends its HTTP stream now
-            closer = getattr(parts, "aclose", None)
-            if closer is not None:
-                await closer()
+            await parts.aclose()
 
     async def ready(self, model: str) -> bool:
         """True once Ollama answers with `model` loaded: an empty chat loads it."""

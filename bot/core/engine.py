@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from bot.brains import BrainRouter, CallStats, ChatRequest
 from bot.brains.local import LocalBrain
 from bot.brains.router import Answer, NoBackend
-from bot.core.background import Background
+from bot.core.background import Background, Quiet
 from bot.core.calls import CallContext, CallLog
 from bot.core.cast import cast_for, view_for
 from bot.core.categories import describe
@@ -77,6 +77,7 @@ class Engine(ToolUse):
         self.default_persona = default_persona
         self._locks = ConversationLocks()
         self._background = Background("background work")
+        self.quiet = Quiet()  # replies in flight, for work that waits for them (memory)
         self.metrics = metrics or Metrics()
         self.recollection = Recollection(memory, history, self.spawn)
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
@@ -107,26 +108,27 @@ class Engine(ToolUse):
         """Answer one message; yields events for the adapter to render."""
         if not incoming.addressed or not incoming.text.strip():
             return
-        held = await self._locks((incoming.platform, incoming.conversation))
-        timer = ReplyTimer(self.metrics, incoming.platform)
-        try:
-            async for event in self._answer(incoming):
-                if isinstance(event, Delta):
-                    timer.first_piece()
-                elif isinstance(event, Done | Failed):
-                    timer.outcome = "done" if isinstance(event, Done) else "failed"
-                yield event
-        except BotError as exc:
-            log.warning("reply to %s failed: %s", incoming.user_key, exc)
-            timer.outcome = "failed"
-            yield Failed(user_message(exc))
-        except Exception:
-            log.exception("reply to %s failed unexpectedly", incoming.user_key)
-            timer.outcome = "failed"
-            yield Failed(user_message(Exception()))
-        finally:
-            held.release()
-            timer.finish()
+        with self.quiet.busy():  # from the wait for the conversation's turn
+            held = await self._locks((incoming.platform, incoming.conversation))
+            timer = ReplyTimer(self.metrics, incoming.platform)
+            try:
+                async for event in self._answer(incoming):
+                    if isinstance(event, Delta):
+                        timer.first_piece()
+                    elif isinstance(event, Done | Failed):
+                        timer.outcome = "done" if isinstance(event, Done) else "failed"
+                    yield event
+            except BotError as exc:
+                log.warning("reply to %s failed: %s", incoming.user_key, exc)
+                timer.outcome = "failed"
+                yield Failed(user_message(exc))
+            except Exception:
+                log.exception("reply to %s failed unexpectedly", incoming.user_key)
+                timer.outcome = "failed"
+                yield Failed(user_message(Exception()))
+            finally:
+                held.release()
+                timer.finish()
 
     async def _answer(self, incoming: Incoming) -> AsyncIterator[Event]:
         conversation = await self.history.conversation(incoming.platform, incoming.conversation)
@@ -341,8 +343,10 @@ class Engine(ToolUse):
         self._background.spawn(work)
 
     async def drain(self) -> None:
-        """Wait for background work (call records, memory, ledger, verdicts) to finish."""
-        await self._background.drain()
+        """Wait for background work (call records, memory, ledger, verdicts) to finish; work
+        that waits for a quiet moment runs now."""
+        with self.quiet.flushing():
+            await self._background.drain()
         await self.moderation.drain()
 
     @property

@@ -25,9 +25,11 @@ from bot.memory.store import Exchange, MemoryRow
 log = logging.getLogger(__name__)
 
 _MAX_FACTS = 5
+_MAX_BATCH_FACTS = 8
 MAX_FACT_CHARS = 200
+MAX_BATCH = 8  # one user's messages to one persona read in one extraction call
 _MAX_IDS = 3  # ids in one fact's `replaces`, and in `drops`
-# 5 facts of at most 200 characters (about 60 tokens each) with their ids, and the JSON around
+# 8 facts of at most 200 characters (about 60 tokens each) with their ids, and the JSON around
 # them, end well inside this: constrained decoding cannot be cut off mid-answer.
 _EXTRACTION_TOKENS = 768
 
@@ -54,20 +56,42 @@ class _Extraction(BaseModel):
     )
 
 
+class _SourcedFact(_Fact):
+    message: int = Field(
+        ge=1, le=MAX_BATCH, description="the number of the message the fact comes from"
+    )
+
+
+class _BatchExtraction(BaseModel):
+    facts: list[_SourcedFact] = Field(default_factory=list, max_length=_MAX_BATCH_FACTS)
+    drops: list[int] = Field(
+        default_factory=list,
+        max_length=_MAX_IDS,
+        description="ids of known facts a message shows are no longer true, with nothing new",
+    )
+
+
 EXTRACTION_SCHEMA: dict[str, Any] = _Extraction.model_json_schema()
+# several messages at once: each fact names the message it comes from (a deleted message takes
+# its facts with it)
+BATCH_EXTRACTION_SCHEMA: dict[str, Any] = _BatchExtraction.model_json_schema()
 
 
 @dataclass(frozen=True)
 class Extracted:
-    """What one extraction decided: facts to add (some replacing known ones), ids to drop."""
+    """What one extraction decided: facts to add (some replacing known ones), each with the
+    number of the message it comes from (1 for a single message), and ids to drop."""
 
     facts: list[_Fact]
     drops: list[int]
+    sources: list[int]
 
 
-def parse_extraction(raw: str) -> Extracted:
-    """The valid parts of the model's answer; raises InvalidExtraction when it is not a JSON
-    object of the schema's shape at all. An invalid fact is skipped, not the whole answer."""
+def parse_extraction(raw: str, messages: int = 1) -> Extracted:
+    """The valid parts of the model's answer about `messages` messages; raises
+    InvalidExtraction when it is not a JSON object of the schema's shape at all. An invalid fact
+    is skipped, not the whole answer; a fact of a batch that names no message it was read in is
+    taken as the latest one's."""
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -75,14 +99,19 @@ def parse_extraction(raw: str) -> Extracted:
     if not isinstance(data, dict) or not isinstance(data.get("facts", []), list):
         raise InvalidExtraction("not an object with a list of facts")
     kept: list[_Fact] = []
-    for item in data.get("facts", [])[:_MAX_FACTS]:
+    sources: list[int] = []
+    for item in data.get("facts", [])[: _MAX_FACTS if messages == 1 else _MAX_BATCH_FACTS]:
         try:
             kept.append(_Fact.model_validate(item))
         except ValidationError:
             log.info("an extracted fact did not fit the schema; skipped")
+            continue
+        source = item.get("message") if isinstance(item, dict) else None
+        valid = isinstance(source, int) and 1 <= source <= messages
+        sources.append(source if valid else messages)  # type: ignore[arg-type]
     drops = data.get("drops", [])
     ids = drops if isinstance(drops, list) else []
-    return Extracted(kept, [i for i in ids[:_MAX_IDS] if isinstance(i, int)])
+    return Extracted(kept, [i for i in ids[:_MAX_IDS] if isinstance(i, int)], sources)
 
 
 _INSTRUCTIONS = """You keep a private notebook of durable facts about one chat user, {name}.
@@ -101,6 +130,16 @@ there is nothing durable.
 Known facts nearest the message (id: fact):
 {known}"""
 
+_BATCH_INSTRUCTIONS = (
+    _INSTRUCTIONS.replace("Read {name}'s latest message", "Read {name}'s latest messages")
+    .replace("if the message shows", "if a message shows")
+    .replace("nearest the message", "nearest the messages")
+    + """
+
+The messages are numbered; give each fact the number of the message it comes from in
+"message"."""
+)
+
 
 class InvalidExtraction(Exception):
     """The model's answer was not valid JSON of the schema."""
@@ -118,13 +157,22 @@ class Extractor:
             host, read_timeout=read_timeout, connect_timeout=connect_timeout
         )
 
-    def request(self, exchange: Exchange, known: list[MemoryRow]) -> ChatRequest:
+    def request(self, exchanges: list[Exchange], known: list[MemoryRow]) -> ChatRequest:
+        """The call for one user's exchanges with one persona (one, or a batch of them)."""
         listed = "\n".join(f"{m.id}: {m.text}" for m in known) or "(none yet)"
-        system = _INSTRUCTIONS.format(name=exchange.author_name, known=listed)
-        user = (
-            f"{exchange.author_name}'s message:\n{exchange.message}\n\n"
-            f"The reply they got (context only):\n{exchange.reply}"
-        )
+        exchange = exchanges[-1]
+        name = exchange.author_name
+        if len(exchanges) == 1:
+            system = _INSTRUCTIONS.format(name=name, known=listed)
+            user = (
+                f"{name}'s message:\n{exchange.message}\n\n"
+                f"The reply they got (context only):\n{exchange.reply}"
+            )
+        else:
+            system = _BATCH_INSTRUCTIONS.format(name=name, known=listed)
+            user = f"{name}'s messages, oldest first, each with the reply they got (context only):"
+            for n, each in enumerate(exchanges, 1):
+                user += f"\n\nMessage {n}:\n{each.message}\n\nReply {n}:\n{each.reply}"
         return ChatRequest(
             model=exchange.model,
             messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -135,8 +183,11 @@ class Extractor:
             repeat_penalty=1.0,
         )
 
-    async def extract(self, exchange: Exchange, request: ChatRequest) -> Extracted:
-        """One model call; raises ModelUnavailable (try later) or InvalidExtraction."""
+    async def extract(self, exchanges: list[Exchange], request: ChatRequest) -> Extracted:
+        """One model call about `exchanges`; raises ModelUnavailable (try later) or
+        InvalidExtraction."""
+        exchange = exchanges[-1]
+        single = len(exchanges) == 1
         context = CallContext(
             exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
         )
@@ -145,9 +196,8 @@ class Extractor:
             answer = await self._client.chat(
                 model=request.model,
                 messages=request.messages,
-                format=EXTRACTION_SCHEMA,
+                format=EXTRACTION_SCHEMA if single else BATCH_EXTRACTION_SCHEMA,
                 options=request.options(),
-                stream=False,
             )
             stats = call_stats(self.backend, request.model, answer)
         except OLLAMA_ERRORS as exc:
@@ -155,7 +205,7 @@ class Extractor:
             await self._record(context, request, None, reason)
             raise ModelUnavailable(f"{self.backend}: {reason}") from exc
         try:
-            parsed = parse_extraction(answer.message.content or "")
+            parsed = parse_extraction(answer.message.content or "", len(exchanges))
         except InvalidExtraction:
             await self._record(context, request, stats, "invalid structured output")
             raise

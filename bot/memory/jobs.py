@@ -23,6 +23,17 @@ class JobQueries:
         )
         return _job(row)
 
+    async def retake(self, job_ids: list[int], lease_seconds: float) -> list[Job]:
+        """This process's jobs as they are now, taken for `lease_seconds` more: a message
+        edited meanwhile reads its new text, a deleted one's job is gone."""
+        rows = await self._pool.fetch(
+            "UPDATE memory_jobs SET locked_until = now() + make_interval(secs => $2)"
+            " WHERE id = ANY($1) RETURNING *",
+            job_ids,
+            lease_seconds,
+        )
+        return sorted((_job(row) for row in rows), key=_said)
+
     async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
         """Take a job for `lease_seconds` unless another worker holds it."""
         row = await self._pool.fetchrow(
@@ -49,17 +60,19 @@ class JobQueries:
         )
         return [r["id"] for r in rows]
 
-    async def finish(self, job_id: int) -> None:
-        await self._pool.execute("DELETE FROM memory_jobs WHERE id = $1", job_id)
+    async def finish(self, job_ids: list[int]) -> None:
+        await self._pool.execute("DELETE FROM memory_jobs WHERE id = ANY($1)", job_ids)
 
-    async def release(self, job_id: int) -> None:
-        """Give a job back for later (its model did not answer)."""
-        await self._pool.execute("UPDATE memory_jobs SET locked_until = NULL WHERE id = $1", job_id)
-
-    async def count_attempt(self, job_id: int) -> None:
-        """One more invalid answer for this job (the lease is kept)."""
+    async def release(self, job_ids: list[int]) -> None:
+        """Give jobs back for later (their model did not answer)."""
         await self._pool.execute(
-            "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = $1", job_id
+            "UPDATE memory_jobs SET locked_until = NULL WHERE id = ANY($1)", job_ids
+        )
+
+    async def count_attempt(self, job_ids: list[int]) -> None:
+        """One more invalid answer for these jobs (the lease is kept)."""
+        await self._pool.execute(
+            "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = ANY($1)", job_ids
         )
 
     async def message_edited(self, message_rows: list[int], text: str) -> None:
@@ -91,6 +104,12 @@ def _values(exchange: Exchange) -> tuple[Any, ...]:
         exchange.message_id,
         exchange.private_to,
     )
+
+
+def _said(job: Job) -> tuple[int, int]:
+    """The order the messages were said in: their history rows (the jobs of replies answered at
+    the same time may be queued in another order), else the queue's."""
+    return (job.exchange.message_id or 0, job.id)
 
 
 def _job(row: Any) -> Job:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from bot.core.calls import CallContext
 from bot.errors import ModelUnavailable
-from bot.memory.extract import MAX_FACT_CHARS, Extracted, Extractor, InvalidExtraction
+from bot.memory.extract import MAX_BATCH, MAX_FACT_CHARS, Extracted, Extractor, InvalidExtraction
 from bot.memory.store import Exchange, Job, MemoryRow, MemoryStore, NewFact, normalise
 
 if TYPE_CHECKING:
@@ -28,6 +27,10 @@ log = logging.getLogger(__name__)
 Spawn = Callable[[Awaitable[None]], None]
 # Judges a fact as the user's input would be (the guard, for the exchange's persona): True keeps it.
 Vet = Callable[[str, Exchange], Awaitable[bool]]
+
+# One user's exchanges with one persona in one place, kept by the same persona (or shared),
+# with the same model: what can be extracted in one call.
+_BatchKey = tuple[str, str, str | None, str | None, str]
 
 _KNOWN_IN_PROMPT = 12  # the user's stored facts nearest the message, shown to the extractor
 _LEASE_SECONDS = 300.0
@@ -42,6 +45,11 @@ class Learning:
     extractor: Extractor
     vet: Vet | None
     _gate: asyncio.Semaphore
+    # Waits for a moment without replies, at most the seconds given (the engine's Quiet.wait,
+    # set by the app); None: extraction starts at once.
+    quiet: Callable[[float], Awaitable[None]] | None
+    defer: float  # the most seconds an exchange waits for that moment
+    _waiting: dict[_BatchKey, list[int]]  # jobs waiting to be extracted together
     _queries: OrderedDict[tuple[str, str], tuple[str, list[float]]]
     _recorder: Callable[[CallContext], Recorder]  # Memory's: how an embedding call is written
 
@@ -56,15 +64,33 @@ class Learning:
 
     async def remember(self, exchange: Exchange) -> None:
         """Queue the exchange in Postgres, taken by this process in the same statement, then
-        extract from it (call in the background)."""
-        queued = time.monotonic()
-        job: Job | None = await self.store.enqueue_held(exchange, _LEASE_SECONDS)
+        extract from it (call in the background). With `quiet` (the engine's), extraction waits
+        for a moment without replies, `defer` seconds at most, and the user's next messages to
+        the same persona in the same place join the same call (MAX_BATCH at most): one model
+        call for a burst of messages instead of one each, made when it slows no one's reply."""
+        job = await self.store.enqueue_held(exchange, _LEASE_SECONDS)
+        if self.quiet is None or self.defer <= 0:
+            await self._run([job.id])
+            return
+        key = _batch_key(exchange)
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append(job.id)  # the first message of the batch extracts it
+            return
+        self._waiting[key] = waiting = [job.id]
+        try:
+            await self.quiet(self.defer)
+        finally:  # cancelled (shutdown): the jobs stay queued for the next start
+            del self._waiting[key]
+        for start in range(0, len(waiting), MAX_BATCH):
+            await self._run(waiting[start : start + MAX_BATCH])
+
+    async def _run(self, job_ids: list[int]) -> None:
+        """Extract from jobs this process queued, as they are now (edited, or gone)."""
         async with self._gate:
-            if job is not None and time.monotonic() - queued > _LEASE_SECONDS / 2:
-                await self.store.release(job.id)  # long in the queue: take it anew
-                job = await self.store.claim(job.id, _LEASE_SECONDS)
-            if job is not None:
-                await self._extract(job)
+            jobs = await self.store.retake(job_ids, _LEASE_SECONDS)
+            if jobs:
+                await self._extract(jobs)
 
     async def resume(self) -> int:
         """Extract from exchanges left pending by an earlier run; returns how many were tried."""
@@ -81,113 +107,115 @@ class Learning:
         async with self._gate:
             job = await self.store.claim(job_id, _LEASE_SECONDS)
             if job is not None:
-                await self._extract(job)
+                await self._extract([job])
 
-    async def _extract(self, job: Job) -> None:
-        """Extract from a job this process holds; finished, or given back for later."""
-        exchange = job.exchange
+    async def _extract(self, jobs: list[Job]) -> None:
+        """Extract from jobs this process holds, one user's with one persona in one place, in
+        one call; finished, or given back for later."""
+        exchanges = [job.exchange for job in jobs]
+        ids = [job.id for job in jobs]
         try:
-            known = await self._nearest(exchange)
+            known = await self._nearest(exchanges)
         except ModelUnavailable as exc:
-            log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
-            await self.store.release(job.id)
+            log.warning("memory extraction postponed (%s); jobs %s kept", exc, ids)
+            await self.store.release(ids)
             return
-        request = self.extractor.request(exchange, known)
+        request = self.extractor.request(exchanges, known)
         keepers = {m.id: m.private_to for m in known}
-        for attempt in range(job.attempts, 2):
+        for attempt in range(max(job.attempts for job in jobs), 2):
             try:
-                extracted = await self.extractor.extract(exchange, request)
-                finished = await self._store_facts(job.id, exchange, extracted, keepers)
+                extracted = await self.extractor.extract(exchanges, request)
+                finished = await self._store_facts(jobs, extracted, keepers)
             except ModelUnavailable as exc:
-                log.warning("memory extraction postponed (%s); job %s kept", exc, job.id)
-                await self.store.release(job.id)
+                log.warning("memory extraction postponed (%s); jobs %s kept", exc, ids)
+                await self.store.release(ids)
                 return
             except InvalidExtraction as exc:
                 log.warning("memory extraction attempt %d invalid: %s", attempt + 1, exc)
-                await self.store.count_attempt(job.id)
+                await self.store.count_attempt(ids)
                 continue
-            if not finished:
-                await self.store.finish(job.id)
+            left = [i for i in ids if i not in finished]
+            if left:
+                await self.store.finish(left)
             return
-        log.error("memory extraction for job %s gave invalid output twice; dropped", job.id)
-        await self.store.finish(job.id)
+        log.error("memory extraction for jobs %s gave invalid output twice; dropped", ids)
+        await self.store.finish(ids)
 
-    async def _nearest(self, exchange: Exchange) -> list[MemoryRow]:
-        """The user's current facts the exchange's persona sees, nearest the message by meaning
-        (their stored embeddings), to compare the new facts with; the newest ones when the
-        message cannot be embedded with a model the facts were embedded with. The vector recall
-        made of the message is used when this process still has it (one embedding call a
-        message, not two)."""
-        # recall embedded the message only if the user had facts of that model
-        kept = self._queries.pop((exchange.user_key, exchange.message), None)
-        if kept is None:
-            models = await self.store.models_of(exchange.user_key)
+    async def _nearest(self, exchanges: list[Exchange]) -> list[MemoryRow]:
+        """The user's current facts the persona sees, nearest the messages by meaning (their
+        stored embeddings; for several messages, nearest their mean), to compare the new facts
+        with; the newest ones when the messages cannot be embedded with a model the facts were
+        embedded with. The vectors recall made of the messages are used when this process still
+        has them (one embedding call a message, not two)."""
+        last = exchanges[-1]
+        # recall embedded a message only if the user had facts of that model
+        kept = [self._queries.pop((e.user_key, e.message), None) for e in exchanges]
+        found = [k for k in kept if k is not None]
+        if found:
+            model = found[-1][0]
+            vectors = [vector for of, vector in found if of == model]
+        else:
+            models = await self.store.models_of(last.user_key)
             if not models:
                 return []
-            context = CallContext(
-                exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
-            )
+            context = CallContext(last.platform, last.conversation_id, last.user_key, last.persona)
             embedded = await self.embeddings.embed(
-                [exchange.message], record=self._recorder(context)
+                [e.message for e in exchanges], record=self._recorder(context)
             )
             if embedded.model not in models:
-                return await self.store.recent(
-                    exchange.user_key, _KNOWN_IN_PROMPT, exchange.persona
-                )
-            kept = (embedded.model, embedded.vectors[0])
-        model, vector = kept
+                return await self.store.recent(last.user_key, _KNOWN_IN_PROMPT, last.persona)
+            model, vectors = embedded.model, embedded.vectors
         return await self.store.nearest(
-            exchange.user_key,
-            vector,
+            last.user_key,
+            _mean(vectors),
             model,
             _KNOWN_IN_PROMPT,
-            exchange.scope,
-            persona=exchange.persona,
+            last.scope,
+            persona=last.persona,
         )
 
     async def _store_facts(
         self,
-        job_id: int,
-        exchange: Exchange,
+        jobs: list[Job],
         extracted: Extracted,
         known: dict[int, str | None],
-    ) -> bool:
-        """Store what was extracted; `known` holds the facts shown (id → the persona that
-        keeps it, None: shared), the only ones it may replace or drop. True when the job was
-        finished (deleted) with the facts, in their transaction."""
-        cleaned: list[tuple[str, tuple[int, ...]]] = []
+    ) -> set[int]:
+        """Store what was extracted, each fact with the job of the message it comes from;
+        `known` holds the facts shown (id → the persona that keeps it, None: shared), the only
+        ones it may replace or drop. Returns the jobs finished (deleted) with their facts, in
+        their transaction."""
+        last = jobs[-1].exchange
+        cleaned: list[tuple[str, tuple[int, ...], Job]] = []
         seen: set[str] = set()
-        for fact in extracted.facts:
+        for fact, source in zip(extracted.facts, extracted.sources, strict=True):
             text = " ".join(fact.fact.split())[:MAX_FACT_CHARS]
             key = normalise(text)
             if not key or key in seen:
                 continue
             seen.add(key)
-            if self.vet is not None and not await self.vet(text, exchange):
-                log.warning(
-                    "an extracted fact about %s was refused by the guard", exchange.user_key
-                )
+            job = jobs[source - 1]
+            if self.vet is not None and not await self.vet(text, job.exchange):
+                log.warning("an extracted fact about %s was refused by the guard", last.user_key)
                 continue
             # only ids the model was shown, which are all this user's
-            cleaned.append((text, tuple(i for i in fact.replaces if i in known)))
+            cleaned.append((text, tuple(i for i in fact.replaces if i in known), job))
         drops = [i for i in extracted.drops if i in known]
         if drops:
-            await self.store.drop(exchange.user_key, drops, job_id=job_id)
+            await self.store.drop(last.user_key, drops, job_id=jobs[-1].id)
         if not cleaned:
-            return False
-        context = CallContext(
-            exchange.platform, exchange.conversation_id, exchange.user_key, exchange.persona
-        )
+            return set()
+        context = CallContext(last.platform, last.conversation_id, last.user_key, last.persona)
         embedded = await self.embeddings.embed(
-            [text for text, _ in cleaned], record=self._recorder(context)
+            [text for text, _, _ in cleaned], record=self._recorder(context)
         )
-        new = [
-            NewFact(text, vector, replaces)
-            for (text, replaces), vector in zip(cleaned, embedded.vectors, strict=True)
-        ]
-        ids = await self._add(job_id, exchange, embedded.model, new, known)
-        log.info("remembered %d new facts about %s", len(ids), exchange.user_key)
-        return True
+        by_job: dict[int, tuple[Job, list[NewFact]]] = {}
+        for (text, replaces, job), vector in zip(cleaned, embedded.vectors, strict=True):
+            by_job.setdefault(job.id, (job, []))[1].append(NewFact(text, vector, replaces))
+        stored = 0
+        for job, new in by_job.values():
+            stored += len(await self._add(job.id, job.exchange, embedded.model, new, known))
+        log.info("remembered %d new facts about %s", stored, last.user_key)
+        return set(by_job)
 
     async def _add(
         self,
@@ -218,3 +246,21 @@ class Learning:
                 finish=n == len(groups),  # the job ends with the last group's transaction
             )
         return ids
+
+
+def _batch_key(exchange: Exchange) -> _BatchKey:
+    """Exchanges extracted together: never two users' (a fact must not land on the wrong
+    person), never two personas' or places' (each keeps its own)."""
+    return (
+        exchange.user_key,
+        exchange.persona,
+        exchange.scope,
+        exchange.private_to,
+        exchange.model,
+    )
+
+
+def _mean(vectors: list[list[float]]) -> list[float]:
+    if len(vectors) == 1:
+        return vectors[0]
+    return [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]

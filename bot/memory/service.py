@@ -74,6 +74,7 @@ class Memory(Learning):
         half_life_days: float = 30.0,
         concurrency: int = 2,
         vet: Vet | None = None,
+        defer: float = 0.0,
     ) -> None:
         self.store = MemoryStore(pool)
         self.embeddings = embeddings
@@ -86,6 +87,9 @@ class Memory(Learning):
         self._calls = calls
         self._gate = asyncio.Semaphore(concurrency)
         self.vet = vet  # the input guard for new facts (set by the app when the guard is on)
+        self.quiet = None  # the engine's wait for a moment without replies (set by the app)
+        self.defer = defer
+        self._waiting = {}
         # (user key, message) -> (model, vector): the message recall embedded, which its
         # extraction compares the user's facts with, so it is embedded once (issue 22)
         self._queries: OrderedDict[tuple[str, str], tuple[str, list[float]]] = OrderedDict()
@@ -254,4 +258,5 @@ def build_memory(
         min_similarity=settings.memory_min_similarity,
         recency_weight=settings.memory_recency_weight,
         half_life_days=settings.memory_recency_half_life_days,
+        defer=settings.memory_defer_seconds,
     )

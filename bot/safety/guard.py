@@ -251,7 +251,6 @@ class Guard:
                     model=self.model,
                     prompt=prompt,
                     raw=True,
-                    stream=False,
                     options=options,
                     keep_alive=self._keep_alive,
                 ),

@@ -76,8 +76,8 @@ async def test_many_conversations_at_once_are_not_held_to_httpx_defaults(
 
 
 async def test_a_server_that_hangs_up_is_not_taken_for_a_slow_one() -> None:
-    """httpx-aiohttp maps every aiohttp connection error to a connect time-out; bot/brains/http.py
-    puts a hang-up right, so the reason logged and shown is not "did not answer in time"."""
+    """A hang-up is a RemoteProtocolError (bot/brains/http.py), so the reason logged and shown
+    is not "did not answer in time" (httpx-aiohttp, used before, mapped it to a time-out)."""
 
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)
@@ -99,7 +99,7 @@ async def test_a_server_that_hangs_up_is_not_taken_for_a_slow_one() -> None:
 async def test_a_proxy_in_the_environment_is_used_as_httpx_used_it(
     fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HTTP_PROXY is honoured (httpx's `trust_env`, kept with aiohttp's): the request for an
+    """HTTP_PROXY is honoured (as httpx's and aiohttp's `trust_env` read it): the request for an
     Ollama nobody listens at reaches the proxy, here the fake itself, which answers it."""
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)

@@ -180,7 +180,7 @@ async def test_an_exchange_is_queued_already_taken_by_the_process_that_answered_
     assert held.exchange == job and held.attempts == 0
     assert await store.claim(held.id, 300.0) is None
     assert await store.pending() == []
-    await store.release(held.id)
+    await store.release([held.id])
     assert await store.pending() == [held.id]
     claimed = await store.claim(held.id, 300.0)
     assert claimed is not None and claimed.exchange == job
