@@ -1,7 +1,15 @@
-"""Every model call, recorded in `model_calls`, so the ledger and benchmarks can build on it."""
+"""Every model call, recorded in `model_calls`, so the ledger and benchmarks can build on it.
+
+A call and its ledger row are written in one statement. While one such write is under way, the
+calls finished meanwhile wait and are then written together, still in one statement
+(`Ledger.record_many_with`): with hundreds of replies in flight, a few dozen round trips
+instead of one per call, and one alone is written at once as before.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import json
 import logging
 from dataclasses import dataclass
@@ -14,6 +22,20 @@ if TYPE_CHECKING:
     from bot.spend.ledger import Ledger
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A call's settled ledger row at the price in force (`Ledger.record_many_with`)."""
+
+    kind: str
+    provider: str
+    model: str | None
+    units: Decimal
+    at: datetime.datetime
+    user_key: str | None = None
+    platform: str | None = None
+    persona: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +53,8 @@ class CallLog:
         self._pool = pool
         self._keep_prompts = keep_prompts
         self._ledger = ledger  # every call's tokens become a ledger row (issue 7)
+        self._waiting: list[_Waiting] = []  # calls to write once the write under way ends
+        self._writer: asyncio.Task[None] | None = None
 
     async def record(
         self,
@@ -69,19 +93,73 @@ class CallLog:
         elif stats.priced:
             call_id = await self._pool.fetchval(_INSERT + " RETURNING id", *values)
             await self._charge_priced(self._ledger, context, stats, purpose, call_id)
-        else:  # the call and its ledger row in one statement
-            await self._ledger.record_with(
-                _INSERT + " RETURNING id",
-                values,
+        else:  # the call and its ledger row in one statement, with others written meanwhile
+            units = Decimal((stats.prompt_tokens or 0) + (stats.completion_tokens or 0))
+            charge = Charge(
+                at=self._ledger.now(),  # the ledger's clock, as its other rows
                 kind=_kind(purpose),
                 provider=stats.backend,
                 model=stats.model,
-                units=Decimal((stats.prompt_tokens or 0) + (stats.completion_tokens or 0)),
-                request_prefix="model_call:",
+                units=units,
                 user_key=context.user_key,
                 platform=context.platform,
                 persona=context.persona,
             )
+            await self._charged(self._ledger, values, charge)
+
+    async def _charged(self, ledger: Ledger, values: tuple[Any, ...], charge: Charge) -> None:
+        """Written alone at once, or with the calls that came while another write was under
+        way; returns when this call's rows are in (raises what their write raised)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(values, charge, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(ledger))
+        await done
+
+    async def _write(self, ledger: Ledger) -> None:
+        batch: list[_Waiting] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:_BATCH], self._waiting[_BATCH:]
+                await self._write_batch(ledger, batch)
+        finally:
+            self._writer = None
+            for left in [*batch, *self._waiting]:  # cancelled: nobody waits forever
+                if not left.done.done():
+                    left.done.cancel()
+            self._waiting = []
+
+    async def _write_batch(self, ledger: Ledger, batch: list[_Waiting]) -> None:
+        if len(batch) > 1:
+            try:
+                await ledger.record_many_with(
+                    _ROWS, _INSERT_ROWS, _columns(batch), [w.charge for w in batch],
+                    request_prefix="model_call:",
+                )  # fmt: skip
+            except Exception:
+                log.warning("%d model calls written together failed; one by one", len(batch))
+            else:
+                for waiting in batch:
+                    waiting.settle(None)
+                return
+        for waiting in batch:  # alone, or each of a batch that failed (one bad row)
+            try:
+                await ledger.record_with(
+                    _INSERT + " RETURNING id",
+                    waiting.values,
+                    kind=waiting.charge.kind,
+                    provider=waiting.charge.provider,
+                    model=waiting.charge.model,
+                    units=waiting.charge.units,
+                    request_prefix="model_call:",
+                    user_key=waiting.charge.user_key,
+                    platform=waiting.charge.platform,
+                    persona=waiting.charge.persona,
+                )
+            except Exception as exc:
+                waiting.settle(exc)
+            else:
+                waiting.settle(None)
 
     @staticmethod
     async def _charge_priced(
@@ -111,6 +189,43 @@ _INSERT = (
     " prompt_eval_ms, eval_ms, ok, error, prompt)"
     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)"
 )
+
+
+_BATCH = 500  # calls in one statement at most
+_COLUMNS = (
+    "purpose, backend, model, platform, conversation_id, user_key, persona, options,"
+    " prompt_tokens, completion_tokens, total_ms, load_ms, prompt_eval_ms, eval_ms, ok, error,"
+    " prompt"
+)
+# the calls of a batch, an id each (taken before the INSERT, so each ledger row finds its call)
+_ROWS = (
+    "SELECT nextval(pg_get_serial_sequence('model_calls', 'id')) AS id, t.*"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
+    " $7::text[], $8::jsonb[], $9::int[], $10::int[], $11::float8[], $12::float8[],"
+    " $13::float8[], $14::float8[], $15::bool[], $16::text[], $17::jsonb[]) WITH ORDINALITY"
+    f" AS t({_COLUMNS}, n)"
+)
+_INSERT_ROWS = f"INSERT INTO model_calls (id, {_COLUMNS}) SELECT id, {_COLUMNS} FROM input"
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    values: tuple[Any, ...]  # the model_calls row, as `_INSERT` takes it
+    charge: Charge
+    done: asyncio.Future[None]
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.done.done():  # its caller was cancelled: the row is written all the same
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+def _columns(batch: list[_Waiting]) -> list[list[Any]]:
+    """The batch's model_calls rows as one array per column, for `_ROWS`."""
+    return [list(column) for column in zip(*(w.values for w in batch), strict=True)]
 
 
 def _kind(purpose: str) -> str:

@@ -30,6 +30,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from bot.core.calls import Charge
 from bot.errors import BotError
 from bot.spend.budgets import (
     BudgetExceeded,
@@ -183,6 +184,39 @@ class Ledger(Ladder):
         if row["cost"] is not None and row["cost"] > 0:
             await self._global_alerts(month_of(at))
         return int(row["id"])
+
+    async def record_many_with(
+        self,
+        rows: str,
+        source: str,
+        source_args: Sequence[Any],
+        charges: Sequence[Charge],
+        *,
+        request_prefix: str,
+    ) -> None:
+        """`record_with` for many rows in one statement: `rows` (a SELECT over `source_args`
+        giving each row an `id` and its number `n` from 1), `source` (an INSERT of those rows,
+        reading them from `input`) and, for the n-th charge, a settled cost row at the price in
+        force whose request id is `request_prefix` and the n-th row's id."""
+        shift = len(source_args)
+        row = await self.pool.fetchrow(
+            _many_with_source(rows, source, shift),
+            *source_args,
+            [c.kind for c in charges],
+            [c.provider for c in charges],
+            [c.model for c in charges],
+            [c.at for c in charges],
+            [month_of(c.at) for c in charges],
+            [_units(c.kind, c.units) for c in charges],
+            [c.user_key for c in charges],
+            [c.platform for c in charges],
+            [c.persona for c in charges],
+            request_prefix,
+        )
+        for what in row["unpriced"] or ():
+            log.error("no price for %s: recorded at 0", what)
+        for month in row["months"] or ():
+            await self._global_alerts(month)
 
     async def reserve(
         self,
@@ -382,6 +416,34 @@ def _with_source(source: str, shift: int) -> str:
         f" charged AS ({charged} RETURNING true AS priced, price_id, cost)"
         " SELECT source.id, charged.priced, charged.price_id, charged.cost"
         " FROM source LEFT JOIN charged ON true"
+    )
+
+
+@functools.cache
+def _many_with_source(rows: str, source: str, shift: int) -> str:
+    """`record_many_with`'s statement: the rows, their INSERT, and a ledger row for each,
+    priced by `LOOKUP` per row (its $1 to $4 read from the row); one row back, with what had
+    no price and the months whose spend went up (for the alerts)."""
+    by_row = ("c.kind", "c.provider", "c.model", "c.at")  # LOOKUP's $1 to $4
+    lookup = re.sub(r"\$(\d+)", lambda m: by_row[int(m.group(1)) - 1], LOOKUP)
+    s = [f"${shift + i}" for i in range(1, 11)]
+    return (
+        f"WITH input AS ({rows}), source AS ({source}),"
+        f" c AS (SELECT * FROM unnest({s[0]}::text[], {s[1]}::text[], {s[2]}::text[],"
+        f" {s[3]}::timestamptz[], {s[4]}::date[], {s[5]}::numeric[], {s[6]}::text[],"
+        f" {s[7]}::text[], {s[8]}::text[]) WITH ORDINALITY"
+        " AS c(kind, provider, model, at, month, units, user_key, platform, persona, n)),"
+        " charged AS (INSERT INTO ledger (at, month, kind, provider, model, units, unit_price,"
+        " cost, price_id, user_key, platform, guild, persona, request_id, status, settled_at)"
+        " SELECT c.at, c.month, c.kind, c.provider, c.model, c.units,"
+        " coalesce(p.unit_price, 0), c.units * coalesce(p.unit_price, 0), p.id, c.user_key,"
+        f" c.platform, NULL, c.persona, {s[9]}::text || input.id, 'settled', c.at"
+        f" FROM c JOIN input ON input.n = c.n LEFT JOIN LATERAL ({lookup}) p ON true"
+        " ON CONFLICT (request_id) DO NOTHING"
+        " RETURNING month, price_id, cost, kind, provider, model)"
+        " SELECT array_agg(DISTINCT kind || ' from ' || provider || ' (' || coalesce(model, '')"
+        " || ')') FILTER (WHERE price_id IS NULL) AS unpriced,"
+        " array_agg(DISTINCT month) FILTER (WHERE cost > 0) AS months FROM charged"
     )
 
 
