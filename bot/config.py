@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     """how much age lowers a memory's score (0: none)"""
     memory_recency_half_life_days: float = Field(default=30.0, gt=0)
     """age at which half of the recency weight applies"""
-    memory_defer_seconds: float = Field(default=20.0, ge=0, le=300)
+    memory_defer_seconds: float = Field(default=20.0, ge=0, le=120)
     """the most seconds memory extraction waits for a moment when no reply is being answered;
     a user's messages to one persona that arrive meanwhile are read in one model call (0: each
     at once)

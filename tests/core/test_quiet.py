@@ -34,14 +34,14 @@ async def test_a_reply_in_flight_holds_it_until_the_reply_ends_and_settles() -> 
 
 
 async def test_each_new_reply_restarts_the_settling_time() -> None:
-    quiet = Quiet(settle=0.2)
+    quiet = Quiet(settle=0.5)
     waiting = asyncio.create_task(waited(quiet, 10))
-    for _ in range(4):  # replies 0.1 s apart: never 0.2 s of quiet
+    for _ in range(4):  # replies 0.1 s apart: never 0.5 s of quiet
         with quiet.busy():
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)
         assert not waiting.done()
-    assert await waiting >= 0.6
+    assert await waiting >= 0.6 + 0.5
 
 
 async def test_replies_that_never_stop_hold_it_for_its_patience_only() -> None:
