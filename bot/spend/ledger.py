@@ -378,17 +378,30 @@ _INSERT = (
 )
 
 
-# A settled row at the price in force (0 when none): $1 kind, $2 provider, $3 model, $4 at,
-# $5 month, $6 units, $7 user key, $8 platform, $9 guild, $10 persona, $11 request id; its rows
-# come FROM the price CTE `price` (as `p`), its request id from `request_id`.
-def _priced_insert(request_id: str, rows: str) -> str:
+# A settled row's values as `_INSERT_PRICED` and `record_with` pass them: $1 kind, $2 provider,
+# $3 model, $4 at, $5 month, $6 units, $7 user key, $8 platform, $9 guild, $10 persona ($11, the
+# request id, is the caller's `request_id`).
+_PARAMS = {
+    "at": "$4::timestamptz", "month": "$5::date", "kind": "$1::text", "provider": "$2::text",
+    "model": "$3::text", "units": "$6::numeric", "user_key": "$7::text", "platform": "$8::text",
+    "guild": "$9::text", "persona": "$10::text",
+}  # fmt: skip
+
+
+def _priced_insert(
+    request_id: str, rows: str, *, price: str = "price p", values: dict[str, str] = _PARAMS
+) -> str:
+    """A settled ledger row for each of `rows`, at the price in force that `price` gives as `p`
+    (the `price` CTE by default; 0 when there is none), its values from `values`."""
+    v = values
     return (
         "INSERT INTO ledger (at, month, kind, provider, model, units, unit_price, cost, price_id,"
         " user_key, platform, guild, persona, request_id, status, settled_at)"
-        " SELECT $4::timestamptz, $5::date, $1::text, $2::text, $3::text, $6::numeric,"
-        " coalesce(p.unit_price, 0), $6::numeric * coalesce(p.unit_price, 0), p.id, $7::text,"
-        f" $8::text, $9::text, $10::text, {request_id}, 'settled', $4::timestamptz"
-        f" FROM {rows} LEFT JOIN price p ON true"
+        f" SELECT {v['at']}, {v['month']}, {v['kind']}, {v['provider']}, {v['model']},"
+        f" {v['units']}, coalesce(p.unit_price, 0), {v['units']} * coalesce(p.unit_price, 0),"
+        f" p.id, {v['user_key']}, {v['platform']}, {v['guild']}, {v['persona']}, {request_id},"
+        f" 'settled', {v['at']}"
+        f" FROM {rows} LEFT JOIN {price} ON true"
         " ON CONFLICT (request_id) DO NOTHING"
     )
 
@@ -427,20 +440,19 @@ def _many_with_source(rows: str, source: str, shift: int) -> str:
     by_row = ("c.kind", "c.provider", "c.model", "c.at")  # LOOKUP's $1 to $4
     lookup = re.sub(r"\$(\d+)", lambda m: by_row[int(m.group(1)) - 1], LOOKUP)
     s = [f"${shift + i}" for i in range(1, 11)]
+    charged = _priced_insert(
+        f"{s[9]}::text || input.id",
+        "c JOIN input ON input.n = c.n",
+        price=f"LATERAL ({lookup}) p",
+        values={column: f"c.{column}" for column in _PARAMS} | {"guild": "NULL"},
+    )
     return (
         f"WITH input AS ({rows}), source AS ({source}),"
         f" c AS (SELECT * FROM unnest({s[0]}::text[], {s[1]}::text[], {s[2]}::text[],"
         f" {s[3]}::timestamptz[], {s[4]}::date[], {s[5]}::numeric[], {s[6]}::text[],"
         f" {s[7]}::text[], {s[8]}::text[]) WITH ORDINALITY"
         " AS c(kind, provider, model, at, month, units, user_key, platform, persona, n)),"
-        " charged AS (INSERT INTO ledger (at, month, kind, provider, model, units, unit_price,"
-        " cost, price_id, user_key, platform, guild, persona, request_id, status, settled_at)"
-        " SELECT c.at, c.month, c.kind, c.provider, c.model, c.units,"
-        " coalesce(p.unit_price, 0), c.units * coalesce(p.unit_price, 0), p.id, c.user_key,"
-        f" c.platform, NULL, c.persona, {s[9]}::text || input.id, 'settled', c.at"
-        f" FROM c JOIN input ON input.n = c.n LEFT JOIN LATERAL ({lookup}) p ON true"
-        " ON CONFLICT (request_id) DO NOTHING"
-        " RETURNING month, price_id, cost, kind, provider, model)"
+        f" charged AS ({charged} RETURNING month, price_id, cost, kind, provider, model)"
         " SELECT array_agg(DISTINCT kind || ' from ' || provider || ' (' || coalesce(model, '')"
         " || ')') FILTER (WHERE price_id IS NULL) AS unpriced,"
         " array_agg(DISTINCT month) FILTER (WHERE cost > 0) AS months FROM charged"
