@@ -47,13 +47,18 @@ class _Fact(BaseModel):
     )
 
 
-class _Extraction(BaseModel):
-    facts: list[_Fact] = Field(default_factory=list, max_length=_MAX_FACTS)
-    drops: list[int] = Field(
+def _drops(which: str) -> Any:
+    """The `drops` field: ids of known facts to delete, as many as `replaces` may hold."""
+    return Field(
         default_factory=list,
         max_length=_MAX_IDS,
-        description="ids of known facts the message shows are no longer true, with nothing new",
+        description=f"ids of known facts {which} shows are no longer true, with nothing new",
     )
+
+
+class _Extraction(BaseModel):
+    facts: list[_Fact] = Field(default_factory=list, max_length=_MAX_FACTS)
+    drops: list[int] = _drops("the message")
 
 
 class _SourcedFact(_Fact):
@@ -64,11 +69,7 @@ class _SourcedFact(_Fact):
 
 class _BatchExtraction(BaseModel):
     facts: list[_SourcedFact] = Field(default_factory=list, max_length=_MAX_BATCH_FACTS)
-    drops: list[int] = Field(
-        default_factory=list,
-        max_length=_MAX_IDS,
-        description="ids of known facts a message shows are no longer true, with nothing new",
-    )
+    drops: list[int] = _drops("a message")
 
 
 EXTRACTION_SCHEMA: dict[str, Any] = _Extraction.model_json_schema()
