@@ -69,7 +69,7 @@ class Quiet:
         finally:
             self._replies -= 1
             if not self._replies and self._waiters:
-                self._start_timer(self.settle)
+                self._start_timer()
 
     @contextlib.contextmanager
     def flushing(self) -> Iterator[None]:
@@ -90,7 +90,7 @@ class Quiet:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if not self._replies and self._timer is None:
-            self._start_timer(self.settle)
+            self._start_timer()
         deadline = loop.call_later(patience, _settle, waiter)
         try:
             await waiter
@@ -99,9 +99,10 @@ class Quiet:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)  # let go by its own deadline, or cancelled
 
-    def _start_timer(self, delay: float) -> None:
+    def _start_timer(self) -> None:
+        """The settling time, from now."""
         self._stop_timer()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._release)
+        self._timer = asyncio.get_running_loop().call_later(self.settle, self._release)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
