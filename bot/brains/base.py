@@ -68,9 +68,9 @@ class CallStats:
     usd_per_output_token: Decimal | None = None
     # Of `prompt_tokens`, those the model took from its prompt cache (the longest beginning it
     # had already evaluated) instead of evaluating again. Newer Ollama servers report it as
-    # `prompt_eval_cached_count`, but the official client (0.6) drops fields it does not know,
-    # so only the local model fills it. None: the backend does not say. Not a column of
-    # model_calls; the figure is for benches.
+    # `prompt_eval_cached_count`, but the official client's answer types (0.6), which
+    # bot/brains/http.py parses into, drop fields they do not declare, so only the local model
+    # fills it. None: the backend does not say. Not a column of model_calls; for benches.
     prompt_cached_tokens: int | None = None
 
     @property

@@ -3,8 +3,9 @@ sends, its answers parsed into that client's own types.
 
 Every call the bot makes to Ollama (a reply, the guard's verdict, a memory extraction, an
 embedding) goes through `OllamaHTTP`. The official client sends through httpx, which cost
-2.8 ms of CPU a chat call and 3.5 ms an embedding against 0.4 to 0.8 ms here, for the same
-answers (docs/benchmarks.md, "Talking to Ollama"): httpx builds and merges a request, its
+2.2 ms of CPU a streamed chat and 2.5 ms an embedding against 0.8 and 0.7 ms here, for the same
+answers (`bench/ollama_client.py`; docs/benchmarks.md, "Ollama spoken directly"): httpx
+builds and merges a request, its
 cookies and headers per call, and its pool (httpcore) walks every connection on every request
 and release (httpx#3215, httpcore#1035); aiohttp's `trust_env` reads ~/.netrc and the proxy
 variables on a worker thread per request. A bot that answers hundreds of people at once on two
