@@ -25,6 +25,11 @@ Behaviour copied from real Ollama:
   one ``done: true`` with the same counters as a chat. The responder gets the body as sent
   (``prompt``, ``raw``) and answers as the model would;
 * ``dimensions`` on ``/api/embed`` truncates the vector and re-normalises it;
+* embeddings go on the wire as Ollama's Go server writes them: its ``EmbedResponse`` holds
+  ``Embeddings [][]float32`` (ollama/ollama ``api/types.go``), which Go's ``encoding/json``
+  writes as the shortest decimal that reads back as the same float32, plain unless below 1e-6
+  or from 1e21 (then ``1.5e-7``); a text's vector is worked out once and kept, as the fake
+  stands in for a model on another machine and should not load the bot's CPU;
 * tool calling: a reply queued with ``queue_tool_call`` streams its text, then a chunk whose
   message carries ``tool_calls: [{"function": {"name", "arguments"}}]`` (arguments an object),
   then the final chunk; ``tools`` sent to a model without the ``tools`` capability answer 400
@@ -45,6 +50,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
 
@@ -84,6 +91,35 @@ def _count_tokens(text: str) -> int:
 
 def _compact(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+@lru_cache(maxsize=4096)
+def _embedding(text: str, full: int, dim: int | None) -> tuple[str, tuple[float, ...]]:
+    """A text's unit vector: the JSON array the server writes, and the floats it reads as."""
+    values: list[float] = []
+    counter = 0
+    while len(values) < full:
+        digest = hashlib.blake2b(f"{counter}\x00{text}".encode(), digest_size=64).digest()
+        values.extend(v / 2_147_483_648.0 - 1.0 for v in struct.unpack("<16I", digest))
+        counter += 1
+    values = values[: min(full, dim) if dim else full]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    words = [_go_float32(v / norm) for v in values]
+    return "[" + ",".join(words) + "]", tuple(float(w) for w in words)
+
+
+def _go_float32(value: float) -> str:
+    """`value` as a float32 the way Go's encoding/json writes one: the fewest significant
+    digits that read back as the same float32; plain, or `1.5e-7` below 1e-6 and from 1e21."""
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    for digits in range(1, 10):
+        text = f"{single:.{digits}g}"
+        if struct.unpack("<f", struct.pack("<f", float(text)))[0] == single:
+            break
+    number = Decimal(text)
+    if single != 0 and (abs(single) < 1e-6 or abs(single) >= 1e21):
+        return f"{number:e}"
+    return f"{number:f}"
 
 
 def _now_rfc3339() -> str:
@@ -407,17 +443,8 @@ class FakeOllama:
         return "echo: "
 
     def embedding_for(self, text: str, dim: int | None = None) -> list[float]:
-        """The deterministic unit vector the server returns for ``text``."""
-        full = self.embed_dim
-        values: list[float] = []
-        counter = 0
-        while len(values) < full:
-            digest = hashlib.blake2b(f"{counter}\x00{text}".encode(), digest_size=64).digest()
-            values.extend(v / 2_147_483_648.0 - 1.0 for v in struct.unpack("<16I", digest))
-            counter += 1
-        values = values[: min(full, dim) if dim else full]
-        norm = math.sqrt(sum(v * v for v in values)) or 1.0
-        return [v / norm for v in values]
+        """The deterministic unit vector the server returns for ``text``, as the client reads it."""
+        return list(_embedding(text, self.embed_dim, dim)[1])
 
     # ------------------------------------------------------------------ helpers
 
@@ -613,16 +640,16 @@ class FakeOllama:
             dim = dimensions if isinstance(dimensions, int) and dimensions > 0 else None
             load = self._load_duration(name)
             prompt_tokens = sum(_count_tokens(t) + 2 for t in texts)
-            return web.json_response(
-                {
-                    "model": name,
-                    "embeddings": [self.embedding_for(t, dim) for t in texts],
-                    "total_duration": load + 4_118_500 + prompt_tokens * 310_250,
-                    "load_duration": load,
-                    "prompt_eval_count": prompt_tokens,
-                },
-                dumps=_compact,
+            arrays = ",".join(_embedding(t, self.embed_dim, dim)[0] for t in texts)
+            timing = {
+                "total_duration": load + 4_118_500 + prompt_tokens * 310_250,
+                "load_duration": load,
+                "prompt_eval_count": prompt_tokens,
+            }  # in the order Ollama writes them, after model and embeddings
+            body = (
+                f'{_compact({"model": name})[:-1]},"embeddings":[{arrays}],{_compact(timing)[1:]}'
             )
+            return web.Response(text=body, content_type="application/json")
         finally:
             self._exit()
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 import ollama
 import pytest
 from pydantic import BaseModel
 
-from tests.fakes.ollama import FakeOllama, split_into_chunks
+from tests.fakes.ollama import FakeOllama, _go_float32, split_into_chunks
 
 CHAT_MODEL = "llama3.2:3b"
 EMBED_MODEL = "nomic-embed-text"
@@ -171,7 +174,7 @@ async def test_embed_is_deterministic_unit_length(
     assert single.model == EMBED_MODEL
     assert len(single.embeddings) == 1
     assert len(single.embeddings[0]) == 768
-    assert math.isclose(math.fsum(v * v for v in single.embeddings[0]), 1.0, rel_tol=1e-9)
+    assert math.isclose(math.fsum(v * v for v in single.embeddings[0]), 1.0, rel_tol=1e-6)
     assert single.prompt_eval_count is not None and single.prompt_eval_count > 0
     assert single.total_duration is not None and single.load_duration is not None
 
@@ -191,11 +194,53 @@ async def test_embed_is_deterministic_unit_length(
     assert list(first_run.embeddings[0]) == FakeOllama(embed_dim=16).embedding_for("hello")
 
 
+async def test_embeddings_go_on_the_wire_as_go_writes_float32(fake: FakeOllama) -> None:
+    """Ollama's EmbedResponse is `[][]float32` (api/types.go): each number is the shortest
+    decimal that reads back as the same float32, as Go's encoding/json writes it."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{fake.url}/api/embed", json={"model": EMBED_MODEL, "input": "hello"}
+        ) as response,
+    ):
+        raw = await response.text()
+        assert response.content_type == "application/json"
+    assert list(json.loads(raw)) == [
+        "model", "embeddings", "total_duration", "load_duration", "prompt_eval_count"
+    ]  # fmt: skip
+    words = re.search(r'"embeddings":\[\[([^\]]*)\]\]', raw).group(1).split(",")  # type: ignore[union-attr]
+    assert len(words) == 768
+    for word in words:
+        single = struct.unpack("<f", struct.pack("<f", float(word)))[0]
+        digits = len(word.lstrip("-0.").replace(".", "").split("e")[0])
+        assert digits <= 9 and "e" not in word  # values of a unit vector: plain
+        shorter = f"{single:.{max(digits - 1, 1)}g}"
+        assert digits == 1 or struct.unpack("<f", struct.pack("<f", float(shorter)))[0] != single
+    assert [float(w) for w in words] == fake.embedding_for("hello")
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        (0.1, "0.1"),
+        (1 / 3, "0.33333334"),
+        (-0.0123456789, "-0.012345679"),
+        (123456789.0, "123456790"),
+        (1.0, "1"),
+        (0.0, "0"),
+        (1.5e-7, "1.5e-7"),
+        (1e21, "1e+21"),
+    ],
+)
+def test_float32_written_as_go_writes_it(value: float, written: str) -> None:
+    assert _go_float32(value) == written
+
+
 async def test_embed_dimensions_truncates_and_renormalises(client: ollama.AsyncClient) -> None:
     response = await client.embed(model=EMBED_MODEL, input="hello", dimensions=64)
     vector = response.embeddings[0]
     assert len(vector) == 64
-    assert math.isclose(math.fsum(v * v for v in vector), 1.0, rel_tol=1e-9)
+    assert math.isclose(math.fsum(v * v for v in vector), 1.0, rel_tol=1e-6)
 
 
 async def test_list_show_ps_and_version(fake: FakeOllama, client: ollama.AsyncClient) -> None:
