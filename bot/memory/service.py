@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from bot.brains.base import CallStats, ChatRequest
@@ -93,6 +94,9 @@ class Memory(Learning):
         # (user key, message) -> (model, vector): the message recall embedded, which its
         # extraction compares the user's facts with, so it is embedded once (issue 22)
         self._queries: OrderedDict[tuple[str, str], tuple[str, list[float]]] = OrderedDict()
+        # memory id -> (user key, when): recall stamps waiting to be written together
+        self._stamps: dict[int, tuple[str, datetime]] = {}
+        self._stamping = False  # a write of them is waiting for a quiet moment
 
     def active(self, persona: Persona) -> bool:
         return self.enabled and persona.memory
@@ -136,15 +140,38 @@ class Memory(Learning):
                 persona=persona,
             )
             if found:
-                touch = self.store.touch(user_key, [m.id for m in found])
-                if spawn is None:
-                    await touch
-                else:
-                    spawn(touch)
+                await self._recalled(user_key, found, spawn)
             return found
         except Exception as exc:
             log.warning("memory recall for %s failed: %s", user_key, type(exc).__name__)
             return []
+
+    async def _recalled(self, user_key: str, found: list[Recalled], spawn: Spawn | None) -> None:
+        """Stamp what recall found (`last_recalled_at`). With `spawn` (the engine's), the
+        stamps wait, like extraction, for a moment without replies (`defer` seconds at most)
+        and go in together, one statement for all the recalls made meanwhile."""
+        at = datetime.now(UTC)
+        for memory in found:
+            self._stamps[memory.id] = (user_key, at)
+        if spawn is None:
+            await self.stamp()
+        elif not self._stamping:
+            self._stamping = True
+            spawn(self._stamp_when_quiet())
+
+    async def _stamp_when_quiet(self) -> None:
+        try:
+            if self.quiet is not None and self.defer > 0:
+                await self.quiet(self.defer)
+        finally:  # stamps made from here on start another wait
+            self._stamping = False
+        await self.stamp()
+
+    async def stamp(self) -> None:
+        """Write the recall stamps waiting (a failed write loses only those)."""
+        stamps, self._stamps = self._stamps, {}
+        if stamps:
+            await self.store.touch(stamps)
 
     def _recorder(self, context: CallContext, spawn: Spawn | None = None) -> Recorder:
         """Writes an embedding call to model_calls (and the ledger), or hands it to `spawn`."""

@@ -6,6 +6,8 @@ reachable through another user's key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from pgvector import HalfVector
@@ -77,7 +79,16 @@ def recall_query(dims: int) -> str:
     return _RECALL_INDEXED if dims <= INDEXED_DIMS else _RECALL_WIDE
 
 
-_COLUMNS = "id, text, embed_model, persona, created_at, last_recalled_at, superseded_by, private_to"
+_FIELDS = (
+    "id", "text", "embed_model", "persona", "created_at", "last_recalled_at", "superseded_by",
+    "private_to",
+)  # fmt: skip
+# a fact's recall stamp is kept beside it (migration 0019), so recall never writes `memories`
+_STAMP = (
+    "(SELECT r.last_recalled_at FROM memory_recalls r WHERE r.memory_id = memories.id)"
+    " AS last_recalled_at"
+)
+_COLUMNS = ", ".join(_STAMP if f == "last_recalled_at" else f for f in _FIELDS)
 
 
 async def _scrub(conn: Any, user_key: str) -> None:
@@ -146,7 +157,7 @@ async def _insert(
 
 
 def _row(record: Any) -> MemoryRow:
-    return MemoryRow(**{key: record[key] for key in _COLUMNS.split(", ")})
+    return MemoryRow(**{key: record[key] for key in _FIELDS})
 
 
 class MemoryStore(JobQueries):
@@ -235,12 +246,19 @@ class MemoryStore(JobQueries):
             )
         return int(result.split()[-1])
 
-    async def touch(self, user_key: str, ids: list[int]) -> None:
-        """Mark memories as recalled now (off the reply's path: it waits for a commit)."""
+    async def touch(self, stamps: Mapping[int, tuple[str, datetime]]) -> None:
+        """Stamp facts as recalled (memory id -> (its user's key, when)), in one statement,
+        into `memory_recalls`: `memories` itself is not written. A fact deleted meanwhile, or
+        not the user's, gets no stamp; a later stamp replaces an earlier one."""
         await self._pool.execute(
-            "UPDATE memories SET last_recalled_at = now() WHERE user_key = $1 AND id = ANY($2)",
-            user_key,
-            ids,
+            "INSERT INTO memory_recalls (memory_id, last_recalled_at)"
+            " SELECT m.id, s.at FROM unnest($1::bigint[], $2::text[], $3::timestamptz[])"
+            " AS s(id, user_key, at) JOIN memories m ON m.id = s.id AND m.user_key = s.user_key"
+            " ON CONFLICT (memory_id) DO UPDATE SET last_recalled_at = EXCLUDED.last_recalled_at"
+            " WHERE memory_recalls.last_recalled_at < EXCLUDED.last_recalled_at",
+            list(stamps),
+            [user_key for user_key, _ in stamps.values()],
+            [at for _, at in stamps.values()],
         )
 
     async def current(

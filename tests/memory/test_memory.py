@@ -236,9 +236,7 @@ async def test_recall_orders_by_similarity_with_floor_and_recency(
     )
     found = await memory.recall("test:bob", query, context=context("test:bob"))
     assert [m.text for m in found] == ["Fresh.", "Old."]
-    recalled = await mapp.pool.fetchval(
-        "SELECT count(*) FROM memories WHERE last_recalled_at IS NOT NULL"
-    )
+    recalled = await mapp.pool.fetchval("SELECT count(*) FROM memory_recalls")
     assert recalled == 5
     # and the engine renders them into the prompt
     fake_ollama.queue_reply("Let's talk!")
