@@ -9,8 +9,9 @@ pipeline, the database and HTTP, not a model.
   background work included (call records, ledger, memory extraction with its embedding),
   with memory on and with it off. PostgreSQL's own CPU is not in it (another process).
 - Overhead per reply: a reply's wall time minus the fake model's own round trip, memory on, with
-  recall against a table of `--memories` memories (random 768-d halfvecs over 10,000 users;
-  each reply speaks as one of them, so recall scans a user's ~100 rows at a million).
+  recall against a table of `--memories` memories (random 768-d halfvecs over 10,000 users,
+  learned in the community server the benchmark speaks in; each reply speaks there as one of
+  them, so every recall embeds the message and scans that user's ~100 rows at a million).
 - Throughput: N conversations at once, the fake taking 1 s a reply; wall time until all are
   answered, and replies per second.
 
@@ -51,13 +52,15 @@ from tests.fakes.ollama import FakeOllama
 REPLY = "A short reply of about a dozen words, streamed in pieces."
 FACT = json.dumps({"facts": [{"fact": "Likes benchmarks.", "replaces": []}]})
 USERS = 10_000
+GUILD = "bench"  # every message comes from this community server, where the memories were learned
+SCOPE = f"bench:guild:{GUILD}"  # bot/core/ports.py scope_of
 DIM = 768
 EMBED_MODEL = "ollama:nomic-embed-text"
 RUN = str(time.time_ns())  # conversation names of this run: a kept database has earlier ones
 _FILL = f"""
-INSERT INTO memories (user_key, text, text_hash, embed_model, embedding, created_at)
+INSERT INTO memories (user_key, text, text_hash, embed_model, embedding, created_at, scope)
 SELECT 'bench:' || (i % {USERS}), 'fact ' || i, md5(i::text), '{EMBED_MODEL}', g.v::halfvec,
-       now() - (i % 365) * interval '1 day'
+       now() - (i % 365) * interval '1 day', '{SCOPE}'
 FROM generate_series($1::bigint, $2::bigint) AS i,
      LATERAL (SELECT array_agg(random() - 0.5) AS v FROM generate_series(1, {DIM})
               WHERE i IS NOT NULL) AS g
@@ -102,7 +105,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def reply_once(engine: Engine, conversation: str, author: str) -> float:
     started = time.perf_counter()
-    incoming = Incoming("bench", conversation, author, "User", "hello there")
+    incoming = Incoming("bench", conversation, author, "User", "hello there", guild=GUILD)
     async with contextlib.aclosing(engine.handle(incoming)) as events:
         last = None
         async for event in events:
@@ -168,6 +171,12 @@ async def fill_memories(url: str, target: int) -> int:
     pool = await db.connect(url, REPO_ROOT / "migrations")
     try:
         have = int(await pool.fetchval("SELECT count(*) FROM memories WHERE text LIKE 'fact %'"))
+        elsewhere = await pool.fetchval(
+            "SELECT count(*) FROM memories WHERE text LIKE 'fact %' AND scope IS DISTINCT FROM $1",
+            SCOPE,
+        )
+        if elsewhere:  # filled by an earlier version, whose memories no reply could recall
+            raise SystemExit("--pg-dir holds memories learned nowhere: use a new directory")
         step = 50_000
         for start in range(have, target, step):
             await pool.execute(_FILL, start, min(target, start + step) - 1)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from bot.core.calls import CallContext
 from bot.errors import ModelUnavailable
 from bot.memory.extract import MAX_BATCH, MAX_FACT_CHARS, Extracted, Extractor, InvalidExtraction
+from bot.memory.known import KnownModels
 from bot.memory.store import Exchange, Job, MemoryRow, MemoryStore, NewFact, normalise
 
 if TYPE_CHECKING:
@@ -51,12 +52,16 @@ class Learning:
     defer: float  # the most seconds an exchange waits for that moment
     _waiting: dict[_BatchKey, list[int]]  # jobs waiting to be extracted together
     _queries: OrderedDict[tuple[str, str], tuple[str, list[float]]]
+    known: KnownModels  # which models users' memories have (forgotten here on each write)
     _recorder: Callable[[CallContext], Recorder]  # Memory's: how an embedding call is written
 
     async def message_deleted(self, message_rows: list[int]) -> int:
         """Messages deleted on their platform: their pending extraction stops and the facts
         drawn only from them are deleted; returns how many facts went."""
-        return await self.store.message_deleted(message_rows)
+        try:
+            return await self.store.message_deleted(message_rows)
+        finally:
+            self.known.forget()
 
     async def message_edited(self, message_rows: list[int], text: str) -> None:
         """Messages edited on their platform: a pending extraction reads the new text."""
@@ -202,6 +207,7 @@ class Learning:
         drops = [i for i in extracted.drops if i in known]
         if drops:
             await self.store.drop(last.user_key, drops, job_id=jobs[-1].id)
+            self.known.forget(last.user_key)
         if not cleaned:
             return set()
         context = CallContext(last.platform, last.conversation_id, last.user_key, last.persona)
@@ -233,18 +239,21 @@ class Learning:
             shared = any(known[i] is None for i in item.replaces)
             groups.setdefault(None if shared else exchange.private_to, []).append(item)
         ids: list[int] = []
-        for n, (keeper, facts) in enumerate(groups.items(), 1):
-            ids += await self.store.add(
-                exchange.user_key,
-                facts,
-                model=model,
-                persona=exchange.persona,
-                job_id=job_id,
-                scope=exchange.scope,
-                source_message_id=exchange.message_id,
-                private_to=keeper,
-                finish=n == len(groups),  # the job ends with the last group's transaction
-            )
+        try:
+            for n, (keeper, facts) in enumerate(groups.items(), 1):
+                ids += await self.store.add(
+                    exchange.user_key,
+                    facts,
+                    model=model,
+                    persona=exchange.persona,
+                    job_id=job_id,
+                    scope=exchange.scope,
+                    source_message_id=exchange.message_id,
+                    private_to=keeper,
+                    finish=n == len(groups),  # the job ends with the last group's transaction
+                )
+        finally:  # after the write: an answer read before it is not kept
+            self.known.forget(exchange.user_key)
         return ids
 
 

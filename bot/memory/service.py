@@ -45,6 +45,7 @@ from bot.memory.extract import (
     Extractor,
     InvalidExtraction,
 )
+from bot.memory.known import KnownModels
 from bot.memory.learning import Learning, Spawn, Vet
 from bot.memory.store import (
     MemoryRow,
@@ -94,6 +95,7 @@ class Memory(Learning):
         # (user key, message) -> (model, vector): the message recall embedded, which its
         # extraction compares the user's facts with, so it is embedded once (issue 22)
         self._queries: OrderedDict[tuple[str, str], tuple[str, list[float]]] = OrderedDict()
+        self.known = KnownModels()  # which models users' memories have, between messages
         # memory id -> (user key, when): recall stamps waiting to be written together
         self._stamps: dict[int, tuple[str, datetime]] = {}
         self._stamping = False  # a write of them is waiting for a quiet moment
@@ -118,11 +120,16 @@ class Memory(Learning):
         `spawn` (the engine's), the call record is written in the background, off the reply's
         path."""
         try:
-            models = await self.store.models_of(user_key, scope)
+            kept = self.known.get(user_key, scope)
+            models = kept if kept is not None else await self._models_of(user_key, scope)
             if not models:
                 return []
             record = self._recorder(context, spawn)
             embedded = await self.embeddings.embed([text], record=record)
+            if embedded.model not in models and kept is not None:
+                # another model answered (Ollama down: the local one), or the memories moved
+                # to another model in another process: what was kept may be out of date
+                models = await self._models_of(user_key, scope)
             if embedded.model not in models:
                 return []  # no rows of this model: vectors of other models are not comparable
             self._queries[(user_key, text)] = (embedded.model, embedded.vectors[0])
@@ -173,6 +180,12 @@ class Memory(Learning):
         if stamps:
             await self.store.touch(stamps)
 
+    async def _models_of(self, user_key: str, scope: str | None) -> list[str]:
+        version = self.known.version()
+        models = await self.store.models_of(user_key, scope)
+        self.known.put(user_key, scope, models, version)
+        return models
+
     def _recorder(self, context: CallContext, spawn: Spawn | None = None) -> Recorder:
         """Writes an embedding call to model_calls (and the ledger), or hands it to `spawn`."""
 
@@ -218,7 +231,10 @@ class Memory(Learning):
         return await self.store.count(user_key)
 
     async def forget(self, user_key: str, memory_id: int | None = None) -> int:
-        return await self.store.forget(user_key, memory_id)
+        try:
+            return await self.store.forget(user_key, memory_id)
+        finally:
+            self.known.forget(user_key)
 
     async def export(self, user_key: str, persona: str | None = None) -> list[dict[str, Any]]:
         """Everything kept about the user (superseded rows too); with `persona`, what that
@@ -233,6 +249,7 @@ class Memory(Learning):
             embedded = await self.embeddings.embed([text for _, text in batch], only=model)
             rows = [(i, v) for (i, _), v in zip(batch, embedded.vectors, strict=True)]
             await self.store.set_embedding(rows, model)
+            self.known.forget()
             moved += len(rows)
         return model, moved
 

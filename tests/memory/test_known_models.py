@@ -1,0 +1,120 @@
+"""Which embedding models a user's memories have is asked once and kept (bot/memory/known.py):
+recall then goes straight to the embedding. A no is never kept; what this process writes drops
+the answer at once; another process's writes are seen within the ttl."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.app import App, running_app
+from bot.memory.known import KnownModels
+from bot.memory.store import NewFact
+from tests.conftest import make_settings
+from tests.fakes.ollama import FakeOllama
+from tests.memory.test_memory import context, memory_of, near
+
+MODEL = "ollama:nomic-embed-text"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_yes_is_kept_for_its_ttl_a_no_never() -> None:
+    clock = Clock()
+    known = KnownModels(ttl=60.0, clock=clock)
+    known.put("u", "here", [], known.version())
+    assert known.get("u", "here") is None
+    known.put("u", "here", [MODEL], known.version())
+    assert known.get("u", "here") == [MODEL]
+    assert known.get("u", None) is None, "another scope is another question"
+    clock.now += 59.9
+    assert known.get("u", "here") == [MODEL]
+    clock.now += 0.2
+    assert known.get("u", "here") is None
+
+
+def test_an_answer_read_before_a_write_is_not_kept() -> None:
+    known = KnownModels()
+    version = known.version()
+    known.forget("someone else")  # a write while the answer was on its way
+    known.put("u", "here", [MODEL], version)
+    assert known.get("u", "here") is None
+    known.put("u", "here", [MODEL], known.version())
+    known.forget("u")
+    assert known.get("u", "here") is None
+    known.put("u", "here", [MODEL], known.version())
+    known.forget()
+    assert known.get("u", "here") is None
+
+
+def test_the_least_recently_asked_users_go_first() -> None:
+    known = KnownModels(size=2)
+    for user in ("a", "b"):
+        known.put(user, None, [MODEL], known.version())
+    assert known.get("a", None) == [MODEL]  # a asked last: b is the oldest
+    known.put("c", None, [MODEL], known.version())
+    assert known.get("b", None) is None
+    assert known.get("a", None) == known.get("c", None) == [MODEL]
+
+
+@pytest.fixture
+async def mapp(tmp_path: Path, database_url: str, fake_ollama: FakeOllama) -> AsyncIterator[App]:
+    settings = make_settings(tmp_path, database_url, fake_ollama.url, memory_enabled=True)
+    async with running_app(settings) as app:
+        yield app
+
+
+async def test_recall_keeps_the_answer_and_this_processs_writes_drop_it(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    memory = memory_of(mapp)
+    clock = Clock()
+    memory.known = KnownModels(ttl=60.0, clock=clock)
+    query = "What do I drink?"
+    user = "test:alice"
+
+    async def recall() -> tuple[list[str], int]:
+        """What recall found, and how many embedding calls it made."""
+        before = len(fake_ollama.embed_requests())
+        found = await memory.recall(user, query, context=context(user))
+        return [m.text for m in found], len(fake_ollama.embed_requests()) - before
+
+    assert await recall() == ([], 0), "no memories: no embedding"
+    fact = NewFact("Drinks tea.", near(fake_ollama.embedding_for(query), 0.9, 1))
+    await memory.store.add(user, [fact], model=MODEL, persona="mimi")  # another process
+    assert await recall() == (["Drinks tea."], 1), "a no was not kept"
+    # another process forgets it: the kept yes still sends recall to the embedding, for ttl
+    await mapp.pool.execute("DELETE FROM memories WHERE user_key = $1", user)
+    assert await recall() == ([], 1)
+    clock.now += 61
+    assert await recall() == ([], 0), "after the ttl the database is asked again"
+    # this process's own writes: the answer is dropped at once
+    await memory.store.add(user, [fact], model=MODEL, persona="mimi")
+    assert await recall() == (["Drinks tea."], 1)
+    assert await memory.forget(user) == 1
+    assert await recall() == ([], 0)
+
+
+async def test_an_embedding_of_a_model_the_answer_does_not_name_asks_again(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """Memories moved to the configured model by another process (`memories reembed`)."""
+    memory = memory_of(mapp)
+    user, query = "test:bob", "Where do I live?"
+    vector = near(fake_ollama.embedding_for(query), 0.9, 2)
+    fact = NewFact("Lives in Oslo.", vector)
+    await memory.store.add(user, [fact], model="ollama:older-model", persona="mimi")
+    assert await memory.recall(user, query, context=context(user)) == []
+    assert memory.known.get(user, None) == ["ollama:older-model"]
+    await mapp.pool.execute("UPDATE memories SET embed_model = $1 WHERE user_key = $2", MODEL, user)
+    found = await memory.recall(user, query, context=context(user))
+    assert [m.text for m in found] == ["Lives in Oslo."]
+    assert memory.known.get(user, None) == [MODEL]
