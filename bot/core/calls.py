@@ -1,9 +1,11 @@
 """Every model call, recorded in `model_calls`, so the ledger and benchmarks can build on it.
 
-A call and its ledger row are written in one statement. While one such write is under way, the
-calls finished meanwhile wait and are then written together, still in one statement
-(`Ledger.record_many_with`): with hundreds of replies in flight, a few dozen round trips
-instead of one per call, and one alone is written at once as before.
+A call and its ledger row are written in one statement. A call waits `linger` seconds (5 ms)
+for others before it is written, and while a write is under way the calls finished meanwhile
+wait for it to end; then all of them go in together, still in one statement
+(`Ledger.record_many_with`). A reply's calls (the embedding its recall made, then the model's
+answer) are then one round trip, and with hundreds of replies in flight a few dozen round trips
+replace one per call. Nobody waits on it: the engine records calls in the background.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from bot.spend.ledger import Ledger
 
 log = logging.getLogger(__name__)
+
+LINGER = 0.005  # seconds a call waits for others (a reply's embedding and answer: one statement)
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,17 @@ class CallContext:
 
 class CallLog:
     def __init__(
-        self, pool: Any, *, keep_prompts: bool = False, ledger: Ledger | None = None
+        self,
+        pool: Any,
+        *,
+        keep_prompts: bool = False,
+        ledger: Ledger | None = None,
+        linger: float = LINGER,
     ) -> None:
         self._pool = pool
         self._keep_prompts = keep_prompts
         self._ledger = ledger  # every call's tokens become a ledger row (issue 7)
+        self.linger = linger  # seconds a call waits for others to be written with
         self._waiting: list[_Waiting] = []  # calls to write once the write under way ends
         self._writer: asyncio.Task[None] | None = None
 
@@ -119,6 +129,8 @@ class CallLog:
     async def _write(self, ledger: Ledger) -> None:
         batch: list[_Waiting] = []
         try:
+            if self.linger > 0:
+                await asyncio.sleep(self.linger)
             while self._waiting:
                 batch, self._waiting = self._waiting[:_BATCH], self._waiting[_BATCH:]
                 await self._write_batch(ledger, batch)

@@ -1,5 +1,6 @@
 """The call log (bot/core/calls.py) writes a call and its ledger row in one statement, and the
-calls that finish while such a write is under way together, in one statement: every row as it
+calls that finish within its linger or while such a write is under way together, in one
+statement: every row as it
 would have been alone, the right ledger row for each call, and a bad row fails only its own
 caller. Real PostgreSQL."""
 
@@ -78,6 +79,26 @@ async def test_calls_that_come_together_are_written_together_each_with_its_ledge
     # Rows written by one statement share its transaction id: far fewer than one per call.
     statements = await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM model_calls")
     assert statements < 10
+
+
+async def test_calls_a_moment_apart_wait_for_each_other(pool: Any) -> None:
+    """A reply's embedding is recorded a few milliseconds before its answer: within the
+    linger they are one statement; without one, each is written as it comes."""
+
+    async def two_calls(calls: CallLog) -> int:
+        await pool.execute("TRUNCATE model_calls, ledger")
+        context = CallContext("test", None, "test:u", "mimi")
+        first = asyncio.create_task(
+            calls.record(context, REQUEST, backend="ollama:gpu", stats=stats(1), purpose="embed")
+        )
+        await asyncio.sleep(0.05)
+        await calls.record(context, REQUEST, backend="ollama:gpu", stats=stats(2))
+        await first
+        assert await pool.fetchval("SELECT count(*) FROM ledger") == 2
+        return int(await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM model_calls"))
+
+    assert await two_calls(CallLog(pool, ledger=ledger_of(pool), linger=0.5)) == 1
+    assert await two_calls(CallLog(pool, ledger=ledger_of(pool), linger=0)) == 2
 
 
 async def test_one_bad_call_fails_alone(pool: Any) -> None:
