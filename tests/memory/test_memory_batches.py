@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from bot.app import App, running_app
+from bot.app import App
 from bot.core.engine import Done, Incoming
 from bot.memory.extract import BATCH_EXTRACTION_SCHEMA, EXTRACTION_SCHEMA
-from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
 from tests.memory.test_memory import collect, extraction_requests
 
@@ -27,14 +22,6 @@ def dm(text: str, message_id: str, user: str = "alice") -> Incoming:
 
 def sourced(*items: tuple[str, int]) -> str:
     return json.dumps({"facts": [{"fact": f, "replaces": [], "message": n} for f, n in items]})
-
-
-@pytest.fixture
-async def mapp(tmp_path: Path, database_url: str, fake_ollama: FakeOllama) -> AsyncIterator[App]:
-    settings = make_settings(tmp_path, database_url, fake_ollama.url, memory_enabled=True)
-    async with running_app(settings) as app:
-        app.engine.quiet.settle = 30.0  # no quiet moment comes before the test's drain
-        yield app
 
 
 async def said(app: App, fake: FakeOllama, incoming: Incoming) -> None:
@@ -57,41 +44,43 @@ async def rows(app: App, sql: str) -> list[Any]:
 
 
 async def test_a_burst_of_messages_is_read_in_one_call_and_each_fact_keeps_its_message(
-    mapp: App, fake_ollama: FakeOllama
+    held_app: App, fake_ollama: FakeOllama
 ) -> None:
     for n, text in enumerate(["I live in Lisbon", "what's up?", "I have a cat called Miso"], 1):
-        await said(mapp, fake_ollama, dm(text, f"m{n}"))
-    await queued(mapp, 3)  # safe in Postgres while they wait
+        await said(held_app, fake_ollama, dm(text, f"m{n}"))
+    await queued(held_app, 3)  # safe in Postgres while they wait
     assert extraction_requests(fake_ollama) == []  # waiting for a quiet moment
     fake_ollama.queue_reply(sourced(("Lives in Lisbon.", 1), ("Has a cat called Miso.", 3)))
-    await mapp.engine.drain()
+    await held_app.engine.drain()
 
     [body] = extraction_requests(fake_ollama)
     assert body["format"] == BATCH_EXTRACTION_SCHEMA
     prompt = body["messages"][-1]["content"]
     assert "Message 1:\nI live in Lisbon" in prompt and "Message 3:\nI have a cat" in prompt
     assert "messages" in body["messages"][0]["content"]  # the batch's instructions
-    assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
-    assert await rows(mapp, "SELECT count(*) FROM model_calls WHERE purpose = 'memory'") == [(1,)]
+    assert await held_app.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
+    assert await rows(held_app, "SELECT count(*) FROM model_calls WHERE purpose = 'memory'") == [
+        (1,)
+    ]
 
-    await mapp.engine.message_deleted("test", "m1")  # the Lisbon fact goes with its message
-    assert await rows(mapp, "SELECT text FROM memories") == [("Has a cat called Miso.",)]
+    await held_app.engine.message_deleted("test", "m1")  # the Lisbon fact goes with its message
+    assert await rows(held_app, "SELECT text FROM memories") == [("Has a cat called Miso.",)]
 
 
-async def test_one_message_alone_is_read_as_before(mapp: App, fake_ollama: FakeOllama) -> None:
-    await said(mapp, fake_ollama, dm("I play the cello", "m1"))
+async def test_one_message_alone_is_read_as_before(held_app: App, fake_ollama: FakeOllama) -> None:
+    await said(held_app, fake_ollama, dm("I play the cello", "m1"))
     fake_ollama.queue_reply(json.dumps({"facts": [{"fact": "Plays the cello.", "replaces": []}]}))
-    await mapp.engine.drain()
+    await held_app.engine.drain()
     [body] = extraction_requests(fake_ollama)
     assert body["format"] == EXTRACTION_SCHEMA
-    assert await rows(mapp, "SELECT text FROM memories") == [("Plays the cello.",)]
+    assert await rows(held_app, "SELECT text FROM memories") == [("Plays the cello.",)]
 
 
-async def test_two_users_are_never_read_in_one_call(mapp: App, fake_ollama: FakeOllama) -> None:
-    await said(mapp, fake_ollama, dm("I live in Lisbon", "a1"))
-    await said(mapp, fake_ollama, dm("I live in Oslo", "b1", user="bob"))
-    await said(mapp, fake_ollama, dm("I like tea", "a2"))
-    await queued(mapp, 3)
+async def test_two_users_are_never_read_in_one_call(held_app: App, fake_ollama: FakeOllama) -> None:
+    await said(held_app, fake_ollama, dm("I live in Lisbon", "a1"))
+    await said(held_app, fake_ollama, dm("I live in Oslo", "b1", user="bob"))
+    await said(held_app, fake_ollama, dm("I like tea", "a2"))
+    await queued(held_app, 3)
 
     def answer(body: dict[str, Any]) -> str:
         prompt = body["messages"][-1]["content"]
@@ -100,13 +89,13 @@ async def test_two_users_are_never_read_in_one_call(mapp: App, fake_ollama: Fake
         return sourced(("Lives in Lisbon.", 1), ("Likes tea.", 2))
 
     fake_ollama.responder = answer
-    await mapp.engine.drain()
+    await held_app.engine.drain()
     bodies = extraction_requests(fake_ollama)
     assert len(bodies) == 2
     for body in bodies:
         prompt = body["messages"][-1]["content"]
         assert ("Oslo" in prompt) != ("Lisbon" in prompt or "tea" in prompt)
-    assert await rows(mapp, "SELECT user_key, text FROM memories ORDER BY text") == [
+    assert await rows(held_app, "SELECT user_key, text FROM memories ORDER BY text") == [
         ("test:alice", "Likes tea."),
         ("test:alice", "Lives in Lisbon."),
         ("test:bob", "Lives in Oslo."),
@@ -114,15 +103,15 @@ async def test_two_users_are_never_read_in_one_call(mapp: App, fake_ollama: Fake
 
 
 async def test_a_message_edited_or_deleted_while_waiting_is_read_as_it_is_now(
-    mapp: App, fake_ollama: FakeOllama
+    held_app: App, fake_ollama: FakeOllama
 ) -> None:
-    await said(mapp, fake_ollama, dm("I live in Lisbn", "m1"))
-    await said(mapp, fake_ollama, dm("my PIN is 1234", "m2"))
-    await queued(mapp, 2)
-    await mapp.engine.message_edited("test", "m1", "I live in Lisbon")
-    await mapp.engine.message_deleted("test", "m2")
+    await said(held_app, fake_ollama, dm("I live in Lisbn", "m1"))
+    await said(held_app, fake_ollama, dm("my PIN is 1234", "m2"))
+    await queued(held_app, 2)
+    await held_app.engine.message_edited("test", "m1", "I live in Lisbon")
+    await held_app.engine.message_deleted("test", "m2")
     fake_ollama.queue_reply(json.dumps({"facts": [{"fact": "Lives in Lisbon.", "replaces": []}]}))
-    await mapp.engine.drain()
+    await held_app.engine.drain()
     [body] = extraction_requests(fake_ollama)
     prompt = body["messages"][-1]["content"]
     assert "I live in Lisbon" in prompt and "Lisbn" not in prompt and "PIN" not in prompt
@@ -130,15 +119,15 @@ async def test_a_message_edited_or_deleted_while_waiting_is_read_as_it_is_now(
 
 
 async def test_no_extraction_runs_while_a_reply_is_in_flight(
-    mapp: App, fake_ollama: FakeOllama
+    held_app: App, fake_ollama: FakeOllama
 ) -> None:
     """Extraction waits for the replies, not the other way round: its model call starts only
     once nobody is waiting for an answer (here: after a settling time of 0.2 s)."""
-    mapp.engine.quiet.settle = 0.2
-    await said(mapp, fake_ollama, dm("I live in Lisbon", "m1"))
+    held_app.engine.quiet.settle = 0.2
+    await said(held_app, fake_ollama, dm("I live in Lisbon", "m1"))
     fake_ollama.first_token_delay = 0.6
     fake_ollama.queue_reply("Hello Bob, a slow answer.")
-    slow = asyncio.create_task(collect(mapp, dm("hi", "b1", user="bob")))
+    slow = asyncio.create_task(collect(held_app, dm("hi", "b1", user="bob")))
     await asyncio.sleep(0.4)  # Alice's settling time has passed, but Bob is waiting
     assert extraction_requests(fake_ollama) == []
     fake_ollama.first_token_delay = 0.0
@@ -154,4 +143,4 @@ async def test_no_extraction_runs_while_a_reply_is_in_flight(
             break
         await asyncio.sleep(0.02)
     assert len(alices()) == 1
-    await mapp.engine.drain()
+    await held_app.engine.drain()

@@ -8,32 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from bot import db
-from bot.app import App, running_app
+from bot.app import App
 from bot.config import REPO_ROOT
 from bot.core.engine import Done
 from bot.memory.store import MemoryStore, NewFact
-from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
 from tests.memory.test_memory import collect, memory_of, near, say
 
 MODEL = "ollama:nomic-embed-text"
-
-
-@pytest.fixture
-async def mapp(tmp_path: Path, database_url: str, fake_ollama: FakeOllama) -> AsyncIterator[App]:
-    settings = make_settings(tmp_path, database_url, fake_ollama.url, memory_enabled=True)
-    async with running_app(settings) as app:
-        app.engine.quiet.settle = 30.0  # no quiet moment comes before the test's drain
-        yield app
 
 
 async def learned(app: App, fake: FakeOllama, user: str, texts: list[str], query: str) -> None:
@@ -62,37 +51,41 @@ async def replied(app: App, fake: FakeOllama, user: str, text: str) -> None:
 
 
 async def test_replies_stamp_what_they_recalled_together_and_never_write_the_facts(
-    mapp: App, fake_ollama: FakeOllama
+    held_app: App, fake_ollama: FakeOllama
 ) -> None:
     users = ["alice", "bob", "carol"]
     for user in users:
-        await learned(mapp, fake_ollama, user, [f"{user} likes tea.", f"{user} has a cat."], "hi")
-    before = await versions(mapp)
+        await learned(
+            held_app, fake_ollama, user, [f"{user} likes tea.", f"{user} has a cat."], "hi"
+        )
+    before = await versions(held_app)
     started = datetime.now(UTC)
-    await asyncio.gather(*(replied(mapp, fake_ollama, user, "hi") for user in users))
+    await asyncio.gather(*(replied(held_app, fake_ollama, user, "hi") for user in users))
     for user in users:  # and one more each, recalling the same facts again
-        await replied(mapp, fake_ollama, user, "hi")
+        await replied(held_app, fake_ollama, user, "hi")
     await asyncio.sleep(0.2)
-    assert await stamps(mapp) == {}, "stamps wait for a moment without replies"
-    await mapp.engine.drain()
-    after = await stamps(mapp)
+    assert await stamps(held_app) == {}, "stamps wait for a moment without replies"
+    await held_app.engine.drain()
+    after = await stamps(held_app)
     assert sorted(after) == sorted(row[0] for row in before), "every recalled fact is stamped"
     assert all(started <= at <= datetime.now(UTC) for at in after.values())
-    statements = await mapp.pool.fetchval("SELECT count(DISTINCT xmin::text) FROM memory_recalls")
+    statements = await held_app.pool.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM memory_recalls"
+    )
     assert statements == 1, "all the replies' stamps went in as one statement"
-    assert await versions(mapp) == before, "no fact's row was written by recall"
+    assert await versions(held_app) == before, "no fact's row was written by recall"
     # what the user sees of it: the stamp in their memories' export
-    exported = await memory_of(mapp).export("test:alice")
+    exported = await memory_of(held_app).export("test:alice")
     assert all(m["last_recalled_at"] is not None for m in exported)
 
 
 async def test_a_stamp_needs_the_fact_to_be_the_users_and_goes_with_it(
-    mapp: App, fake_ollama: FakeOllama
+    held_app: App, fake_ollama: FakeOllama
 ) -> None:
-    await learned(mapp, fake_ollama, "alice", ["Alice likes tea.", "Alice has a cat."], "hi")
-    await learned(mapp, fake_ollama, "bob", ["Bob likes coffee."], "hi")
-    ids = {r["text"]: r["id"] for r in await mapp.pool.fetch("SELECT id, text FROM memories")}
-    store = MemoryStore(mapp.pool)
+    await learned(held_app, fake_ollama, "alice", ["Alice likes tea.", "Alice has a cat."], "hi")
+    await learned(held_app, fake_ollama, "bob", ["Bob likes coffee."], "hi")
+    ids = {r["text"]: r["id"] for r in await held_app.pool.fetch("SELECT id, text FROM memories")}
+    store = MemoryStore(held_app.pool)
     now = datetime.now(UTC)
     await store.touch(
         {
@@ -101,18 +94,18 @@ async def test_a_stamp_needs_the_fact_to_be_the_users_and_goes_with_it(
             10**9: ("test:alice", now),  # no such fact: no stamp
         }
     )
-    assert await stamps(mapp) == {ids["Alice likes tea."]: now}
+    assert await stamps(held_app) == {ids["Alice likes tea."]: now}
     # a later stamp replaces an earlier one; an earlier one written late does not
     later = now + timedelta(seconds=5)
     await store.touch({ids["Alice likes tea."]: ("test:alice", later)})
     await store.touch({ids["Alice likes tea."]: ("test:alice", now)})
-    assert await stamps(mapp) == {ids["Alice likes tea."]: later}
+    assert await stamps(held_app) == {ids["Alice likes tea."]: later}
     # forgetting the fact takes its stamp with it
     await store.touch({ids["Alice has a cat."]: ("test:alice", now)})
-    assert await memory_of(mapp).forget("test:alice", ids["Alice likes tea."]) == 1
-    assert await stamps(mapp) == {ids["Alice has a cat."]: now}
-    await memory_of(mapp).forget("test:alice")
-    assert await stamps(mapp) == {}
+    assert await memory_of(held_app).forget("test:alice", ids["Alice likes tea."]) == 1
+    assert await stamps(held_app) == {ids["Alice has a cat."]: now}
+    await memory_of(held_app).forget("test:alice")
+    assert await stamps(held_app) == {}
 
 
 async def test_the_migration_moves_the_stamps_already_written(
