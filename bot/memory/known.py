@@ -6,12 +6,12 @@ no embedding call. Once a user has memories the answer rarely changes, so a yes 
 memories are recalled at the next message.
 
 What this process writes (facts learned, forgotten, moved to another model) drops the user's
-answers at once. A write by another process sharing the database (a second replica, `bot chat`
+answers at once, and an answer read while this process wrote memories is not kept (it may
+predate the write). A write by another process sharing the database (a second replica, `bot chat`
 beside `bot run`) is seen within `ttl`; until then recall may embed for a user whose memories
 are gone (it finds nothing). When the embedding comes from a model the kept answer does not
 name (Ollama down, the local model answering; memories moved by `memories reembed`), recall
 asks the database again before it gives up.
-An answer read while this process wrote memories is not kept (it may predate the write).
 """
 
 from __future__ import annotations
