@@ -16,7 +16,10 @@ pipeline, the database and HTTP, not a model.
   answered, and replies per second.
 
     .venv/bin/python bench/pipeline.py [--replies 300] [--levels 1,100,500,1000]
-        [--memories 1000000] [--pg-dir DIR] [--json]
+        [--memories 1000000] [--pg-dir DIR] [--json] [--hops]
+
+`--hops` times, instead, what a sequential reply with memory on waits for, hop by hop (the
+database calls and the embedding; background work's calls of the same kind are counted too).
 
 `--pg-dir` keeps the database between runs, so the million memories are written once.
 """
@@ -146,6 +149,56 @@ async def sequential(settings: Settings, replies: int, tag: str) -> tuple[list[f
     return times, cpu_ms
 
 
+# What a sequential reply waits for, by the object the app holds it in and the method's name.
+HOPS = (
+    ("history", "conversation"),
+    ("history", "recent"),
+    ("store", "models_of"),
+    ("embeddings", "embed"),
+    ("store", "recall"),
+    ("history", "append_exchange"),
+)
+
+
+def _time_calls(owner: Any, name: str, label: str, into: dict[str, list[float]]) -> None:
+    """Wrap `owner.name` (this instance only) so each call's wall time goes into `into`."""
+    method = getattr(owner, name)
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            into.setdefault(label, []).append((time.perf_counter() - started) * 1e3)
+
+    setattr(owner, name, timed)
+
+
+async def hops(settings: Settings, replies: int) -> dict[str, list[float]]:
+    """Milliseconds of each call of each hop in `replies` sequential replies, and the replies'."""
+    times: dict[str, list[float]] = {}
+
+    def who(i: int) -> tuple[str, str]:
+        return f"{RUN}h{i % 20}", str((i % 20) * 397 % USERS)
+
+    async with running_app(settings) as app:
+        assert app.memory is not None
+        owners = {
+            "history": app.engine.history,
+            "store": app.memory.store,
+            "embeddings": app.memory.embeddings,
+        }
+        for where, name in HOPS:
+            _time_calls(owners[where], name, f"{where}.{name}", times)
+        for i in range(20):
+            await reply_once(app.engine, *who(i))
+        await app.engine.drain()
+        times.clear()
+        times["whole reply"] = [await reply_once(app.engine, *who(i)) * 1e3 for i in range(replies)]
+        await app.engine.drain()
+    return times
+
+
 async def throughput(settings: Settings, levels: list[int]) -> dict[str, dict[str, float]]:
     result: dict[str, dict[str, float]] = {}
     async with running_app(settings) as app:
@@ -203,6 +256,10 @@ def settings_for(url: str, data: Path, ollama_url: str, *, memory: bool) -> Sett
 
 async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     memories = await fill_memories(url, args.memories) if args.memories else 0
+    if args.hops:
+        with fake_process(0.0) as fast:
+            found = await hops(settings_for(url, data, fast, memory=True), args.replies)
+        return {"memories": memories, "replies": args.replies, "hops": found}
     levels = [int(x) for x in args.levels.split(",")]
     with fake_process(0.0) as fast, fake_process(1.0) as slow:
         _, cpu_off = await sequential(
@@ -225,6 +282,18 @@ async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "cpu_ms_per_reply_no_memory": round(cpu_off, 2),
         "throughput": flight,
     }
+
+
+def print_hops(r: dict[str, Any]) -> None:
+    print(f"\n## What a sequential reply waits for ({r['replies']} replies, memory on)\n")
+    print(f"recall against {r['memories']:,} memories\n")
+    print("| hop | calls | p50 ms | mean ms |")
+    print("|---|---:|---:|---:|")
+    for label, times in r["hops"].items():
+        print(
+            f"| {label} | {len(times)} | {statistics.median(times):.2f} "
+            f"| {statistics.fmean(times):.2f} |"
+        )
 
 
 def print_tables(r: dict[str, Any]) -> None:
@@ -256,7 +325,9 @@ async def measure(args: argparse.Namespace) -> None:
             result = await run(server.get_uri(), Path(tmp) / "data", args)
         finally:
             server.cleanup()
-    if args.json:
+    if args.hops:
+        print_hops(result)
+    elif args.json:
         print(json.dumps(result))
     else:
         print_tables(result)
@@ -269,6 +340,7 @@ def main() -> None:
     parser.add_argument("--memories", type=int, default=1_000_000)
     parser.add_argument("--pg-dir", type=Path, help="keep the database here between runs")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--hops", action="store_true", help="time a reply's hops instead")
     parser.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
