@@ -298,9 +298,16 @@ async def recall_bench(url: str, args: argparse.Namespace) -> None:
 async def extraction_bench(url: str, data: Path, jobs: int) -> None:
     async with FakeOllama() as fake:
         counter = iter(range(10**9))
-        fake.responder = lambda body: json.dumps(
-            {"facts": [{"fact": f"Likes thing {next(counter)}.", "replaces": []}]}
-        )
+
+        def respond(body: dict[str, Any]) -> str:
+            """A new fact for each extraction (the first message's, when several are read
+            together); Llama Guard's own answer, "safe", when the guard vets it."""
+            if not body.get("format"):
+                return "safe"
+            fact = {"fact": f"Likes thing {next(counter)}.", "replaces": [], "message": 1}
+            return json.dumps({"facts": [fact]})
+
+        fake.responder = respond
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None,
             database_url=url,
@@ -323,8 +330,12 @@ async def extraction_bench(url: str, data: Path, jobs: int) -> None:
             stored = await app.pool.fetchval(
                 "SELECT count(*) FROM memories WHERE user_key LIKE 'x:%'"
             )
+            calls = sum(1 for body in fake.chat_requests() if body.get("format"))
     print(f"\n## Extraction throughput ({jobs} exchanges, zero-latency fake model)\n")
-    print(f"{jobs / elapsed:.1f} extractions/s ({elapsed:.2f} s, {stored} facts stored)")
+    print(
+        f"{jobs / elapsed:.1f} exchanges/s ({elapsed:.2f} s, {calls} extraction calls,"
+        f" {stored} facts stored)"
+    )
 
 
 async def main() -> None:
