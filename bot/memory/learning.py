@@ -74,9 +74,6 @@ class Learning:
         the same persona in the same place join the same call (MAX_BATCH at most): one model
         call for a burst of messages instead of one each, made when it slows no one's reply."""
         job = await self.store.enqueue_held(exchange, _LEASE_SECONDS)
-        if self.quiet is None or self.defer <= 0:
-            await self._run([job.id])
-            return
         key = _batch_key(exchange)
         waiting = self._waiting.get(key)
         if waiting is not None:
@@ -84,11 +81,17 @@ class Learning:
             return
         self._waiting[key] = waiting = [job.id]
         try:
-            await self.quiet(self.defer)
+            await self._quiet_moment()
         finally:  # cancelled (shutdown): the jobs stay queued for the next start
             del self._waiting[key]
         for start in range(0, len(waiting), MAX_BATCH):
             await self._run(waiting[start : start + MAX_BATCH])
+
+    async def _quiet_moment(self) -> None:
+        """Until a moment without replies, `defer` seconds at most; without `quiet`, or with
+        `defer` 0, at once (nothing else runs meanwhile, so nothing joins a batch)."""
+        if self.quiet is not None and self.defer > 0:
+            await self.quiet(self.defer)
 
     async def _run(self, job_ids: list[int]) -> None:
         """Extract from jobs this process queued, as they are now (edited, or gone)."""

@@ -168,8 +168,7 @@ class Memory(Learning):
 
     async def _stamp_when_quiet(self) -> None:
         try:
-            if self.quiet is not None and self.defer > 0:
-                await self.quiet(self.defer)
+            await self._quiet_moment()
         finally:  # stamps made from here on start another wait
             self._stamping = False
         await self.stamp()
