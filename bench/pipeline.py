@@ -131,19 +131,27 @@ async def fake_only(url: str, n: int) -> list[float]:
     return times
 
 
+def speaker(tag: str, i: int) -> tuple[str, str]:
+    """The conversation and author of the i-th sequential reply: 20 conversations in turn (so
+    history grows as in real use), each with its own user among the memories' 10,000."""
+    return f"{RUN}{tag}{i % 20}", str((i % 20) * 397 % USERS)
+
+
+async def warm_up(app: Any, tag: str) -> None:
+    """One reply in each conversation (connections, templates, the conversations), drained."""
+    for i in range(20):
+        await reply_once(app.engine, *speaker(tag, i))
+    await app.engine.drain()
+
+
 async def sequential(settings: Settings, replies: int, tag: str) -> tuple[list[float], float]:
     """Wall time of each of `replies` sequential replies spread over 20 conversations (so
     history grows as in real use), and CPU ms per reply (background work drained and counted)."""
 
-    def who(i: int) -> tuple[str, str]:
-        return f"{RUN}{tag}{i % 20}", str((i % 20) * 397 % USERS)
-
     async with running_app(settings) as app:
-        for i in range(20):  # warm-up: connections, templates, the conversations
-            await reply_once(app.engine, *who(i))
-        await app.engine.drain()
+        await warm_up(app, tag)
         cpu = time.process_time()
-        times = [await reply_once(app.engine, *who(i)) for i in range(replies)]
+        times = [await reply_once(app.engine, *speaker(tag, i)) for i in range(replies)]
         await app.engine.drain()
         cpu_ms = (time.process_time() - cpu) * 1e3 / replies
     return times, cpu_ms
@@ -178,9 +186,6 @@ async def hops(settings: Settings, replies: int) -> dict[str, list[float]]:
     """Milliseconds of each call of each hop in `replies` sequential replies, and the replies'."""
     times: dict[str, list[float]] = {}
 
-    def who(i: int) -> tuple[str, str]:
-        return f"{RUN}h{i % 20}", str((i % 20) * 397 % USERS)
-
     async with running_app(settings) as app:
         assert app.memory is not None
         owners = {
@@ -190,11 +195,11 @@ async def hops(settings: Settings, replies: int) -> dict[str, list[float]]:
         }
         for where, name in HOPS:
             _time_calls(owners[where], name, f"{where}.{name}", times)
-        for i in range(20):
-            await reply_once(app.engine, *who(i))
-        await app.engine.drain()
+        await warm_up(app, "h")
         times.clear()
-        times["whole reply"] = [await reply_once(app.engine, *who(i)) * 1e3 for i in range(replies)]
+        times["whole reply"] = [
+            await reply_once(app.engine, *speaker("h", i)) * 1e3 for i in range(replies)
+        ]
         await app.engine.drain()
     return times
 
