@@ -5,11 +5,10 @@ Every call the bot makes to Ollama (a reply, the guard's verdict, a memory extra
 embedding) goes through `OllamaHTTP`. The official client sends through httpx, which cost
 2.2 ms of CPU a streamed chat and 2.5 ms an embedding against 0.8 and 0.7 ms here, for the same
 answers (`bench/ollama_client.py`; docs/benchmarks.md, "Ollama spoken directly"): httpx
-builds and merges a request, its
-cookies and headers per call, and its pool (httpcore) walks every connection on every request
-and release (httpx#3215, httpcore#1035); aiohttp's `trust_env` reads ~/.netrc and the proxy
-variables on a worker thread per request. A bot that answers hundreds of people at once on two
-cores spends that on every reply.
+builds and merges a request, its cookies and headers per call, and its pool (httpcore) walks
+every connection on every request and release (httpx#3215, httpcore#1035); aiohttp's
+`trust_env` reads ~/.netrc and the proxy variables on a worker thread per request. A bot that
+answers hundreds of people at once on two cores spends that on every reply.
 
 What is kept from the official client, so a server sees no difference
 (tests/brains/test_ollama_http.py compares the bodies both send):
