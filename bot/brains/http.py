@@ -35,7 +35,7 @@ import os
 import platform
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Required, TypedDict, TypeVar, Unpack
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -51,6 +51,17 @@ OLLAMA_CONNECTIONS = 512
 _LINE_LIMIT = 2**20  # the longest streamed line read (aiohttp's default is 128 KiB)
 
 Answer = TypeVar("Answer", bound=pydantic.BaseModel)
+
+
+class ChatArgs(TypedDict, total=False):
+    """What `chat` and `chat_stream` take, as the official client's `chat` names it."""
+
+    model: Required[str]
+    messages: Required[Sequence[Mapping[str, Any]]]
+    tools: Sequence[Mapping[str, Any]] | None
+    format: Mapping[str, Any] | str | None
+    options: Mapping[str, Any] | None
+    keep_alive: str | float | None
 
 
 def ollama_client(host: str, *, read_timeout: float, connect_timeout: float) -> OllamaHTTP:
@@ -71,50 +82,16 @@ class OllamaHTTP:
         self._proxy = _proxy_for(self.base)
         self._session: aiohttp.ClientSession | None = None
 
-    async def chat(
-        self,
-        *,
-        model: str,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        format: Mapping[str, Any] | str | None = None,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: str | float | None = None,
-    ) -> ollama.ChatResponse:
+    async def chat(self, **args: Unpack[ChatArgs]) -> ollama.ChatResponse:
         """One whole answer (`stream: false`)."""
-        body = _chat(
-            model=model,
-            messages=messages,
-            tools=tools,
-            stream=False,
-            format=format,
-            options=options,
-            keep_alive=keep_alive,
-        )
-        return await self._answer("/api/chat", body, ollama.ChatResponse)
+        return await self._answer("/api/chat", _chat(args, stream=False), ollama.ChatResponse)
 
     async def chat_stream(
-        self,
-        *,
-        model: str,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        format: Mapping[str, Any] | str | None = None,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: str | float | None = None,
+        self, **args: Unpack[ChatArgs]
     ) -> AsyncGenerator[ollama.ChatResponse, None]:
         """The answer as Ollama streams it, one part per line; closing it early ends the
         request."""
-        body = _chat(
-            model=model,
-            messages=messages,
-            tools=tools,
-            stream=True,
-            format=format,
-            options=options,
-            keep_alive=keep_alive,
-        )
-        async with self._post("/api/chat", body) as response:
+        async with self._post("/api/chat", _chat(args, stream=True)) as response:
             async for line in response.content:
                 if line.strip():
                     yield _part(line, ollama.ChatResponse)
@@ -188,25 +165,16 @@ class OllamaHTTP:
         return self._session
 
 
-def _chat(
-    *,
-    model: str,
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None,
-    stream: bool,
-    format: Mapping[str, Any] | str | None,
-    options: Mapping[str, Any] | None,
-    keep_alive: str | float | None,
-) -> dict[str, Any]:
+def _chat(args: ChatArgs, *, stream: bool) -> dict[str, Any]:
     return _present(
-        model=model,
+        model=args["model"],
         # as the official client copies them: a field with an empty value is left out
-        messages=[{k: v for k, v in m.items() if v} for m in messages],
-        tools=list(tools or ()),
+        messages=[{k: v for k, v in m.items() if v} for m in args["messages"]],
+        tools=list(args.get("tools") or ()),
         stream=stream,
-        format=format,
-        options=options,
-        keep_alive=keep_alive,
+        format=args.get("format"),
+        options=args.get("options"),
+        keep_alive=args.get("keep_alive"),
     )
 
 
