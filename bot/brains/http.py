@@ -91,10 +91,29 @@ class OllamaHTTP:
     ) -> AsyncGenerator[ollama.ChatResponse, None]:
         """The answer as Ollama streams it, one part per line; closing it early ends the
         request."""
+        async for parts in self.chat_batches(**args):
+            for part in parts:
+                yield part
+
+    async def chat_batches(
+        self, **args: Unpack[ChatArgs]
+    ) -> AsyncGenerator[list[ollama.ChatResponse], None]:
+        """The streamed answer a network read at a time: the parts (lines) that arrived
+        together, in order. While the model is slower than the bot that is one part, one token;
+        when the bot has fallen behind (busy, or a fast model), the several parts waiting are
+        handled as one instead of each on its own way through the pipeline. A line carrying
+        `error` raises after the parts before it; closing this early ends the request."""
         async with self._post("/api/chat", _chat(args, stream=True)) as response:
-            async for line in response.content:
-                if line.strip():
-                    yield _part(line, ollama.ChatResponse)
+            async for lines in _line_batches(response.content):
+                parts: list[ollama.ChatResponse] = []
+                try:
+                    for line in lines:
+                        parts.append(_part(line, ollama.ChatResponse))
+                except ollama.ResponseError:
+                    if parts:
+                        yield parts
+                    raise
+                yield parts
 
     async def generate(
         self,
@@ -180,6 +199,22 @@ def _chat(args: ChatArgs, *, stream: bool) -> dict[str, Any]:
 
 def _present(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The body's non-blank lines, as many at a time as one read brought (aiohttp's own line
+    iterator wakes the reader once a line). A line longer than `_LINE_LIMIT` is refused, as
+    aiohttp's reader refuses one over its buffer."""
+    rest = b""
+    while data := await content.readany():
+        *lines, rest = (rest + data).split(b"\n") if rest else data.split(b"\n")
+        if len(rest) > _LINE_LIMIT:
+            raise ValueError("a streamed line longer than the limit")
+        lines = [line for line in lines if line.strip()]
+        if lines:
+            yield lines
+    if rest.strip():
+        yield [rest]
 
 
 def _part(line: bytes, kind: type[Answer]) -> Answer:

@@ -93,6 +93,29 @@ def failure_reason(exc: BaseException, model: str | None = None) -> str:
     return type(exc).__name__
 
 
+def _chunks(batch: list[ollama.ChatResponse], backend: str, model: str) -> tuple[list[Chunk], bool]:
+    """The chunks of the parts one read brought: their text joined, a tool call a chunk of its
+    own, the final part's figures on the last chunk; and whether the final part was among them."""
+    chunks: list[Chunk] = []
+    texts: list[str] = []
+    for part in batch:
+        text = part.message.content or ""
+        calls = _tool_calls(part.message)
+        if part.done:
+            chunks.append(Chunk("".join(texts) + text, call_stats(backend, model, part), calls))
+            return chunks, True
+        if calls:
+            if texts:
+                chunks.append(Chunk("".join(texts)))
+                texts = []
+            chunks.append(Chunk(text, tool_calls=calls))
+        elif text:
+            texts.append(text)
+    if texts:
+        chunks.append(Chunk("".join(texts)))
+    return chunks, False
+
+
 class OllamaBrain:
     def __init__(
         self,
@@ -114,34 +137,36 @@ class OllamaBrain:
         return f"{model} on Ollama at {redact_host(self.host)}"
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
+        """The reply in chunks: one for each network read of Ollama's stream (the parts that
+        arrived together, their text joined), a tool call a chunk of its own, and the final
+        chunk with the call's figures."""
         started = False
         tools = list(request.tools) if request.model not in self._no_tools else []
-        parts = self._parts(request, tools)
+        batches = self._batches(request, tools)
         try:
             try:
-                part = await anext(parts, None)
+                batch = await anext(batches, None)
             except ollama.ResponseError as exc:
                 if not tools or not _lacks_tools(exc):
                     raise
                 # The model has no tool support (Ollama answers 400): chat without tools.
                 log.info("%s: %s takes no tools; asking without them", self.name, request.model)
                 self._no_tools.add(request.model)
-                await parts.aclose()
-                parts = self._parts(request, [])
-                part = await anext(parts, None)
-            while part is not None:
-                text = part.message.content or ""
-                calls = _tool_calls(part.message)
-                if part.done:
+                await batches.aclose()
+                batches = self._batches(request, [])
+                batch = await anext(batches, None)
+            while batch is not None:
+                chunks, done = _chunks(batch, self.name, request.model)
+                if done:
                     # Read the stream to its end before the last chunk goes out: a response
                     # closed unread costs its connection, and the next call a new one.
-                    await anext(parts, None)
-                    yield Chunk(text, call_stats(self.name, request.model, part), calls)
-                    return
-                if text or calls:
+                    await anext(batches, None)
+                for chunk in chunks:
                     started = True
-                    yield Chunk(text, tool_calls=calls)
-                part = await anext(parts, None)
+                    yield chunk
+                if done:
+                    return
+                batch = await anext(batches, None)
         except OLLAMA_ERRORS as exc:
             reason = failure_reason(exc)
             log.warning("%s failed for model %s: %s", self.name, request.model, reason)
@@ -151,25 +176,22 @@ class OllamaBrain:
                 raise RequestRejected(f"{self.name}: {reason}") from exc
             raise ModelUnavailable(f"{self.name}: {reason}") from exc
         finally:
-            await parts.aclose()
+            await batches.aclose()
         error = ModelInterrupted if started else ModelUnavailable
         raise error(f"{self.name}: the stream ended without a final chunk")
 
-    async def _parts(
+    def _batches(
         self, request: ChatRequest, tools: list[dict[str, Any]]
-    ) -> AsyncGenerator[ollama.ChatResponse, None]:
-        parts = self._client.chat_stream(
+    ) -> AsyncGenerator[list[ollama.ChatResponse], None]:
+        """Ollama's stream of parts; `stream` closes it when it stops early, which ends the
+        HTTP request at once."""
+        return self._client.chat_batches(
             model=request.model,
             messages=request.messages,
             tools=tools,
             options=request.options(),
             keep_alive=self._keep_alive,
         )
-        try:
-            async for part in parts:
-                yield part
-        finally:  # a reply stopped early ends its HTTP stream now
-            await parts.aclose()
 
     async def ready(self, model: str) -> bool:
         """True once Ollama answers with `model` loaded: an empty chat loads it."""

@@ -163,8 +163,9 @@ class OutputScreen:
                 yield piece
                 continue
             held += piece
-            cut = held.rfind(_PARAGRAPH_BREAK) if self._mode == "paragraph" else -1
-            if cut >= 0:
+            # each whole paragraph checked on its own, however many one piece completed (the
+            # model's stream may bring several at once)
+            while self._mode == "paragraph" and (cut := held.find(_PARAGRAPH_BREAK)) >= 0:
                 cut += len(_PARAGRAPH_BREAK)
                 ready, held = held[:cut], held[cut:]
                 if not await self._passes(ready):

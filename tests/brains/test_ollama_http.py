@@ -259,3 +259,63 @@ async def test_many_calls_at_once_each_get_their_own_answer(
     assert [a.embeddings[0] for a in answers] == [
         fake_ollama.embedding_for(f"text {n}") for n in range(50)
     ]
+
+
+def _line(content: str, *, done: bool = False) -> bytes:
+    """One line of /api/chat's stream as Ollama writes it (docs/api.md, "Chat request
+    (streaming)"): the final line has `done` and the call's figures."""
+    part: dict[str, Any] = {
+        "model": MODEL,
+        "created_at": "2026-11-30T12:00:00.000000Z",
+        "message": {"role": "assistant", "content": content},
+        "done": done,
+    }
+    if done:
+        part |= {"done_reason": "stop", "total_duration": 5_000_000, "eval_count": 4}
+    return (json.dumps(part) + "\n").encode()
+
+
+async def test_parts_that_arrived_together_are_one_batch_and_one_chunk() -> None:
+    """Lines that one network read brought are handled together: `chat_batches` gives them as
+    one list and OllamaBrain joins their text into one chunk; a line cut across two reads is
+    put back together; parts that come apart stay apart."""
+    from bot.brains.base import ChatRequest
+    from bot.brains.ollama_brain import OllamaBrain
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(_line("Hel") + _line("lo"))  # together
+        await asyncio.sleep(0.05)
+        cut = _line(" there")
+        await response.write(cut[:20])  # a line cut in two
+        await asyncio.sleep(0.05)
+        await response.write(cut[20:])
+        await asyncio.sleep(0.05)
+        await response.write(_line("!") + _line("", done=True))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/chat", stream)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}"
+    client = ollama_client(url, read_timeout=5, connect_timeout=1)
+    brain = OllamaBrain(url, read_timeout=5)
+    try:
+        batches = [
+            [p.message.content for p in batch]
+            async for batch in client.chat_batches(model=MODEL, messages=MESSAGES[:2])
+        ]
+        parts = [p async for p in client.chat_stream(model=MODEL, messages=MESSAGES[:2])]
+        request = ChatRequest(MODEL, MESSAGES[:2], 0.5, 7, 40, 2048)
+        chunks = [chunk async for chunk in brain.stream(request)]
+    finally:
+        await client.close()
+        await brain.aclose()
+        await runner.cleanup()
+    assert batches == [["Hel", "lo"], [" there"], ["!", ""]]
+    assert [p.message.content for p in parts] == ["Hel", "lo", " there", "!", ""]
+    assert [c.text for c in chunks] == ["Hello", " there", "!"]
+    assert chunks[-1].stats is not None and chunks[-1].stats.completion_tokens == 4
+    assert [c.stats for c in chunks[:-1]] == [None, None]

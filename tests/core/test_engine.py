@@ -27,6 +27,7 @@ async def collect(app: App, incoming: Incoming) -> list[Event]:
 
 
 async def test_reply_streams_and_is_stored(app: App, fake_ollama: FakeOllama) -> None:
+    fake_ollama.token_delay = 0.02  # a model's tokens come apart; ones that arrive together are one
     fake_ollama.queue_reply("Hello there, friend!")
     events = await collect(app, say("hi"))
     deltas = [e.text for e in events if isinstance(e, Delta)]

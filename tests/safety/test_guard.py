@@ -478,6 +478,12 @@ async def test_paragraph_mode_shows_checked_paragraphs_and_retracts_on_a_block(
         failed = events[-1]
         assert isinstance(failed, Failed) and failed.retract and "S10 Hate" in failed.text
         assert await history(app, "c2") == []
+        # paragraphs that arrive in one piece of the stream are still checked one at a time
+        whole = "Fine again.\n\nThen HATEFUL words.\n\nMore."
+        fake_ollama.queue_reply(whole, chunks=[whole])
+        events = await collect(app, say("once more", conversation="c3"))
+        assert [e.text for e in events if isinstance(e, Delta)] == ["Fine again.\n\n"]
+        assert script.judged[-2:] == ["Fine again.", "Fine again.\nThen HATEFUL words."]
 
 
 # ------------------------------------------------------------------ speed
@@ -633,6 +639,7 @@ async def test_guard_off_checks_nothing_and_streams(
     app_with: AppWith, fake_ollama: FakeOllama, guard_fake: FakeOllama
 ) -> None:
     async with app_with(guard_enabled=False) as app:
+        fake_ollama.token_delay = 0.02  # pieces that come apart go out apart
         fake_ollama.queue_reply("Several words in pieces.")
         events = await collect(app, say("hi"))
         assert len([e for e in events if isinstance(e, Delta)]) > 1
