@@ -11,7 +11,6 @@ Conversations never wait on each other; within one conversation messages are ans
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -45,6 +44,7 @@ from bot.core.ports import (
     rate_limited,
 )
 from bot.core.prompts import PromptBuilder, lay_out, user_seed
+from bot.core.prompts import Turn as HistoryTurn
 from bot.core.recollection import Recollection
 from bot.core.tool_use import ToolUse, Turn
 from bot.core.verdicts import UNCHECKED, Verdict, Where
@@ -131,7 +131,7 @@ class Engine(ToolUse):
                 timer.finish()
 
     async def _answer(self, incoming: Incoming) -> AsyncIterator[Event]:
-        conversation = await self.history.conversation(incoming.platform, incoming.conversation)
+        conversation, turns = await self.history.opening(incoming.platform, incoming.conversation)
         persona = self.persona_named(incoming.persona or conversation.persona)
         where = Where(
             incoming.platform,
@@ -141,7 +141,7 @@ class Engine(ToolUse):
             incoming.nsfw,
         )
         verdict, opened = UNCHECKED, None
-        checked = self._checked_open(incoming, conversation, persona, where)
+        checked = self._checked_open(incoming, conversation, turns, persona, where)
         async with contextlib.aclosing(checked) as items:
             async for item in items:
                 if isinstance(item, _Opened):
@@ -198,7 +198,12 @@ class Engine(ToolUse):
         return await self.rates.allow(key, rate, burst)
 
     async def _checked_open(
-        self, incoming: Incoming, conversation: Conversation, persona: Persona, where: Where
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        turns: list[HistoryTurn],
+        persona: Persona,
+        where: Where,
     ) -> AsyncGenerator[Event | Verdict | _Opened, None]:
         """Open the model while the input check runs; nothing is shown before its verdict.
 
@@ -210,7 +215,7 @@ class Engine(ToolUse):
             yield Failed(rate_limited(persona.display_name))
             return
         check = self.moderation.check_input(incoming.text, persona, where)
-        work = self._open(incoming, conversation, persona)
+        work = self._open(incoming, conversation, turns, persona)
         async with contextlib.aclosing(gated(check, work, self._discard)) as items:
             async for item in items:
                 if isinstance(item, str):
@@ -227,10 +232,14 @@ class Engine(ToolUse):
                     yield item
 
     async def _open(
-        self, incoming: Incoming, conversation: Conversation, persona: Persona
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        turns: list[HistoryTurn],
+        persona: Persona,
     ) -> AsyncIterator[str | _Opened]:
-        """History, recall and the prompt, then the model's first token; notices on the way."""
-        request = await self._request(incoming, conversation, persona)
+        """Recall and the prompt, then the model's first token; notices on the way."""
+        request = await self._request(incoming, conversation, turns, persona)
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
         async for item in self._opening(request, context, persona.fallback):
             yield item if isinstance(item, str) else _Opened(item, context)
@@ -283,13 +292,16 @@ class Engine(ToolUse):
         )
 
     async def _request(
-        self, incoming: Incoming, conversation: Conversation, persona: Persona
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        turns: list[HistoryTurn],
+        persona: Persona,
     ) -> ChatRequest:
-        turns, memories = await asyncio.gather(
-            self.history.recent(conversation.id, since=conversation.history_from),
-            self.recollection.recall(incoming, conversation, persona),
-        )
-        turns = view_for(
+        """The prompt: the history read with the conversation (`History.opening`), the
+        speaker's recalled facts."""
+        memories = await self.recollection.recall(incoming, conversation, persona)
+        shown = view_for(
             persona,
             turns,
             self._display,
@@ -301,7 +313,7 @@ class Engine(ToolUse):
             persona,
             speaker=incoming.author_name,
             text=incoming.text,
-            turns=turns,
+            turns=shown,
             memories=memories,
             start=conversation.history_from,
         )

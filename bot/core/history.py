@@ -43,6 +43,35 @@ class History:
             row["id"], row["platform"], row["external_id"], row["persona"], row["history_from"]
         )
 
+    async def opening(self, platform: str, external_id: str) -> tuple[Conversation, list[Turn]]:
+        """The conversation row (created on first sight) and its latest messages from the
+        history window on, as `conversation` and `recent` give them, in one round trip."""
+        rows = await self._pool.fetch(
+            "SELECT c.id, c.platform, c.external_id, c.persona, c.history_from,"
+            " m.id AS turn_id, m.role, m.author_name, m.content"
+            " FROM conversations c LEFT JOIN LATERAL ("
+            "  SELECT id, role, author_name, content FROM messages"
+            "  WHERE conversation_id = c.id AND id >= coalesce(c.history_from, 0)"
+            "  ORDER BY id DESC LIMIT $3) m ON true"
+            " WHERE c.platform = $1 AND c.external_id = $2 ORDER BY m.id DESC",
+            platform,
+            external_id,
+            HISTORY_ROWS,
+        )
+        if not rows:
+            return await self.conversation(platform, external_id), []
+        first = rows[0]
+        conversation = Conversation(
+            first["id"], first["platform"], first["external_id"], first["persona"],
+            first["history_from"],
+        )  # fmt: skip
+        turns = [
+            Turn(r["role"], r["author_name"], r["content"], r["turn_id"])
+            for r in reversed(rows)
+            if r["turn_id"] is not None
+        ]
+        return conversation, turns
+
     async def find(self, platform: str, external_id: str) -> Conversation | None:
         """The conversation row if it exists; a read only (adapters decide without writing)."""
         row = await self._pool.fetchrow(

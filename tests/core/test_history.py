@@ -1,0 +1,67 @@
+"""History.opening: the conversation row and its recent messages in one round trip, the same
+as `conversation` and `recent` read them one after the other."""
+
+from __future__ import annotations
+
+from bot.app import App
+from bot.core.history import History
+from bot.core.prompts import HISTORY_ROWS
+
+
+async def exchange(history: History, conversation_id: int, n: int) -> int | None:
+    return await history.append_exchange(
+        conversation_id,
+        author_id="alice",
+        author_name="Alice",
+        text=f"question {n}",
+        persona="mimi",
+        reply=f"answer {n}",
+    )
+
+
+async def test_opening_creates_a_new_conversation_with_no_turns(app: App) -> None:
+    history = app.engine.history
+    conversation, turns = await history.opening("test", "new")
+    assert turns == []
+    assert await history.conversation("test", "new") == conversation
+    assert (conversation.platform, conversation.external_id) == ("test", "new")
+
+
+async def test_opening_reads_what_conversation_and_recent_read(app: App) -> None:
+    history = app.engine.history
+    conversation, _ = await history.opening("test", "c")
+    for n in range(3):
+        await exchange(history, conversation.id, n)
+    other, _ = await history.opening("test", "other")  # another conversation's messages stay out
+    await exchange(history, other.id, 99)
+
+    again, turns = await history.opening("test", "c")
+    assert again == await history.conversation("test", "c")
+    assert turns == await history.recent(conversation.id, since=again.history_from)
+    assert [(t.role, t.content) for t in turns] == [
+        ("user", "question 0"),
+        ("assistant", "answer 0"),
+        ("user", "question 1"),
+        ("assistant", "answer 1"),
+        ("user", "question 2"),
+        ("assistant", "answer 2"),
+    ]
+
+    third_question = turns[4].id
+    assert third_question is not None
+    await history.set_window(conversation.id, third_question)  # the window starts there
+    again, turns = await history.opening("test", "c")
+    assert again.history_from == third_question
+    assert [t.content for t in turns] == ["question 2", "answer 2"]
+    assert turns == await history.recent(conversation.id, since=third_question)
+
+
+async def test_opening_reads_at_most_the_history_rows_newest_kept(app: App) -> None:
+    history = app.engine.history
+    conversation, _ = await history.opening("test", "long")
+    for n in range(HISTORY_ROWS // 2 + 1):  # one exchange (two rows) more than it reads
+        await exchange(history, conversation.id, n)
+    _, turns = await history.opening("test", "long")
+    assert len(turns) == HISTORY_ROWS
+    assert turns[0].content == "question 1" and turns[-1].content == f"answer {HISTORY_ROWS // 2}"
+    assert turns == await history.recent(conversation.id)
