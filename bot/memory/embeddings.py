@@ -11,9 +11,11 @@ model: usable as a last resort, much less discriminating than a real embedding m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +68,18 @@ class Embedder(Protocol):
 
 
 class OllamaEmbedder:
+    """Ollama's `/api/embed`. Calls made while one is on its way wait for it, then go together
+    as one request (`Together`): a lone call goes at once, as before; under a burst of replies
+    one HTTP call (and one batch on the GPU) serves many messages."""
+
     def __init__(
-        self, host: str, model: str, *, connect_timeout: float = 3.0, read_timeout: float = 60.0
+        self,
+        host: str,
+        model: str,
+        *,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 60.0,
+        batch: int = 64,
     ) -> None:
         self.model = f"ollama:{model}"
         self.backend = f"ollama:{redact_host(host)}"
@@ -75,8 +87,12 @@ class OllamaEmbedder:
         self._client = ollama_client(
             host, read_timeout=read_timeout, connect_timeout=connect_timeout
         )
+        self._together = Together(self._embed, batch)
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
+        return await self._together.embed(texts)
+
+    async def _embed(self, texts: Sequence[str]) -> Embedded:
         started = time.perf_counter()
         try:
             answer = await self._client.embed(model=self._name, input=list(texts))
@@ -89,7 +105,97 @@ class OllamaEmbedder:
         return Embedded(self.model, self.backend, vectors, answer.prompt_eval_count, ms)
 
     async def aclose(self) -> None:
+        await self._together.aclose()
         await self._client.close()
+
+
+class Together:
+    """Embedding calls gathered while one is on its way, sent as one when it is back.
+
+    The first call goes at once. Calls made while a request is out wait; when it comes back,
+    the waiting texts (up to `batch` of them, in the order asked) go as one request and each
+    caller gets its own vectors. The request's tokens are shared out by the texts' lengths,
+    so what each call records adds up to what the server counted; a failure reaches every
+    caller in the batch, each of which then tries its next embedder as before."""
+
+    def __init__(self, send: Callable[[Sequence[str]], Awaitable[Embedded]], batch: int) -> None:
+        self._send = send
+        self._batch = batch
+        self._busy = False
+        self._waiting: deque[tuple[list[str], asyncio.Future[Embedded]]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def embed(self, texts: Sequence[str]) -> Embedded:
+        if not self._busy:
+            self._busy = True
+            try:
+                return await self._send(texts)
+            finally:
+                self._next()
+        waiter: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
+        self._waiting.append((list(texts), waiter))
+        return await waiter
+
+    def _next(self) -> None:
+        """Send what waits, as one request; or be idle."""
+        taken: list[tuple[list[str], asyncio.Future[Embedded]]] = []
+        count = 0
+        while self._waiting and (not taken or count + len(self._waiting[0][0]) <= self._batch):
+            texts, waiter = self._waiting.popleft()
+            if not waiter.done():  # a caller cancelled while it waited is left out
+                taken.append((texts, waiter))
+                count += len(texts)
+        if not taken:
+            self._busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._send_for(taken))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_for(self, taken: list[tuple[list[str], asyncio.Future[Embedded]]]) -> None:
+        try:
+            together = await self._send([text for texts, _ in taken for text in texts])
+        except asyncio.CancelledError:  # closing
+            for _, waiter in taken:
+                waiter.cancel()
+            raise
+        except Exception as exc:
+            for _, waiter in taken:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        else:
+            for (_, waiter), part in zip(taken, _shares(together, taken), strict=True):
+                if not waiter.done():
+                    waiter.set_result(part)
+        finally:
+            self._next()
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _shares(
+    together: Embedded, taken: list[tuple[list[str], asyncio.Future[Embedded]]]
+) -> list[Embedded]:
+    """Each caller's part of a request made for several: its vectors, and its share of the
+    tokens by its texts' length (the last takes what rounding left)."""
+    sizes = [sum(len(text) for text in texts) for texts, _ in taken]
+    total = sum(sizes) or 1
+    parts: list[Embedded] = []
+    start, tokens_left = 0, together.tokens
+    for index, ((texts, _), size) in enumerate(zip(taken, sizes, strict=True)):
+        tokens = None
+        if together.tokens is not None and tokens_left is not None:
+            last = index == len(taken) - 1
+            tokens = tokens_left if last else round(together.tokens * size / total)
+            tokens = min(tokens, tokens_left)
+            tokens_left -= tokens
+        vectors = together.vectors[start : start + len(texts)]
+        start += len(texts)
+        parts.append(Embedded(together.model, together.backend, vectors, tokens, together.ms))
+    return parts
 
 
 class LocalEmbedder:
