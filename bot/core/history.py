@@ -19,6 +19,12 @@ class Conversation:
     history_from: int | None = None  # first message id of the prompt's history window
 
 
+def _conversation(row: Any) -> Conversation:
+    return Conversation(
+        row["id"], row["platform"], row["external_id"], row["persona"], row["history_from"]
+    )
+
+
 class History:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -32,16 +38,19 @@ class History:
             external_id,
         )
         if row is None:
-            row = await self._pool.fetchrow(
-                "INSERT INTO conversations (platform, external_id) VALUES ($1, $2)"
-                " ON CONFLICT (platform, external_id) DO UPDATE SET platform = EXCLUDED.platform"
-                f" RETURNING {_CONVERSATION}",
-                platform,
-                external_id,
-            )
-        return Conversation(
-            row["id"], row["platform"], row["external_id"], row["persona"], row["history_from"]
+            return await self._create(platform, external_id)
+        return _conversation(row)
+
+    async def _create(self, platform: str, external_id: str) -> Conversation:
+        """The conversation's row, written now (or the one another writer just wrote)."""
+        row = await self._pool.fetchrow(
+            "INSERT INTO conversations (platform, external_id) VALUES ($1, $2)"
+            " ON CONFLICT (platform, external_id) DO UPDATE SET platform = EXCLUDED.platform"
+            f" RETURNING {_CONVERSATION}",
+            platform,
+            external_id,
         )
+        return _conversation(row)
 
     async def opening(self, platform: str, external_id: str) -> tuple[Conversation, list[Turn]]:
         """The conversation row (created on first sight) and its latest messages from the
@@ -58,13 +67,9 @@ class History:
             external_id,
             HISTORY_ROWS,
         )
-        if not rows:
-            return await self.conversation(platform, external_id), []
-        first = rows[0]
-        conversation = Conversation(
-            first["id"], first["platform"], first["external_id"], first["persona"],
-            first["history_from"],
-        )  # fmt: skip
+        if not rows:  # first sight: no messages either
+            return await self._create(platform, external_id), []
+        conversation = _conversation(rows[0])
         turns = [
             Turn(r["role"], r["author_name"], r["content"], r["turn_id"])
             for r in reversed(rows)
