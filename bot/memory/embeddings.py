@@ -11,11 +11,9 @@ model: usable as a last resort, much less discriminating than a real embedding m
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from bot.brains.http import ollama_client
 from bot.brains.local import shipped_gguf
 from bot.brains.ollama_brain import OLLAMA_ERRORS, failure_reason, redact_host
 from bot.brains.supervisor import OnFailure, WorkerProcess
+from bot.core.together import Together
 from bot.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -69,8 +68,9 @@ class Embedder(Protocol):
 
 class OllamaEmbedder:
     """Ollama's `/api/embed`. Calls made while one is on its way wait for it, then go together
-    as one request (`Together`): a lone call goes at once, as before; under a burst of replies
-    one HTTP call (and one batch on the GPU) serves many messages."""
+    as one request (`bot/core/together.py`): a lone call goes at once, as before; under a burst
+    of replies one HTTP call (and one batch on the GPU) serves many messages. A failed request
+    fails each call in it, and each then tries its next embedder, as it would alone."""
 
     def __init__(
         self,
@@ -87,10 +87,16 @@ class OllamaEmbedder:
         self._client = ollama_client(
             host, read_timeout=read_timeout, connect_timeout=connect_timeout
         )
-        self._together = Together(self._embed, batch)
+        self._together: Together[list[str], Embedded] = Together(
+            self._embed_for, most=batch, size=len
+        )
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
-        return await self._together.embed(texts)
+        return await self._together(list(texts))
+
+    async def _embed_for(self, calls: list[list[str]]) -> list[Embedded]:
+        """One request for the texts of several calls; each call's part of the answer."""
+        return _shares(await self._embed([text for texts in calls for text in texts]), calls)
 
     async def _embed(self, texts: Sequence[str]) -> Embedded:
         started = time.perf_counter()
@@ -109,86 +115,18 @@ class OllamaEmbedder:
         await self._client.close()
 
 
-class Together:
-    """Embedding calls gathered while one is on its way, sent as one when it is back.
-
-    The first call goes at once. Calls made while a request is out wait; when it comes back,
-    the waiting texts (up to `batch` of them, in the order asked) go as one request and each
-    caller gets its own vectors. The request's tokens are shared out by the texts' lengths,
-    so what each call records adds up to what the server counted; a failure reaches every
-    caller in the batch, each of which then tries its next embedder as before."""
-
-    def __init__(self, send: Callable[[Sequence[str]], Awaitable[Embedded]], batch: int) -> None:
-        self._send = send
-        self._batch = batch
-        self._busy = False
-        self._waiting: deque[tuple[list[str], asyncio.Future[Embedded]]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def embed(self, texts: Sequence[str]) -> Embedded:
-        if not self._busy:
-            self._busy = True
-            try:
-                return await self._send(texts)
-            finally:
-                self._next()
-        waiter: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
-        self._waiting.append((list(texts), waiter))
-        return await waiter
-
-    def _next(self) -> None:
-        """Send what waits, as one request; or be idle."""
-        taken: list[tuple[list[str], asyncio.Future[Embedded]]] = []
-        count = 0
-        while self._waiting and (not taken or count + len(self._waiting[0][0]) <= self._batch):
-            texts, waiter = self._waiting.popleft()
-            if not waiter.done():  # a caller cancelled while it waited is left out
-                taken.append((texts, waiter))
-                count += len(texts)
-        if not taken:
-            self._busy = False
-            return
-        task = asyncio.get_running_loop().create_task(self._send_for(taken))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send_for(self, taken: list[tuple[list[str], asyncio.Future[Embedded]]]) -> None:
-        try:
-            together = await self._send([text for texts, _ in taken for text in texts])
-        except asyncio.CancelledError:  # closing
-            for _, waiter in taken:
-                waiter.cancel()
-            raise
-        except Exception as exc:
-            for _, waiter in taken:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-        else:
-            for (_, waiter), part in zip(taken, _shares(together, taken), strict=True):
-                if not waiter.done():
-                    waiter.set_result(part)
-        finally:
-            self._next()
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _shares(
-    together: Embedded, taken: list[tuple[list[str], asyncio.Future[Embedded]]]
-) -> list[Embedded]:
-    """Each caller's part of a request made for several: its vectors, and its share of the
-    tokens by its texts' length (the last takes what rounding left)."""
-    sizes = [sum(len(text) for text in texts) for texts, _ in taken]
+def _shares(together: Embedded, calls: list[list[str]]) -> list[Embedded]:
+    """Each call's part of a request made for several: its vectors, and its share of the
+    tokens by its texts' length (the last takes what rounding left), so that what the calls
+    record adds up to what the server counted."""
+    sizes = [sum(len(text) for text in texts) for texts in calls]
     total = sum(sizes) or 1
     parts: list[Embedded] = []
     start, tokens_left = 0, together.tokens
-    for index, ((texts, _), size) in enumerate(zip(taken, sizes, strict=True)):
+    for index, (texts, size) in enumerate(zip(calls, sizes, strict=True)):
         tokens = None
         if together.tokens is not None and tokens_left is not None:
-            last = index == len(taken) - 1
+            last = index == len(calls) - 1
             tokens = tokens_left if last else round(together.tokens * size / total)
             tokens = min(tokens, tokens_left)
             tokens_left -= tokens

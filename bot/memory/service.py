@@ -32,6 +32,7 @@ from bot.brains.supervisor import OnFailure
 from bot.config import Settings
 from bot.core.calls import CallContext, CallLog
 from bot.core.personas import Persona
+from bot.core.together import Together
 from bot.memory.embeddings import (
     EmbedCall,
     Embedder,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 _REEMBED_BATCH = 32
 _KEPT_QUERIES = 256  # recall's embeddings of messages, kept for their extraction
+_ASKED_TOGETHER = 256  # the most users one "which models" query asks about
 
 
 class Memory(Learning):
@@ -96,6 +98,9 @@ class Memory(Learning):
         # extraction compares the user's facts with, so it is embedded once (issue 22)
         self._queries: OrderedDict[tuple[str, str], tuple[str, list[float]]] = OrderedDict()
         self.known = KnownModels()  # which models users' memories have, between messages
+        self._asking: Together[tuple[str, str | None], list[str]] = Together(
+            self.store.models_of_many, most=_ASKED_TOGETHER
+        )
         # memory id -> (user key, when): recall stamps waiting to be written together
         self._stamps: dict[int, tuple[str, datetime]] = {}
         self._stamping = False  # a write of them is waiting for a quiet moment
@@ -180,8 +185,10 @@ class Memory(Learning):
             await self.store.touch(stamps)
 
     async def _models_of(self, user_key: str, scope: str | None) -> list[str]:
-        version = self.known.version()
-        models = await self.store.models_of(user_key, scope)
+        """Asked of the database: recalls made while another's question is out go together
+        (`Together`: one query for a burst's users)."""
+        version = self.known.version()  # read before the query: a write after it is seen
+        models = await self._asking((user_key, scope))
         self.known.put(user_key, scope, models, version)
         return models
 
@@ -253,6 +260,7 @@ class Memory(Learning):
         return model, moved
 
     async def aclose(self) -> None:
+        await self._asking.aclose()
         await self.embeddings.aclose()
         await self.extractor.aclose()
 

@@ -175,6 +175,21 @@ class MemoryStore(JobQueries):
         )
         return [r["embed_model"] for r in rows]
 
+    async def models_of_many(self, asked: list[tuple[str, str | None]]) -> list[list[str]]:
+        """`models_of` for several (user, scope) pairs in one query, answers in their order."""
+        rows = await self._pool.fetch(
+            "SELECT q.i, m.embed_model FROM unnest($1::text[], $2::text[]) WITH ORDINALITY"
+            " AS q(user_key, scope, i) CROSS JOIN LATERAL (SELECT DISTINCT embed_model"
+            "  FROM memories WHERE user_key = q.user_key AND superseded_by IS NULL"
+            "  AND (q.scope IS NULL OR scope = q.scope)) m",
+            [user for user, _ in asked],
+            [scope for _, scope in asked],
+        )
+        models: list[list[str]] = [[] for _ in asked]
+        for row in rows:
+            models[row["i"] - 1].append(row["embed_model"])
+        return models
+
     async def recall(
         self,
         user_key: str,

@@ -4,6 +4,7 @@ the answer at once; another process's writes are seen within the ttl."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -118,3 +119,33 @@ async def test_an_embedding_of_a_model_the_answer_does_not_name_asks_again(
     found = await memory.recall(user, query, context=context(user))
     assert [m.text for m in found] == ["Lives in Oslo."]
     assert memory.known.get(user, None) == [MODEL]
+
+
+async def test_many_users_asked_at_once_each_get_their_own_answer(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """`models_of_many` answers as `models_of` does for each (user, scope); recalls made while
+    one question is out ask theirs together, and each finds only its own user's facts."""
+    memory = memory_of(mapp)
+    store = memory.store
+    query = "What do I like?"
+    users = [f"test:user{n}" for n in range(12)]
+    for n, user in enumerate(users[:8]):  # the last four have no memories
+        fact = NewFact(f"Likes number {n}.", near(fake_ollama.embedding_for(query), 0.9, n))
+        await store.add(user, [fact], model=MODEL, persona="mimi", scope="here" if n % 2 else None)
+    await store.add(users[0], [NewFact("Old.", fact.vector)], model="ollama:older", persona="mimi")
+    asked = [(user, scope) for user in users for scope in (None, "here", "elsewhere")]
+    many = await store.models_of_many(asked)
+    expected = [sorted(await store.models_of(user, scope)) for user, scope in asked]
+    assert [sorted(models) for models in many] == expected
+    assert sorted(many[0]) == sorted([MODEL, "ollama:older"])  # two models, one user
+    assert many[asked.index((users[1], "here"))] == [MODEL]
+    assert many[asked.index((users[1], "elsewhere"))] == []
+    assert many[asked.index((users[11], None))] == []
+
+    found = await asyncio.gather(
+        *(memory.recall(user, query, context=context(user), scope="here") for user in users)
+    )
+    assert [[m.text for m in f] for f in found] == [
+        [f"Likes number {n}."] if n < 8 and n % 2 else [] for n in range(12)
+    ]

@@ -1,0 +1,97 @@
+"""Calls made while one is on its way, sent together when it is back ("natural batching").
+
+The first call goes at once, alone: a quiet bot waits for nothing. Calls made while a request
+is out wait; when it comes back, those waiting (up to `most`, counted by `size`, in the order
+made) go as one request, and each caller gets its own answer. Under a burst of replies this is
+one round trip for many of them instead of one each; the batches grow with the load and need no
+timer. Used for the memory's embeddings (one /api/embed call for many messages) and for which
+embedding models users' memories have (one query for many users).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+def _one(_item: object) -> int:
+    return 1
+
+
+class Together(Generic[In, Out]):
+    """`await together(item)`: `send([item, …])` answers each item, in order. A failed send
+    fails every caller in it (each decides what to do, as it would alone); a caller that gave up
+    while it waited is left out of the next send."""
+
+    def __init__(
+        self,
+        send: Callable[[list[In]], Awaitable[list[Out]]],
+        *,
+        most: int,
+        size: Callable[[In], int] = _one,
+    ) -> None:
+        self._send = send
+        self._most = most
+        self._size = size
+        self._busy = False
+        self._waiting: deque[tuple[In, asyncio.Future[Out]]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, item: In) -> Out:
+        if not self._busy:
+            self._busy = True
+            try:
+                [answer] = await self._send([item])
+                return answer
+            finally:
+                self._next()
+        waiter: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, waiter))
+        return await waiter
+
+    def _next(self) -> None:
+        """Send what waits, as one; or be idle."""
+        taken: list[tuple[In, asyncio.Future[Out]]] = []
+        count = 0
+        while self._waiting and (
+            not taken or count + self._size(self._waiting[0][0]) <= self._most
+        ):
+            item, waiter = self._waiting.popleft()
+            if not waiter.done():  # a caller cancelled while it waited is left out
+                taken.append((item, waiter))
+                count += self._size(item)
+        if not taken:
+            self._busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._send_for(taken))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_for(self, taken: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        try:
+            answers = await self._send([item for item, _ in taken])
+        except asyncio.CancelledError:  # closing
+            for _, waiter in taken:
+                waiter.cancel()
+            raise
+        except Exception as exc:
+            for _, waiter in taken:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        else:
+            for (_, waiter), answer in zip(taken, answers, strict=True):
+                if not waiter.done():
+                    waiter.set_result(answer)
+        finally:
+            self._next()
+
+    async def aclose(self) -> None:
+        """Stop the sends under way; their callers are cancelled."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

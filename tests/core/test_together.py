@@ -1,0 +1,81 @@
+"""bot/core/together.py: calls made while one is out go as one send when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.core.together import Together
+
+
+class Sender:
+    """Answers each item with its double, after `gate` opens; records what each send held."""
+
+    def __init__(self) -> None:
+        self.sends: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.sends.append(list(items))
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [item * 2 for item in items]
+
+
+async def test_the_first_goes_alone_the_rest_together_in_order_within_most() -> None:
+    sender = Sender()
+    together: Together[int, int] = Together(sender, most=3)
+    calls = [asyncio.ensure_future(together(n)) for n in range(8)]
+    await asyncio.sleep(0.01)
+    assert sender.sends == [[0]], "the others wait for the first"
+    sender.gate.set()
+    assert await asyncio.gather(*calls) == [n * 2 for n in range(8)]
+    assert sender.sends == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    assert await together(9) == 18 and sender.sends[-1] == [9], "idle again: at once"
+
+
+async def test_size_counts_an_item_as_several_and_a_big_one_goes_alone() -> None:
+    sender = Sender()
+    together: Together[int, int] = Together(sender, most=10, size=lambda n: n)
+    calls = [asyncio.ensure_future(together(n)) for n in (1, 4, 5, 12, 3)]
+    await asyncio.sleep(0)
+    sender.gate.set()
+    assert await asyncio.gather(*calls) == [2, 8, 10, 24, 6]
+    assert sender.sends == [[1], [4, 5], [12], [3]]
+
+
+async def test_a_failed_send_fails_its_callers_only_and_a_cancelled_waiter_is_left_out() -> None:
+    sender = Sender()
+    together: Together[int, int] = Together(sender, most=10)
+    first = asyncio.ensure_future(together(1))
+    await asyncio.sleep(0)
+    gone, failing = asyncio.ensure_future(together(2)), asyncio.ensure_future(together(3))
+    await asyncio.sleep(0)
+    gone.cancel()
+    sender.fail = RuntimeError("down")
+    sender.gate.set()
+    with pytest.raises(RuntimeError):
+        await first
+    with pytest.raises(RuntimeError):
+        await failing
+    assert sender.sends == [[1], [3]]
+    sender.fail = None
+    assert await together(4) == 8
+
+
+async def test_closing_cancels_the_sends_under_way() -> None:
+    sender = Sender()
+    together: Together[int, int] = Together(sender, most=10)
+    first = asyncio.ensure_future(together(1))
+    await asyncio.sleep(0)
+    waiting = asyncio.ensure_future(together(2))
+    await asyncio.sleep(0)
+    first.cancel()  # the first caller gives up: the waiting one goes on its own send
+    await asyncio.sleep(0.01)
+    assert sender.sends == [[1], [2]]
+    await together.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
