@@ -126,7 +126,8 @@ class OllamaBrain:
         keep_alive: str | float | None = "10m",
     ) -> None:
         self.host = host
-        self.name = f"ollama:{redact_host(host)}"
+        self._shown = redact_host(host)  # asked for every reply's label
+        self.name = f"ollama:{self._shown}"
         self._keep_alive = keep_alive
         self._client = ollama_client(
             host, read_timeout=read_timeout, connect_timeout=connect_timeout
@@ -134,7 +135,7 @@ class OllamaBrain:
         self._no_tools: set[str] = set()  # models Ollama said take no tools
 
     def label(self, model: str) -> str:
-        return f"{model} on Ollama at {redact_host(self.host)}"
+        return f"{model} on Ollama at {self._shown}"
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
         """The reply in chunks: one for each network read of Ollama's stream (the parts that
