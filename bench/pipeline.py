@@ -159,9 +159,9 @@ async def sequential(settings: Settings, replies: int, tag: str) -> tuple[list[f
 
 # What a sequential reply waits for, by the object the app holds it in and the method's name.
 HOPS = (
-    ("history", "conversation"),
-    ("history", "recent"),
+    ("history", "opening"),
     ("store", "models_of"),
+    ("store", "models_of_many"),
     ("embeddings", "embed"),
     ("store", "recall"),
     ("history", "append_exchange"),
