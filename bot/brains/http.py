@@ -102,14 +102,15 @@ class OllamaHTTP:
         together, in order. While the model is slower than the bot that is one part, one token;
         when the bot has fallen behind (busy, or a fast model), the several parts waiting are
         handled as one instead of each on its own way through the pipeline. A line carrying
-        `error` raises after the parts before it; closing this early ends the request."""
+        `error` (or one that is not JSON) raises after the parts before it; closing this early
+        ends the request."""
         async with self._post("/api/chat", _chat(args, stream=True)) as response:
             async for lines in _line_batches(response.content):
                 parts: list[ollama.ChatResponse] = []
                 try:
                     for line in lines:
                         parts.append(_part(line, ollama.ChatResponse))
-                except ollama.ResponseError:
+                except Exception:  # an error line, or one that is not JSON: what came first goes
                     if parts:
                         yield parts
                     raise

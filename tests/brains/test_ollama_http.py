@@ -319,3 +319,40 @@ async def test_parts_that_arrived_together_are_one_batch_and_one_chunk() -> None
     assert [c.text for c in chunks] == ["Hello", " there", "!"]
     assert chunks[-1].stats is not None and chunks[-1].stats.completion_tokens == 4
     assert [c.stats for c in chunks[:-1]] == [None, None]
+
+
+async def test_a_broken_line_read_with_good_ones_comes_after_them() -> None:
+    """A line that is not JSON, in the same read as good ones: the good parts come first, then
+    the error, so the reply counts as started (ModelInterrupted), as when they came apart."""
+    from bot.brains.base import ChatRequest
+    from bot.brains.ollama_brain import OllamaBrain
+    from bot.errors import ModelInterrupted
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(_line("Hel") + _line("lo") + b"{not json\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/chat", stream)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}"
+    client = ollama_client(url, read_timeout=5, connect_timeout=1)
+    brain = OllamaBrain(url, read_timeout=5)
+    parts: list[str] = []
+    chunks: list[str] = []
+    try:
+        with pytest.raises(ValueError):
+            async for part in client.chat_stream(model=MODEL, messages=MESSAGES[:2]):
+                parts.append(part.message.content or "")
+        with pytest.raises(ModelInterrupted):
+            async for chunk in brain.stream(ChatRequest(MODEL, MESSAGES[:2], 0.5, 7, 40, 2048)):
+                chunks.append(chunk.text)
+    finally:
+        await client.close()
+        await brain.aclose()
+        await runner.cleanup()
+    assert parts == ["Hel", "lo"]
+    assert chunks == ["Hello"]
