@@ -41,6 +41,7 @@ class Together(Generic[In, Out]):
         self._busy = False
         self._waiting: deque[tuple[In, asyncio.Future[Out]]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def __call__(self, item: In) -> Out:
         if not self._busy:
@@ -55,7 +56,13 @@ class Together(Generic[In, Out]):
         return await waiter
 
     def _next(self) -> None:
-        """Send what waits, as one; or be idle."""
+        """Send what waits, as one; or be idle (closed: what waits is cancelled)."""
+        if self._closed:
+            for _, waiter in self._waiting:
+                waiter.cancel()
+            self._waiting.clear()
+            self._busy = False
+            return
         taken: list[tuple[In, asyncio.Future[Out]]] = []
         count = 0
         while self._waiting and (
@@ -91,7 +98,9 @@ class Together(Generic[In, Out]):
             self._next()
 
     async def aclose(self) -> None:
-        """Stop the sends under way; their callers are cancelled."""
+        """Stop the sends under way and send nothing more; their callers, and those waiting,
+        are cancelled (a first call's own send, in its caller's task, ends as it would)."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -79,3 +79,19 @@ async def test_closing_cancels_the_sends_under_way() -> None:
     await together.aclose()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_after_closing_nothing_more_is_sent_and_those_waiting_are_cancelled() -> None:
+    sender = Sender()
+    together: Together[int, int] = Together(sender, most=1)
+    first = asyncio.ensure_future(together(1))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(together(n)) for n in (2, 3)]
+    await asyncio.sleep(0)
+    await together.aclose()
+    sender.gate.set()
+    assert await first == 2, "the send under way in the caller's own task ends as it would"
+    for call in waiting:
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert sender.sends == [[1]]
