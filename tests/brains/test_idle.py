@@ -180,9 +180,11 @@ async def test_the_pool_measures_a_restart_without_its_polling_sleep(
         await pool.release(lease)
         assert gpu.wake_seconds is not None and gpu.auto.wake is not None
         assert gpu.wake_seconds >= 0.6, "two polling sleeps of 0.3 s"
-        # auto.wake is rounded to the millisecond: a sleep of 0.3000 s may leave 0.2995 s here
+        # auto.wake is rounded to the millisecond (up to 0.5 ms off), and uvloop's timers keep
+        # libuv's millisecond loop clock, so a sleep of 0.3 s can end up to 1 ms early as the
+        # monotonic clock sees it (seen: 0.29927 s)
         unbilled = gpu.wake_seconds - gpu.auto.wake
-        assert 0.3 - 0.0005 <= unbilled < 0.45, "the last sleep is not billed"
+        assert 0.3 - 0.0015 <= unbilled < 0.45, "the last sleep is not billed"
         assert gpu.auto.stop == 0.0
     finally:
         await pool.aclose()  # stops the machine it woke: the stop is measured
