@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.core.prompts import HISTORY_ROWS, Turn
+from bot.core.together import Together
 
 _CONVERSATION = "id, platform, external_id, persona, history_from"
 
@@ -25,9 +26,37 @@ def _conversation(row: Any) -> Conversation:
     )
 
 
+_OPENING = (  # conversations by (platform, external id) with their latest messages, newest first
+    "SELECT q.i, c.id, c.platform, c.external_id, c.persona, c.history_from,"
+    " m.id AS turn_id, m.role, m.author_name, m.content"
+    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(platform, external_id, i)"
+    " JOIN conversations c ON c.platform = q.platform AND c.external_id = q.external_id"
+    " LEFT JOIN LATERAL (SELECT id, role, author_name, content FROM messages"
+    "  WHERE conversation_id = c.id AND id >= coalesce(c.history_from, 0)"
+    "  ORDER BY id DESC LIMIT $3) m ON true"
+    " ORDER BY q.i, m.id DESC"
+)
+_OPENINGS_TOGETHER = 256  # the most conversations one opening statement reads
+
+_Opening = tuple[Conversation, list[Turn]]
+
+
+def _opened(rows: list[Any]) -> _Opening:
+    """A conversation and its messages, oldest first, from its rows of `_OPENING`."""
+    turns = [
+        Turn(r["role"], r["author_name"], r["content"], r["turn_id"])
+        for r in reversed(rows)
+        if r["turn_id"] is not None
+    ]
+    return _conversation(rows[0]), turns
+
+
 class History:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
+        self._openings: Together[tuple[str, str], _Opening | None] = Together(
+            self._opening_many, most=_OPENINGS_TOGETHER
+        )
 
     async def conversation(self, platform: str, external_id: str) -> Conversation:
         """The conversation row, created on first sight. A read when it exists (every message
@@ -54,28 +83,22 @@ class History:
 
     async def opening(self, platform: str, external_id: str) -> tuple[Conversation, list[Turn]]:
         """The conversation row (created on first sight) and its latest messages from the
-        history window on, as `conversation` and `recent` give them, in one round trip."""
-        rows = await self._pool.fetch(
-            "SELECT c.id, c.platform, c.external_id, c.persona, c.history_from,"
-            " m.id AS turn_id, m.role, m.author_name, m.content"
-            " FROM conversations c LEFT JOIN LATERAL ("
-            "  SELECT id, role, author_name, content FROM messages"
-            "  WHERE conversation_id = c.id AND id >= coalesce(c.history_from, 0)"
-            "  ORDER BY id DESC LIMIT $3) m ON true"
-            " WHERE c.platform = $1 AND c.external_id = $2 ORDER BY m.id DESC",
-            platform,
-            external_id,
-            HISTORY_ROWS,
-        )
-        if not rows:  # first sight: no messages either
+        history window on, as `conversation` and `recent` give them, in one round trip; the
+        openings of replies that come while one is being read are read together, in one
+        statement (`bot/core/together.py`)."""
+        found = await self._openings((platform, external_id))
+        if found is None:  # first sight: no messages either
             return await self._create(platform, external_id), []
-        conversation = _conversation(rows[0])
-        turns = [
-            Turn(r["role"], r["author_name"], r["content"], r["turn_id"])
-            for r in reversed(rows)
-            if r["turn_id"] is not None
-        ]
-        return conversation, turns
+        return found
+
+    async def _opening_many(self, asked: list[tuple[str, str]]) -> list[_Opening | None]:
+        rows = await self._pool.fetch(
+            _OPENING, [platform for platform, _ in asked], [ext for _, ext in asked], HISTORY_ROWS
+        )
+        found: list[list[Any]] = [[] for _ in asked]
+        for row in rows:
+            found[row["i"] - 1].append(row)
+        return [_opened(rows) if rows else None for rows in found]
 
     async def find(self, platform: str, external_id: str) -> Conversation | None:
         """The conversation row if it exists; a read only (adapters decide without writing)."""

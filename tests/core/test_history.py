@@ -3,6 +3,8 @@ as `conversation` and `recent` read them one after the other."""
 
 from __future__ import annotations
 
+import asyncio
+
 from bot.app import App
 from bot.core.history import History
 from bot.core.prompts import HISTORY_ROWS
@@ -65,3 +67,21 @@ async def test_opening_reads_at_most_the_history_rows_newest_kept(app: App) -> N
     assert len(turns) == HISTORY_ROWS
     assert turns[0].content == "question 1" and turns[-1].content == f"answer {HISTORY_ROWS // 2}"
     assert turns == await history.recent(conversation.id)
+
+
+async def test_openings_asked_at_once_each_read_their_own(app: App) -> None:
+    """Openings made while one is being read go in one statement (`Together`): each still gets
+    its own conversation and messages, and a conversation seen for the first time is made."""
+    history = app.engine.history
+    for n in range(6):
+        conversation, _ = await history.opening("test", f"t{n}")
+        for k in range(n):
+            await exchange(history, conversation.id, k)
+    opened = await asyncio.gather(*(history.opening("test", f"t{n}") for n in range(8)))
+    for n, (conversation, turns) in enumerate(opened):
+        assert conversation == await history.conversation("test", f"t{n}")
+        assert conversation.external_id == f"t{n}"
+        assert turns == await history.recent(conversation.id, since=conversation.history_from)
+        assert [t.content for t in turns[::2]] == [
+            f"question {k}" for k in range(n if n < 6 else 0)
+        ]
