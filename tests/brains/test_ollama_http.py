@@ -5,6 +5,7 @@ the callers word (httpx's transport errors, ollama.ResponseError)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,7 +15,10 @@ import ollama
 import pytest
 from aiohttp import web
 
+from bot.brains.base import ChatRequest
 from bot.brains.http import OllamaHTTP, ollama_client
+from bot.brains.ollama_brain import OllamaBrain
+from bot.errors import ModelInterrupted
 from tests.fakes.loopback import dead_url, serve
 from tests.fakes.ollama import FakeOllama
 
@@ -275,16 +279,44 @@ def _line(content: str, *, done: bool = False) -> bytes:
     return (json.dumps(part) + "\n").encode()
 
 
+Writes = Callable[[web.StreamResponse], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def streaming(writes: Writes) -> AsyncIterator[tuple[OllamaHTTP, OllamaBrain]]:
+    """Our client and an OllamaBrain, against a server whose /api/chat streams NDJSON as
+    `writes` writes it (each `write` one piece of the body on the wire)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await writes(response)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/chat", chat)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}"
+    client = ollama_client(url, read_timeout=5, connect_timeout=1)
+    brain = OllamaBrain(url, read_timeout=5)
+    try:
+        yield client, brain
+    finally:
+        await client.close()
+        await brain.aclose()
+        await runner.cleanup()
+
+
+REQUEST = ChatRequest(MODEL, MESSAGES[:2], 0.5, 7, 40, 2048)
+
+
 async def test_parts_that_arrived_together_are_one_batch_and_one_chunk() -> None:
     """Lines that one network read brought are handled together: `chat_batches` gives them as
     one list and OllamaBrain joins their text into one chunk; a line cut across two reads is
     put back together; parts that come apart stay apart."""
-    from bot.brains.base import ChatRequest
-    from bot.brains.ollama_brain import OllamaBrain
 
-    async def stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
+    async def writes(response: web.StreamResponse) -> None:
         await response.write(_line("Hel") + _line("lo"))  # together
         await asyncio.sleep(0.05)
         cut = _line(" there")
@@ -293,27 +325,14 @@ async def test_parts_that_arrived_together_are_one_batch_and_one_chunk() -> None
         await response.write(cut[20:])
         await asyncio.sleep(0.05)
         await response.write(_line("!") + _line("", done=True))
-        await response.write_eof()
-        return response
 
-    app = web.Application()
-    app.router.add_post("/api/chat", stream)
-    runner, port = await serve(app)
-    url = f"http://127.0.0.1:{port}"
-    client = ollama_client(url, read_timeout=5, connect_timeout=1)
-    brain = OllamaBrain(url, read_timeout=5)
-    try:
+    async with streaming(writes) as (client, brain):
         batches = [
             [p.message.content for p in batch]
             async for batch in client.chat_batches(model=MODEL, messages=MESSAGES[:2])
         ]
         parts = [p async for p in client.chat_stream(model=MODEL, messages=MESSAGES[:2])]
-        request = ChatRequest(MODEL, MESSAGES[:2], 0.5, 7, 40, 2048)
-        chunks = [chunk async for chunk in brain.stream(request)]
-    finally:
-        await client.close()
-        await brain.aclose()
-        await runner.cleanup()
+        chunks = [chunk async for chunk in brain.stream(REQUEST)]
     assert batches == [["Hel", "lo"], [" there"], ["!", ""]]
     assert [p.message.content for p in parts] == ["Hel", "lo", " there", "!", ""]
     assert [c.text for c in chunks] == ["Hello", " there", "!"]
@@ -324,35 +343,18 @@ async def test_parts_that_arrived_together_are_one_batch_and_one_chunk() -> None
 async def test_a_broken_line_read_with_good_ones_comes_after_them() -> None:
     """A line that is not JSON, in the same read as good ones: the good parts come first, then
     the error, so the reply counts as started (ModelInterrupted), as when they came apart."""
-    from bot.brains.base import ChatRequest
-    from bot.brains.ollama_brain import OllamaBrain
-    from bot.errors import ModelInterrupted
 
-    async def stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
+    async def writes(response: web.StreamResponse) -> None:
         await response.write(_line("Hel") + _line("lo") + b"{not json\n")
-        await response.write_eof()
-        return response
 
-    app = web.Application()
-    app.router.add_post("/api/chat", stream)
-    runner, port = await serve(app)
-    url = f"http://127.0.0.1:{port}"
-    client = ollama_client(url, read_timeout=5, connect_timeout=1)
-    brain = OllamaBrain(url, read_timeout=5)
     parts: list[str] = []
     chunks: list[str] = []
-    try:
+    async with streaming(writes) as (client, brain):
         with pytest.raises(ValueError):
             async for part in client.chat_stream(model=MODEL, messages=MESSAGES[:2]):
                 parts.append(part.message.content or "")
         with pytest.raises(ModelInterrupted):
-            async for chunk in brain.stream(ChatRequest(MODEL, MESSAGES[:2], 0.5, 7, 40, 2048)):
+            async for chunk in brain.stream(REQUEST):
                 chunks.append(chunk.text)
-    finally:
-        await client.close()
-        await brain.aclose()
-        await runner.cleanup()
     assert parts == ["Hel", "lo"]
     assert chunks == ["Hello"]
