@@ -36,6 +36,14 @@ _OPENING = (  # conversations by (platform, external id) with their latest messa
     "  ORDER BY id DESC LIMIT $3) m ON true"
     " ORDER BY q.i, m.id DESC"
 )
+_OPENING_ONE = (  # the same for one conversation
+    "SELECT c.id, c.platform, c.external_id, c.persona, c.history_from,"
+    " m.id AS turn_id, m.role, m.author_name, m.content"
+    " FROM conversations c LEFT JOIN LATERAL (SELECT id, role, author_name, content"
+    "  FROM messages WHERE conversation_id = c.id AND id >= coalesce(c.history_from, 0)"
+    "  ORDER BY id DESC LIMIT $3) m ON true"
+    " WHERE c.platform = $1 AND c.external_id = $2 ORDER BY m.id DESC"
+)
 _OPENINGS_TOGETHER = 256  # the most conversations one opening statement reads
 
 _Opening = tuple[Conversation, list[Turn]]
@@ -92,6 +100,10 @@ class History:
         return found
 
     async def _opening_many(self, asked: list[tuple[str, str]]) -> list[_Opening | None]:
+        if len(asked) == 1:  # alone (every quiet moment's reply): the plain statement, which
+            [(platform, external_id)] = asked  # plans and runs in half the time of the unnest
+            one = await self._pool.fetch(_OPENING_ONE, platform, external_id, HISTORY_ROWS)
+            return [_opened(one) if one else None]
         rows = await self._pool.fetch(
             _OPENING, [platform for platform, _ in asked], [ext for _, ext in asked], HISTORY_ROWS
         )
