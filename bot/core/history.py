@@ -26,23 +26,24 @@ def _conversation(row: Any) -> Conversation:
     )
 
 
-_OPENING = (  # conversations by (platform, external id) with their latest messages, newest first
-    "SELECT q.i, c.id, c.platform, c.external_id, c.persona, c.history_from,"
+_OPENED_COLUMNS = (  # a conversation's row, and a message of it (none: NULLs)
+    "c.id, c.platform, c.external_id, c.persona, c.history_from,"
     " m.id AS turn_id, m.role, m.author_name, m.content"
-    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(platform, external_id, i)"
-    " JOIN conversations c ON c.platform = q.platform AND c.external_id = q.external_id"
+)
+_LATEST_MESSAGES = (  # of conversation c, from its history window on, at most $3
     " LEFT JOIN LATERAL (SELECT id, role, author_name, content FROM messages"
     "  WHERE conversation_id = c.id AND id >= coalesce(c.history_from, 0)"
     "  ORDER BY id DESC LIMIT $3) m ON true"
-    " ORDER BY q.i, m.id DESC"
 )
-_OPENING_ONE = (  # the same for one conversation
-    "SELECT c.id, c.platform, c.external_id, c.persona, c.history_from,"
-    " m.id AS turn_id, m.role, m.author_name, m.content"
-    " FROM conversations c LEFT JOIN LATERAL (SELECT id, role, author_name, content"
-    "  FROM messages WHERE conversation_id = c.id AND id >= coalesce(c.history_from, 0)"
-    "  ORDER BY id DESC LIMIT $3) m ON true"
+_OPENING = (  # one conversation, newest message first
+    f"SELECT {_OPENED_COLUMNS} FROM conversations c{_LATEST_MESSAGES}"
     " WHERE c.platform = $1 AND c.external_id = $2 ORDER BY m.id DESC"
+)
+_OPENINGS = (  # several, by their place in the arrays of keys ($1, $2), newest first
+    f"SELECT q.i, {_OPENED_COLUMNS}"
+    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(platform, external_id, i)"
+    " JOIN conversations c ON c.platform = q.platform AND c.external_id = q.external_id"
+    f"{_LATEST_MESSAGES} ORDER BY q.i, m.id DESC"
 )
 _OPENINGS_TOGETHER = 256  # the most conversations one opening statement reads
 
@@ -50,7 +51,7 @@ _Opening = tuple[Conversation, list[Turn]]
 
 
 def _opened(rows: list[Any]) -> _Opening:
-    """A conversation and its messages, oldest first, from its rows of `_OPENING`."""
+    """A conversation and its messages, oldest first, from its rows of `_OPENING(S)`."""
     turns = [
         Turn(r["role"], r["author_name"], r["content"], r["turn_id"])
         for r in reversed(rows)
@@ -63,7 +64,7 @@ class History:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
         self._openings: Together[tuple[str, str], _Opening | None] = Together(
-            self._opening_many, most=_OPENINGS_TOGETHER
+            self._opening_many, most=_OPENINGS_TOGETHER, alone=self._opening_one
         )
 
     async def conversation(self, platform: str, external_id: str) -> Conversation:
@@ -99,13 +100,13 @@ class History:
             return await self._create(platform, external_id), []
         return found
 
+    async def _opening_one(self, key: tuple[str, str]) -> _Opening | None:
+        rows = await self._pool.fetch(_OPENING, *key, HISTORY_ROWS)
+        return _opened(rows) if rows else None
+
     async def _opening_many(self, asked: list[tuple[str, str]]) -> list[_Opening | None]:
-        if len(asked) == 1:  # alone (every quiet moment's reply): the plain statement, which
-            [(platform, external_id)] = asked  # plans and runs in half the time of the unnest
-            one = await self._pool.fetch(_OPENING_ONE, platform, external_id, HISTORY_ROWS)
-            return [_opened(one) if one else None]
         rows = await self._pool.fetch(
-            _OPENING, [platform for platform, _ in asked], [ext for _, ext in asked], HISTORY_ROWS
+            _OPENINGS, [platform for platform, _ in asked], [ext for _, ext in asked], HISTORY_ROWS
         )
         found: list[list[Any]] = [[] for _ in asked]
         for row in rows:

@@ -19,23 +19,27 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
-def _one(_item: object) -> int:
+def _counted_once(_item: object) -> int:
     return 1
 
 
 class Together(Generic[In, Out]):
-    """`await together(item)`: `send([item, …])` answers each item, in order. A failed send
-    fails every caller in it (each decides what to do, as it would alone); a caller that gave up
-    while it waited is left out of the next send."""
+    """`await together(item)`: `send([item, …])` answers each item, in order. A call that goes
+    alone (the first, or the only one that waited) goes through `alone(item)` where one is given:
+    a statement for one key is planned and run faster than the batch's for a list of one. A
+    failed send fails every caller in it (each decides what to do, as it would alone); a caller
+    that gave up while it waited is left out of the next send."""
 
     def __init__(
         self,
         send: Callable[[list[In]], Awaitable[list[Out]]],
         *,
         most: int,
-        size: Callable[[In], int] = _one,
+        size: Callable[[In], int] = _counted_once,
+        alone: Callable[[In], Awaitable[Out]] | None = None,
     ) -> None:
         self._send = send
+        self._alone = alone
         self._most = most
         self._size = size
         self._busy = False
@@ -47,13 +51,18 @@ class Together(Generic[In, Out]):
         if not self._busy:
             self._busy = True
             try:
-                [answer] = await self._send([item])
+                [answer] = await self._send_all([item])
                 return answer
             finally:
                 self._next()
         waiter: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, waiter))
         return await waiter
+
+    async def _send_all(self, items: list[In]) -> list[Out]:
+        if len(items) == 1 and self._alone is not None:
+            return [await self._alone(items[0])]
+        return await self._send(items)
 
     def _next(self) -> None:
         """Send what waits, as one; or be idle (closed: what waits is cancelled)."""
@@ -81,7 +90,7 @@ class Together(Generic[In, Out]):
 
     async def _send_for(self, taken: list[tuple[In, asyncio.Future[Out]]]) -> None:
         try:
-            answers = await self._send([item for item, _ in taken])
+            answers = await self._send_all([item for item, _ in taken])
         except asyncio.CancelledError:  # closing
             for _, waiter in taken:
                 waiter.cancel()

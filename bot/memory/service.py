@@ -99,7 +99,9 @@ class Memory(Learning):
         self._queries: OrderedDict[tuple[str, str], tuple[str, list[float]]] = OrderedDict()
         self.known = KnownModels()  # which models users' memories have, between messages
         self._asking: Together[tuple[str, str | None], list[str]] = Together(
-            self.store.models_of_many, most=_ASKED_TOGETHER
+            self.store.models_of_many,
+            most=_ASKED_TOGETHER,
+            alone=lambda asked: self.store.models_of(*asked),
         )
         # memory id -> (user key, when): recall stamps waiting to be written together
         self._stamps: dict[int, tuple[str, datetime]] = {}

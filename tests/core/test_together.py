@@ -95,3 +95,21 @@ async def test_after_closing_nothing_more_is_sent_and_those_waiting_are_cancelle
         with pytest.raises(asyncio.CancelledError):
             await call
     assert sender.sends == [[1]]
+
+
+async def test_a_call_that_goes_alone_takes_the_one_item_path_where_given() -> None:
+    sender = Sender()
+    lone: list[int] = []
+
+    async def alone(item: int) -> int:
+        lone.append(item)
+        await sender.gate.wait()
+        return -item
+
+    together: Together[int, int] = Together(sender, most=2, alone=alone)
+    calls = [asyncio.ensure_future(together(n)) for n in (1, 2, 3, 4)]
+    await asyncio.sleep(0)
+    sender.gate.set()
+    # 1 alone; 2 and 3 together; 4, the only one left, alone again
+    assert await asyncio.gather(*calls) == [-1, 4, 6, -4]
+    assert lone == [1, 4] and sender.sends == [[2, 3]]
