@@ -15,8 +15,13 @@ pipeline, the database and HTTP, not a model.
 - Throughput: N conversations at once, the fake taking 1 s a reply; wall time until all are
   answered, and replies per second.
 
+The bot runs as a community's would: with a monthly budget (`BUDGET_MONTHLY_USD`, the talk's
+five dollars), so each reply asks the degrade ladder how much is spent, over a month whose
+ledger already holds `--ledger` rows (about a thousand replies a day of four calls each, by
+the month's end).
+
     .venv/bin/python bench/pipeline.py [--replies 300] [--levels 1,100,500,1000]
-        [--memories 1000000] [--pg-dir DIR] [--json] [--hops]
+        [--memories 1000000] [--ledger 120000] [--pg-dir DIR] [--json] [--hops]
 
 `--hops` times, instead, what a sequential reply with memory on waits for, hop by hop (the
 database calls and the embedding; background work's calls of the same kind are counted too).
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +251,35 @@ async def fill_memories(url: str, target: int) -> int:
         await pool.close()
 
 
+_FILL_LEDGER = """
+INSERT INTO ledger (at, month, kind, provider, model, units, unit_price, cost, user_key,
+                    platform, persona, request_id, status)
+SELECT now(), date_trunc('month', now() AT TIME ZONE 'UTC')::date,
+       (ARRAY['chat_tokens', 'embed_tokens'])[1 + i % 2], 'ollama:bench', 'llama3.2:3b',
+       100, 0, 0, 'bench:' || (i % $3), 'bench', 'mimi',
+       'bench-fill:' || $4::text || ':' || i, 'settled'
+FROM generate_series($1::bigint, $2::bigint) AS i
+"""
+
+
+async def fill_ledger(url: str, target: int) -> int:
+    """This month's ledger up to `target` rows (calls of earlier runs count)."""
+    pool = await db.connect(url, REPO_ROOT / "migrations")
+    try:
+        have = int(
+            await pool.fetchval(
+                "SELECT count(*) FROM ledger"
+                " WHERE month = date_trunc('month', now() AT TIME ZONE 'UTC')::date"
+            )
+        )
+        if have < target:
+            await pool.execute(_FILL_LEDGER, 1, target - have, USERS, RUN)
+            await pool.execute("VACUUM ANALYZE ledger")
+        return max(have, target)
+    finally:
+        await pool.close()
+
+
 def settings_for(url: str, data: Path, ollama_url: str, *, memory: bool) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -256,15 +291,17 @@ def settings_for(url: str, data: Path, ollama_url: str, *, memory: bool) -> Sett
         personas_dir=REPO_ROOT / "personas",
         guard_enabled=False,  # bench/guard.py measures what the guard adds
         memory_enabled=memory,
+        budget_monthly_usd=Decimal(5),
     )
 
 
 async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     memories = await fill_memories(url, args.memories) if args.memories else 0
+    ledger = await fill_ledger(url, args.ledger)
     if args.hops:
         with fake_process(0.0) as fast:
             found = await hops(settings_for(url, data, fast, memory=True), args.replies)
-        return {"memories": memories, "replies": args.replies, "hops": found}
+        return {"memories": memories, "ledger": ledger, "replies": args.replies, "hops": found}
     levels = [int(x) for x in args.levels.split(",")]
     with fake_process(0.0) as fast, fake_process(1.0) as slow:
         _, cpu_off = await sequential(
@@ -277,6 +314,7 @@ async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
         flight = await throughput(settings_for(url, data, slow, memory=True), levels)
     return {
         "memories": memories,
+        "ledger": ledger,
         "replies": args.replies,
         "pipeline_p50_ms": round(percentile(times, 0.5) * 1e3, 2),
         "pipeline_p99_ms": round(percentile(times, 0.99) * 1e3, 2),
@@ -291,7 +329,7 @@ async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def print_hops(r: dict[str, Any]) -> None:
     print(f"\n## What a sequential reply waits for ({r['replies']} replies, memory on)\n")
-    print(f"recall against {r['memories']:,} memories\n")
+    print(f"recall against {r['memories']:,} memories, {r['ledger']:,} ledger rows this month\n")
     print("| hop | calls | p50 ms | mean ms |")
     print("|---|---:|---:|---:|")
     for label, times in r["hops"].items():
@@ -303,7 +341,7 @@ def print_hops(r: dict[str, Any]) -> None:
 
 def print_tables(r: dict[str, Any]) -> None:
     print(f"\n## Per reply ({r['replies']} sequential, zero-latency fake in its own process)\n")
-    print(f"recall against {r['memories']:,} memories\n")
+    print(f"recall against {r['memories']:,} memories, {r['ledger']:,} ledger rows this month\n")
     print("| measure | value |")
     print("|---|---:|")
     print(f"| bot CPU per reply, memory on (ms) | {r['cpu_ms_per_reply']:.2f} |")
@@ -343,6 +381,9 @@ def main() -> None:
     parser.add_argument("--replies", type=int, default=300)
     parser.add_argument("--levels", default="1,100,500,1000")
     parser.add_argument("--memories", type=int, default=1_000_000)
+    parser.add_argument(
+        "--ledger", type=int, default=120_000, help="ledger rows this month, at the least"
+    )
     parser.add_argument("--pg-dir", type=Path, help="keep the database here between runs")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--hops", action="store_true", help="time a reply's hops instead")

@@ -36,6 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What the ladder weighs, from the month's running totals (migration 0020): all that counts
+# (reserved and settled), the GPU seconds of paid backends, and one persona's part ($2).
+_SPENT = (
+    "SELECT COALESCE(sum(cost), 0) AS cost,"
+    " COALESCE(sum(units) FILTER (WHERE kind = 'gpu_seconds' AND paid), 0) AS gpu_units,"
+    " COALESCE(sum(cost) FILTER (WHERE persona = $2), 0) AS persona_cost"
+    " FROM ledger_totals WHERE month = $1"
+)
+
 
 @dataclass(frozen=True)
 class BudgetStatus:
@@ -57,16 +66,21 @@ class Ladder:
     async def degrade_level(self, persona: str | None = None) -> int:
         """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused.
         At the GPU-seconds cap (BUDGET_KIND_CAPS), free backends only, whatever the money;
-        for a persona with its own cap, at least its own step on the ladder."""
-        level = await self._bot_level()
+        for a persona with its own cap, at least its own step on the ladder. Asked before
+        every reply: one read of the month's running totals (migration 0020), none when no
+        cap is set."""
         own = self.persona_cap(persona)
+        gpu_cap = self.budgets.kind_caps.get("gpu_seconds")
+        if not self.budgets.monthly_usd and gpu_cap is None and own is None:
+            return NORMAL
+        month = month_of(self._clock())
+        spent = await self.pool.fetchrow(_SPENT, month, own[0] if own is not None else None)
+        level = await self._bot_level(month, spent["cost"], spent["gpu_units"], gpu_cap)
         if own is None:
             return level
-        return max(level, await self._persona_level(*own))
+        return max(level, await self._persona_level(month, *own, spent["persona_cost"]))
 
-    async def _persona_level(self, name: str, cap: Decimal) -> int:
-        month = month_of(self._clock())
-        spent = await self.persona_spent(name, month)
+    async def _persona_level(self, month: date, name: str, cap: Decimal, spent: Decimal) -> int:
         level = self.budgets.level_of(spent, cap)
         if level > NORMAL:
             text = (
@@ -79,18 +93,20 @@ class Ladder:
     async def persona_spent(self, name: str, month: date) -> Decimal:
         """What the persona's rows cost this month (reserved and settled)."""
         spent: Decimal = await self.pool.fetchval(
-            "SELECT COALESCE(sum(cost), 0) FROM ledger WHERE month = $1 AND persona = $2"
-            " AND status <> 'released'",
+            "SELECT COALESCE(sum(cost), 0) FROM ledger_totals WHERE month = $1 AND persona = $2",
             month,
             name,
         )
         return spent
 
-    async def _bot_level(self) -> int:
-        gpu = await self._gpu_cap_level()
-        if not self.budgets.monthly_usd:
+    async def _bot_level(
+        self, month: date, spent: Decimal, gpu_used: Decimal, gpu_cap: Decimal | None
+    ) -> int:
+        gpu = await self._gpu_cap_level(month, gpu_used, gpu_cap)
+        cap = self.budgets.monthly_usd
+        if not cap:
             return gpu
-        status = await self.status()
+        status = BudgetStatus(month, spent, cap, self.budgets.level(spent))
         if gpu > status.level:
             return gpu
         if status.level > NORMAL:
@@ -101,17 +117,8 @@ class Ladder:
             await self._alert_once(status.month, f"degrade:{status.level}", text)
         return status.level
 
-    async def _gpu_cap_level(self) -> int:
-        cap = self.budgets.kind_caps.get("gpu_seconds")
-        if cap is None:
-            return NORMAL
-        month = month_of(self._clock())
-        used = await self.pool.fetchval(
-            "SELECT COALESCE(sum(units), 0) FROM ledger WHERE month = $1"
-            " AND kind = 'gpu_seconds' AND unit_price > 0 AND status <> 'released'",
-            month,
-        )
-        if used < cap:
+    async def _gpu_cap_level(self, month: date, used: Decimal, cap: Decimal | None) -> int:
+        if cap is None or used < cap:
             return NORMAL
         text = f"GPU time: {num(used)} of the {num(cap)} GPU seconds for the month are used;"
         await self._alert_once(month, "gpu-cap", f"{text} {LADDER[FREE_ONLY]}.")
@@ -120,7 +127,7 @@ class Ladder:
     async def status(self, month: date | None = None) -> BudgetStatus:
         month = month or month_of(self._clock())
         spent = await self.pool.fetchval(
-            "SELECT COALESCE(sum(cost), 0) FROM ledger WHERE month = $1 AND status <> 'released'",
+            "SELECT COALESCE(sum(cost), 0) FROM ledger_totals WHERE month = $1",
             month,
         )
         return BudgetStatus(month, spent, self.budgets.monthly_usd, self.budgets.level(spent))

@@ -459,13 +459,18 @@ def _many_with_source(rows: str, source: str, shift: int) -> str:
     )
 
 
+# What a reservation checks its caps against: the bot's, the kind's and the persona's from
+# the running totals (migration 0020), the user's and the server's from their own rows.
 _USAGE = (
-    "SELECT COALESCE(sum(cost), 0) AS cost,"
-    " COALESCE(sum(units) FILTER (WHERE kind = $2), 0) AS kind_units,"
-    " COALESCE(sum(units) FILTER (WHERE kind = $2 AND user_key = $3), 0) AS user_units,"
-    " COALESCE(sum(units) FILTER (WHERE kind = $2 AND guild = $4), 0) AS guild_units,"
-    " COALESCE(sum(cost) FILTER (WHERE persona = $5), 0) AS persona_cost"
-    " FROM ledger WHERE month = $1 AND status <> 'released'"
+    "SELECT (SELECT COALESCE(sum(cost), 0) FROM ledger_totals WHERE month = $1) AS cost,"
+    " (SELECT COALESCE(sum(units), 0) FROM ledger_totals WHERE month = $1 AND kind = $2)"
+    " AS kind_units,"
+    " (SELECT COALESCE(sum(units), 0) FROM ledger WHERE month = $1 AND user_key = $3"
+    " AND kind = $2 AND status <> 'released') AS user_units,"
+    " (SELECT COALESCE(sum(units), 0) FROM ledger WHERE month = $1 AND guild = $4"
+    " AND kind = $2 AND status <> 'released') AS guild_units,"
+    " (SELECT COALESCE(sum(cost), 0) FROM ledger_totals WHERE month = $1 AND persona = $5)"
+    " AS persona_cost"
 )
 
 

@@ -127,7 +127,8 @@ async def test_the_migration_moves_the_stamps_already_written(
             MODEL,
             at,
         )
-        assert await db.migrate(conn, REPO_ROOT / "migrations") == ["0019_memory_recalls.sql"]
+        applied = await db.migrate(conn, REPO_ROOT / "migrations")
+        assert applied[0] == "0019_memory_recalls.sql"
         rows = await conn.fetch(
             "SELECT m.text, r.last_recalled_at FROM memory_recalls r JOIN memories m"
             " ON m.id = r.memory_id"
