@@ -19,6 +19,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from bot.core.together import Together
 from bot.spend.budgets import (
     FREE_ONLY,
     LADDER,
@@ -36,14 +37,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What the ladder weighs, from the month's running totals (migration 0020): all that counts
-# (reserved and settled), the GPU seconds of paid backends, and one persona's part ($2).
+# What the ladder weighs, from the running totals (migration 0020) of the months asked, by
+# persona: all that counts (reserved and settled), and the GPU seconds of paid backends.
 _SPENT = (
-    "SELECT COALESCE(sum(cost), 0) AS cost,"
-    " COALESCE(sum(units) FILTER (WHERE kind = 'gpu_seconds' AND paid), 0) AS gpu_units,"
-    " COALESCE(sum(cost) FILTER (WHERE persona = $2), 0) AS persona_cost"
-    " FROM ledger_totals WHERE month = $1"
+    "SELECT month, persona, sum(cost) AS cost,"
+    " COALESCE(sum(units) FILTER (WHERE kind = 'gpu_seconds' AND paid), 0) AS gpu_units"
+    " FROM ledger_totals WHERE month = ANY($1::date[]) GROUP BY month, persona"
 )
+
+
+@dataclass(frozen=True)
+class Spent:
+    """A month's spend as the ladder weighs it."""
+
+    cost: Decimal
+    gpu_units: Decimal  # of paid backends
+    personas: dict[str, Decimal]  # cost by persona ('' for rows of none)
+
+
+def _spent(rows: list[Any]) -> Spent:
+    return Spent(
+        sum((r["cost"] for r in rows), Decimal(0)),
+        sum((r["gpu_units"] for r in rows), Decimal(0)),
+        {r["persona"]: r["cost"] for r in rows},
+    )
 
 
 @dataclass(frozen=True)
@@ -62,23 +79,31 @@ class Ladder:
     _clock: Callable[[], datetime]
     _notifier: AdminNotifier | None
     persona_cap: Callable[[str | None], PersonaCap | None]  # the Ledger's
+    _spending: Together[date, Spent]  # the Ledger's: `_spent_in`, asked together
 
     async def degrade_level(self, persona: str | None = None) -> int:
         """0 normal, 1 free backends only, 2 local model only, 3 paid actions refused.
         At the GPU-seconds cap (BUDGET_KIND_CAPS), free backends only, whatever the money;
         for a persona with its own cap, at least its own step on the ladder. Asked before
-        every reply: one read of the month's running totals (migration 0020), none when no
-        cap is set."""
+        every reply: a read of the month's running totals (migration 0020), shared by the
+        checks made while one is under way; none when no cap is set."""
         own = self.persona_cap(persona)
         gpu_cap = self.budgets.kind_caps.get("gpu_seconds")
         if not self.budgets.monthly_usd and gpu_cap is None and own is None:
             return NORMAL
         month = month_of(self._clock())
-        spent = await self.pool.fetchrow(_SPENT, month, own[0] if own is not None else None)
-        level = await self._bot_level(month, spent["cost"], spent["gpu_units"], gpu_cap)
+        spent = await self._spending(month)
+        level = await self._bot_level(month, spent.cost, spent.gpu_units, gpu_cap)
         if own is None:
             return level
-        return max(level, await self._persona_level(month, *own, spent["persona_cost"]))
+        mine = spent.personas.get(own[0], Decimal(0))
+        return max(level, await self._persona_level(month, *own, mine))
+
+    async def _spent_in(self, months: list[date]) -> list[Spent]:
+        """Each month's spend, for checks made together (`bot/core/together.py`): under a
+        burst of replies one statement serves the ladder checks of all those waiting."""
+        rows = await self.pool.fetch(_SPENT, sorted(set(months)))
+        return [_spent([r for r in rows if r["month"] == month]) for month in months]
 
     async def _persona_level(self, month: date, name: str, cap: Decimal, spent: Decimal) -> int:
         level = self.budgets.level_of(spent, cap)

@@ -31,6 +31,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from bot.core.calls import Charge
+from bot.core.together import Together
 from bot.errors import BotError
 from bot.spend.budgets import (
     BudgetExceeded,
@@ -62,6 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+_SPENT_TOGETHER = 512  # ladder checks one statement answers at most (all read the same rows)
 # A persona's own monthly cap in dollars by its name (None: it has none); the app reads it from
 # the persona registry on every use, so an edited YAML counts at once.
 PersonaCaps = Callable[[str], Decimal | None]
@@ -101,6 +103,7 @@ class Ledger(Ladder):
         self._clock = clock
         self._notifier = notifier
         self.persona_caps = persona_caps
+        self._spending = Together(self._spent_in, most=_SPENT_TOGETHER)
 
     def persona_cap(self, persona: str | None) -> PersonaCap | None:
         """The persona's own monthly cap, when it has one."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from bot import db
 from bot.brains.base import CallStats, ChatRequest
 from bot.config import REPO_ROOT
 from bot.core.calls import CallContext, CallLog
+from bot.core.together import Together
 from bot.spend.budgets import FREE_ONLY, LOCAL_ONLY, NORMAL
 from bot.spend.ledger import Budgets, Ledger
 from bot.spend.prices import Prices
@@ -366,9 +367,9 @@ async def test_the_ladder_reads_the_totals_in_one_statement(pool: Any) -> None:
         def __init__(self) -> None:
             self.sent = 0
 
-        async def fetchrow(self, *args: Any) -> Any:
+        async def fetch(self, *args: Any) -> Any:
             self.sent += 1
-            return await pool.fetchrow(*args)
+            return await pool.fetch(*args)
 
     counting = Counting()
     checked = Ledger(
@@ -381,6 +382,37 @@ async def test_the_ladder_reads_the_totals_in_one_statement(pool: Any) -> None:
     assert await checked.degrade_level("rex") == NORMAL and counting.sent == 1
     unchecked = Ledger(counting, Prices(pool), clock=clock, budgets=Budgets())
     assert await unchecked.degrade_level("rex") == NORMAL and counting.sent == 1
+
+
+async def test_checks_made_together_share_a_statement_and_each_get_their_own_step(
+    pool: Any,
+) -> None:
+    """A burst of replies asks the ladder at once: the first check goes alone, those made
+    meanwhile share the next statement, and each persona still gets its own step."""
+    caps = {"rex": Decimal(1), "mimi": Decimal(100)}
+    ledger = Ledger(
+        pool,
+        Prices(pool),
+        clock=Clock(NOV),
+        budgets=Budgets(monthly_usd=Decimal(1000)),
+        persona_caps=caps.get,
+    )
+    await ledger.record(
+        kind="image", provider="fal", model=SCHNELL, units=Decimal(300),
+        request_id="rex-pictures", persona="rex",
+    )  # fmt: skip
+    sent: list[list[date]] = []
+    asked = ledger._spent_in
+
+    async def counted(months: list[date]) -> Any:
+        sent.append(months)
+        return await asked(months)
+
+    ledger._spending = Together(counted, most=512)
+    personas = ["rex", "mimi", None] * 20
+    levels = await asyncio.gather(*(ledger.degrade_level(p) for p in personas))
+    assert levels == [{"rex": LOCAL_ONLY}.get(p, NORMAL) for p in personas]  # rex: 0.90 of $1
+    assert [len(months) for months in sent] == [1, 59]
 
 
 async def test_the_migration_counts_the_rows_already_written(
