@@ -15,13 +15,14 @@ pipeline, the database and HTTP, not a model.
 - Throughput: N conversations at once, the fake taking 1 s a reply; wall time until all are
   answered, and replies per second.
 
-The bot runs as a community's would: with a monthly budget (`BUDGET_MONTHLY_USD`, the talk's
-five dollars), so each reply asks the degrade ladder how much is spent, over a month whose
-ledger already holds `--ledger` rows (about a thousand replies a day of four calls each, by
-the month's end).
+The bot runs as a community's would: with a monthly budget (`BUDGET_MONTHLY_USD`, `--budget`,
+the talk's five dollars by default; 0 for none), so each reply asks the degrade ladder how
+much is spent, over a month whose ledger already holds `--ledger` rows (about a thousand
+replies a day of four calls each, by the month's end).
 
     .venv/bin/python bench/pipeline.py [--replies 300] [--levels 1,100,500,1000]
-        [--memories 1000000] [--ledger 120000] [--pg-dir DIR] [--json] [--hops]
+        [--memories 1000000] [--ledger 120000] [--budget 5]
+        [--pg-dir DIR] [--json] [--hops]
 
 `--hops` times, instead, what a sequential reply with memory on waits for, hop by hop (the
 database calls and the embedding; background work's calls of the same kind are counted too).
@@ -280,7 +281,12 @@ async def fill_ledger(url: str, target: int) -> int:
         await pool.close()
 
 
-def settings_for(url: str, data: Path, ollama_url: str, *, memory: bool) -> Settings:
+BUDGET = Decimal(5)  # BUDGET_MONTHLY_USD of the bench's bot (--budget)
+
+
+def settings_for(
+    url: str, data: Path, ollama_url: str, *, memory: bool, budget: Decimal = BUDGET
+) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         database_url=url,  # type: ignore[arg-type]
@@ -291,7 +297,7 @@ def settings_for(url: str, data: Path, ollama_url: str, *, memory: bool) -> Sett
         personas_dir=REPO_ROOT / "personas",
         guard_enabled=False,  # bench/guard.py measures what the guard adds
         memory_enabled=memory,
-        budget_monthly_usd=Decimal(5),
+        budget_monthly_usd=budget or None,
     )
 
 
@@ -300,21 +306,26 @@ async def run(url: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     ledger = await fill_ledger(url, args.ledger)
     if args.hops:
         with fake_process(0.0) as fast:
-            found = await hops(settings_for(url, data, fast, memory=True), args.replies)
+            found = await hops(
+                settings_for(url, data, fast, memory=True, budget=args.budget), args.replies
+            )
         return {"memories": memories, "ledger": ledger, "replies": args.replies, "hops": found}
     levels = [int(x) for x in args.levels.split(",")]
     with fake_process(0.0) as fast, fake_process(1.0) as slow:
         _, cpu_off = await sequential(
-            settings_for(url, data, fast, memory=False), args.replies, "n"
+            settings_for(url, data, fast, memory=False, budget=args.budget), args.replies, "n"
         )
-        on = settings_for(url, data, fast, memory=True)
+        on = settings_for(url, data, fast, memory=True, budget=args.budget)
         times, cpu_on = await sequential(on, args.replies, "m")
         base = await fake_only(fast, args.replies)
         overhead = [t - b for t, b in zip(sorted(times), sorted(base), strict=True)]
-        flight = await throughput(settings_for(url, data, slow, memory=True), levels)
+        flight = await throughput(
+            settings_for(url, data, slow, memory=True, budget=args.budget), levels
+        )
     return {
         "memories": memories,
         "ledger": ledger,
+        "budget_usd": str(args.budget),
         "replies": args.replies,
         "pipeline_p50_ms": round(percentile(times, 0.5) * 1e3, 2),
         "pipeline_p99_ms": round(percentile(times, 0.99) * 1e3, 2),
@@ -392,6 +403,9 @@ def main() -> None:
         choices=["uvloop", "asyncio"],
         default="uvloop",
         help="the event loop: production's (bot/loop.py) or the standard one, to compare",
+    )
+    parser.add_argument(
+        "--budget", type=Decimal, default=BUDGET, help="BUDGET_MONTHLY_USD; 0: none"
     )
     args = parser.parse_args()
     if args.loop == "asyncio":
