@@ -114,13 +114,35 @@ class BrainRouter:
         """Someone started typing: wake a backend for `model` now (see BackendPool.prewake)."""
         return await self.pool.prewake(model) if self.pool is not None else False
 
+    def level_check(self, persona: str | None) -> asyncio.Future[int] | None:
+        """The degrade ladder's step for a request about to be made for `persona`, asked now, so
+        that it is read while the prompt is being made (recall) and `open(level=…)` finds it
+        ready; None without a ladder. A check no request awaits runs to its end all the same
+        (it may be sending the admins an alert)."""
+        if self.degrade is None:
+            return None
+        level = asyncio.ensure_future(self.degrade(persona))
+        level.add_done_callback(_retrieved)
+        return level
+
     async def opening(
-        self, request: ChatRequest, *, fallback: str = "local", persona: str | None = None
+        self,
+        request: ChatRequest,
+        *,
+        fallback: str = "local",
+        persona: str | None = None,
+        level: Awaitable[int] | None = None,
     ) -> AsyncIterator[str | Answer]:
         """`open()` as a stream: notices (e.g. "waking up…") as they happen, the Answer last."""
         notices: asyncio.Queue[str] = asyncio.Queue()
         task = asyncio.create_task(
-            self.open(request, fallback=fallback, notify=notices.put_nowait, persona=persona)
+            self.open(
+                request,
+                fallback=fallback,
+                notify=notices.put_nowait,
+                persona=persona,
+                level=level,
+            )
         )
         handed = False
         try:
@@ -161,13 +183,19 @@ class BrainRouter:
         fallback: str = "local",
         notify: Notify | None = None,
         persona: str | None = None,
+        level: Awaitable[int] | None = None,
     ) -> Answer:
+        """The first backend that answers; `level`: the ladder's step, asked beforehand
+        (`level_check`), else asked now."""
         failures: list[Failure] = []
-        level = await self.degrade(persona) if self.degrade is not None else 0
-        if self.pool is not None and level < 2:
-            answer = await self._open_pool(self.pool, request, failures, notify, level == 1)
+        if level is not None:
+            step = await level
+        else:
+            step = await self.degrade(persona) if self.degrade is not None else 0
+        if self.pool is not None and step < 2:
+            answer = await self._open_pool(self.pool, request, failures, notify, step == 1)
             if answer is None and fallback == "queue":
-                answer = await self._queued(self.pool, request, failures, notify, level == 1)
+                answer = await self._queued(self.pool, request, failures, notify, step == 1)
             if answer is not None:
                 return answer
         for brain in self.brains:
@@ -275,6 +303,12 @@ class BrainRouter:
             await brain.aclose()
         if self.pool is not None:
             await self.pool.aclose()
+
+
+def _retrieved(level: asyncio.Future[int]) -> None:
+    """A check nobody awaited (the request was never made) leaves no "never retrieved" noise."""
+    if not level.cancelled():
+        level.exception()
 
 
 def _without_tools(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

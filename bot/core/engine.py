@@ -238,19 +238,28 @@ class Engine(ToolUse):
         turns: list[HistoryTurn],
         persona: Persona,
     ) -> AsyncIterator[str | _Opened]:
-        """Recall and the prompt, then the model's first token; notices on the way."""
+        """Recall and the prompt, then the model's first token; notices on the way. The budget's
+        degrade ladder is asked first and read while recall runs (left to finish when no
+        request follows: a check may be sending the admins its alert)."""
+        level = self.router.level_check(persona.name)
         request = await self._request(incoming, conversation, turns, persona)
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
-        async for item in self._opening(request, context, persona.fallback):
+        async for item in self._opening(request, context, persona.fallback, level):
             yield item if isinstance(item, str) else _Opened(item, context)
 
     async def _opening(
-        self, request: ChatRequest, context: CallContext, fallback: str
+        self,
+        request: ChatRequest,
+        context: CallContext,
+        fallback: str,
+        level: Awaitable[int] | None = None,
     ) -> AsyncIterator[str | Answer]:
         """The router's notices, then the Answer; failed backends are recorded."""
         answer: Answer | None = None
         try:
-            opening = self.router.opening(request, fallback=fallback, persona=context.persona)
+            opening = self.router.opening(
+                request, fallback=fallback, persona=context.persona, level=level
+            )
             async for item in opening:
                 if isinstance(item, str):
                     yield item
