@@ -45,11 +45,14 @@ _KEEPER = "private_to IS NULL OR private_to = {p}"
 # INDEXED_DIMS dimensions it is an index-only scan of the user's few leaf pages; the text is then
 # read for the top k alone. {indexed} is that index's predicate, spelled as in the migration so
 # the planner can use it (rows of one model all have the query's dimensions).
+# The score is reckoned in double precision: `extract` answers numeric, and numeric `power` for
+# every fact that passes the floor cost three quarters of the query's time (0.75 of 1.1 ms at
+# a million memories, 50 facts over the floor), against 0.3 ms for the whole query so.
 _RECALL = """
 WITH top AS (
     SELECT id, similarity,
-           similarity - $5 * (1 - power(0.5,
-               extract(epoch FROM now() - created_at) / 86400.0 / $6)) AS score
+           similarity - $5::float8 * (1 - power(0.5::float8,
+               extract(epoch FROM now() - created_at)::float8 / 86400.0 / $6::float8)) AS score
     FROM (
         SELECT id, created_at, 1 - (embedding <=> $2::halfvec) AS similarity
         FROM memories
