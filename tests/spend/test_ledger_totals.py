@@ -29,8 +29,8 @@ from bot.core.together import Together
 from bot.spend.budgets import FREE_ONLY, LOCAL_ONLY, NORMAL
 from bot.spend.ledger import Budgets, Ledger
 from bot.spend.prices import Prices
+from tests.spend.test_ledger import SCHNELL, Clock
 
-SCHNELL = "fal-ai/flux/schnell"
 NOV = datetime(2026, 11, 5, 12, tzinfo=UTC)
 DEC = datetime(2026, 12, 2, 9, tzinfo=UTC)
 REQUEST = ChatRequest(
@@ -47,14 +47,6 @@ _FROM_ROWS = (
     " sum(cost) AS cost, sum(units) AS units FROM ledger WHERE status <> 'released'"
     " GROUP BY 1, 2, 3, 4"
 )
-
-
-class Clock:
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def __call__(self) -> datetime:
-        return self.at
 
 
 @pytest.fixture
@@ -87,6 +79,20 @@ async def assert_kept(pool: Any) -> dict[tuple[Any, ...], tuple[Decimal, Decimal
     kept = await totals(pool)
     assert kept == await from_rows(pool)
     return kept
+
+
+async def reserve_pictures(
+    ledger: Ledger, request_id: str, units: int, persona: str | None, user: str | None = None
+) -> None:
+    await ledger.reserve(
+        kind="image",
+        provider="fal",
+        model=SCHNELL,
+        units=Decimal(units),
+        request_id=request_id,
+        user_key=user,
+        persona=persona,
+    )
 
 
 async def price_paid_tokens(pool: Any) -> None:
@@ -173,24 +179,8 @@ async def test_every_kind_of_write_keeps_the_totals_equal_to_the_rows(pool: Any)
     )
 
     # reserved counts; settled with other units counts those; released counts nothing
-    await ledger.reserve(
-        kind="image",
-        provider="fal",
-        model=SCHNELL,
-        units=Decimal(4),
-        request_id="r-settle",
-        user_key="test:a",
-        persona="rex",
-    )
-    await ledger.reserve(
-        kind="image",
-        provider="fal",
-        model=SCHNELL,
-        units=Decimal(4),
-        request_id="r-release",
-        user_key="test:a",
-        persona="rex",
-    )
+    await reserve_pictures(ledger, "r-settle", 4, "rex", "test:a")
+    await reserve_pictures(ledger, "r-release", 4, "rex", "test:a")
     reserved = await assert_kept(pool)
     assert reserved[(november, "image", "rex", True)] == (Decimal("0.024"), Decimal(8))
     await ledger.settle("r-settle", Decimal(1))
@@ -199,14 +189,7 @@ async def test_every_kind_of_write_keeps_the_totals_equal_to_the_rows(pool: Any)
     assert settled[(november, "image", "rex", True)] == (Decimal("0.003"), Decimal(1))
 
     # December: a month of its own; an abandoned November reservation swept (booked, released)
-    await ledger.reserve(
-        kind="image",
-        provider="fal",
-        model=SCHNELL,
-        units=Decimal(3),
-        request_id="r-lost",
-        persona="mimi",
-    )
+    await reserve_pictures(ledger, "r-lost", 3, "mimi")
     clock.at = DEC
     await ledger.record(
         kind="image",
@@ -270,15 +253,7 @@ async def test_concurrent_writers_keep_exact_totals_and_never_deadlock(pool: Any
 
     async def picture(n: int) -> None:
         persona = ("mimi", "rex")[n % 2]
-        await ledger.reserve(
-            kind="image",
-            provider="fal",
-            model=SCHNELL,
-            units=Decimal(2),
-            request_id=f"p{n}",
-            user_key=f"test:{n % 5}",
-            persona=persona,
-        )
+        await reserve_pictures(ledger, f"p{n}", 2, persona, f"test:{n % 5}")
         if n % 3:
             await ledger.settle(f"p{n}", Decimal(1))
         else:
