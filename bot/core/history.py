@@ -9,6 +9,8 @@ from bot.core.prompts import HISTORY_ROWS, Turn
 from bot.core.together import Together
 
 _CONVERSATION = "id, platform, external_id, persona, history_from"
+# a conversation another writer made meanwhile: its row is returned all the same
+_TOUCH = "DO UPDATE SET platform = EXCLUDED.platform"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class History:
         self._openings: Together[tuple[str, str], _Opening | None] = Together(
             self._opening_many, most=_OPENINGS_TOGETHER, alone=self._opening_one
         )
+        # first messages of new conversations (a burst of DMs) are written together as well
+        self._creations: Together[tuple[str, str], Conversation] = Together(
+            self._create_many, most=_OPENINGS_TOGETHER, alone=self._create_one
+        )
 
     async def conversation(self, platform: str, external_id: str) -> Conversation:
         """The conversation row, created on first sight. A read when it exists (every message
@@ -80,15 +86,30 @@ class History:
         return _conversation(row)
 
     async def _create(self, platform: str, external_id: str) -> Conversation:
-        """The conversation's row, written now (or the one another writer just wrote)."""
+        """The conversation's row, written now (or the one another writer just wrote); the
+        rows of conversations first seen while one is being written go in together."""
+        return await self._creations((platform, external_id))
+
+    async def _create_one(self, key: tuple[str, str]) -> Conversation:
         row = await self._pool.fetchrow(
             "INSERT INTO conversations (platform, external_id) VALUES ($1, $2)"
-            " ON CONFLICT (platform, external_id) DO UPDATE SET platform = EXCLUDED.platform"
-            f" RETURNING {_CONVERSATION}",
-            platform,
-            external_id,
+            f" ON CONFLICT (platform, external_id) {_TOUCH} RETURNING {_CONVERSATION}",
+            *key,
         )
         return _conversation(row)
+
+    async def _create_many(self, keys: list[tuple[str, str]]) -> list[Conversation]:
+        # in key order, so that writers of the same new conversations wait, never deadlock
+        rows = await self._pool.fetch(
+            "INSERT INTO conversations (platform, external_id)"
+            " SELECT DISTINCT platform, external_id FROM unnest($1::text[], $2::text[])"
+            " AS k(platform, external_id) ORDER BY platform, external_id"
+            f" ON CONFLICT (platform, external_id) {_TOUCH} RETURNING {_CONVERSATION}",
+            [platform for platform, _ in keys],
+            [external_id for _, external_id in keys],
+        )
+        made = {(row["platform"], row["external_id"]): _conversation(row) for row in rows}
+        return [made[key] for key in keys]
 
     async def opening(self, platform: str, external_id: str) -> tuple[Conversation, list[Turn]]:
         """The conversation row (created on first sight) and its latest messages from the

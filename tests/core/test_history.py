@@ -85,3 +85,35 @@ async def test_openings_asked_at_once_each_read_their_own(app: App) -> None:
         assert [t.content for t in turns[::2]] == [
             f"question {k}" for k in range(n if n < 6 else 0)
         ]
+
+
+async def test_new_conversations_seen_at_once_are_made_together_each_its_own(app: App) -> None:
+    """First messages of many new conversations at once (a burst of DMs): their rows are
+    written together, each caller gets its own, a conversation asked twice in one batch is made
+    once, and asking again finds the same rows."""
+    history = app.engine.history
+    sent: list[int] = []  # the keys each INSERT of conversations carried
+    counting = app.pool
+
+    class Counting:
+        async def fetch(self, *args: object) -> object:
+            if "INSERT INTO conversations" in str(args[0]):
+                sent.append(len(args[1]))  # type: ignore[arg-type]
+            return await counting.fetch(*args)
+
+        async def fetchrow(self, *args: object) -> object:
+            if "INSERT INTO conversations" in str(args[0]):
+                sent.append(1)
+            return await counting.fetchrow(*args)
+
+    fresh = History(Counting())
+    names = [f"dm{n}" for n in range(20)] + ["dm3"]
+    made = await asyncio.gather(*(fresh.opening("test", name) for name in names))
+    assert [c.external_id for c, _ in made] == names
+    assert all(turns == [] for _, turns in made)
+    assert made[3][0] == made[-1][0], "asked twice at once: one row"
+    assert len({c.id for c, _ in made}) == 20
+    # the first alone, then those asked meanwhile: a few statements, not one each
+    assert sum(sent) == len(names) and len(sent) <= 3, sent
+    for name, (conversation, _) in zip(names, made, strict=True):
+        assert await history.conversation("test", name) == conversation
