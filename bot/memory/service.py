@@ -51,6 +51,7 @@ from bot.memory.learning import Learning, Spawn, Vet
 from bot.memory.store import (
     MemoryRow,
     MemoryStore,
+    RecallAsk,
     Recalled,
 )
 
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 _REEMBED_BATCH = 32
 _KEPT_QUERIES = 256  # recall's embeddings of messages, kept for their extraction
 _ASKED_TOGETHER = 256  # the most users one "which models" query asks about
+_RECALLS_TOGETHER = 64  # the most recalls one statement makes
 
 
 class Memory(Learning):
@@ -103,9 +105,35 @@ class Memory(Learning):
             most=_ASKED_TOGETHER,
             alone=lambda asked: self.store.models_of(*asked),
         )
+        # the recall queries of replies made while one is out, in one statement
+        self._recalls: Together[RecallAsk, list[Recalled]] = Together(
+            self._recall_many, most=_RECALLS_TOGETHER, alone=self._recall_one
+        )
         # memory id -> (user key, when): recall stamps waiting to be written together
         self._stamps: dict[int, tuple[str, datetime]] = {}
         self._stamping = False  # a write of them is waiting for a quiet moment
+
+    async def _recall_one(self, ask: RecallAsk) -> list[Recalled]:
+        return await self.store.recall(
+            ask.user_key,
+            ask.vector,
+            ask.model,
+            top_k=self.top_k,
+            floor=self.min_similarity,
+            recency_weight=self.recency_weight,
+            half_life_days=self.half_life_days,
+            scope=ask.scope,
+            persona=ask.persona,
+        )
+
+    async def _recall_many(self, asked: list[RecallAsk]) -> list[list[Recalled]]:
+        return await self.store.recall_many(
+            asked,
+            top_k=self.top_k,
+            floor=self.min_similarity,
+            recency_weight=self.recency_weight,
+            half_life_days=self.half_life_days,
+        )
 
     def active(self, persona: Persona) -> bool:
         return self.enabled and persona.memory
@@ -142,16 +170,8 @@ class Memory(Learning):
             self._queries[(user_key, text)] = (embedded.model, embedded.vectors[0])
             if len(self._queries) > _KEPT_QUERIES:
                 self._queries.popitem(last=False)
-            found = await self.store.recall(
-                user_key,
-                embedded.vectors[0],
-                embedded.model,
-                top_k=self.top_k,
-                floor=self.min_similarity,
-                recency_weight=self.recency_weight,
-                half_life_days=self.half_life_days,
-                scope=scope,
-                persona=persona,
+            found = await self._recalls(
+                RecallAsk(user_key, embedded.vectors[0], embedded.model, scope, persona)
             )
             if found:
                 await self._recalled(user_key, found, spawn)
@@ -263,6 +283,7 @@ class Memory(Learning):
 
     async def aclose(self) -> None:
         await self._asking.aclose()
+        await self._recalls.aclose()
         await self.embeddings.aclose()
         await self.extractor.aclose()
 

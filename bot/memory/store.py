@@ -7,6 +7,7 @@ reachable through another user's key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "MemoryRow",
     "MemoryStore",
     "NewFact",
+    "RecallAsk",
     "Recalled",
     "normalise",
     "recall_query",
@@ -73,6 +75,50 @@ _RECALL_INDEXED = _RECALL.format(
     indexed=f" AND vector_dims(embedding) <= {INDEXED_DIMS}", keeper=_KEEPER.format(p="$9")
 )
 _RECALL_WIDE = _RECALL.format(indexed="", keeper=_KEEPER.format(p="$9"))
+
+
+# The same recall for several users at once (their questions made while one was out, see
+# bot/core/together.py): one row of `q` per question, its user's rows read as above through a
+# lateral subquery; the floor, the recency weight, the half-life and k are the bot's own, the
+# same for all. Rows come back numbered by question (`n`).
+_RECALL_MANY = """
+SELECT q.n, top.id, m.text, top.similarity, top.score
+FROM unnest($1::text[], $2::halfvec[], $3::text[], $8::text[], $9::text[]) WITH ORDINALITY
+     AS q(user_key, vector, model, scope, persona, n)
+CROSS JOIN LATERAL (
+    SELECT id, similarity,
+           similarity - $5::float8 * (1 - power(0.5::float8,
+               extract(epoch FROM now() - created_at)::float8 / 86400.0 / $6::float8)) AS score
+    FROM (
+        SELECT id, created_at, 1 - (embedding <=> q.vector) AS similarity
+        FROM memories
+        WHERE user_key = q.user_key AND embed_model = q.model AND superseded_by IS NULL{indexed}
+          AND (q.scope IS NULL OR scope = q.scope)
+          AND (q.persona IS NULL OR {keeper})
+    ) AS scored
+    WHERE similarity >= $4
+    ORDER BY score DESC, id DESC
+    LIMIT $7
+) AS top
+JOIN memories m ON m.id = top.id
+ORDER BY q.n, top.score DESC, top.id DESC
+"""
+_RECALL_MANY_INDEXED = _RECALL_MANY.format(
+    indexed=f" AND vector_dims(embedding) <= {INDEXED_DIMS}", keeper=_KEEPER.format(p="q.persona")
+)
+_RECALL_MANY_WIDE = _RECALL_MANY.format(indexed="", keeper=_KEEPER.format(p="q.persona"))
+
+
+@dataclass(frozen=True)
+class RecallAsk:
+    """One recall's question: the user's facts nearest `vector` of `model`, in `scope` (None:
+    any), those `persona` may see (None: all)."""
+
+    user_key: str
+    vector: list[float]
+    model: str
+    scope: str | None = None
+    persona: str | None = None
 
 
 def recall_query(dims: int) -> str:
@@ -221,6 +267,34 @@ class MemoryStore(JobQueries):
             persona,
         )
         return [Recalled(r["id"], r["text"], r["similarity"], r["score"]) for r in rows]
+
+    async def recall_many(
+        self,
+        asked: list[RecallAsk],
+        *,
+        top_k: int,
+        floor: float,
+        recency_weight: float,
+        half_life_days: float,
+    ) -> list[list[Recalled]]:
+        """`recall` for several questions in one statement; each question's facts, in order."""
+        wide = any(len(a.vector) > INDEXED_DIMS for a in asked)
+        rows = await self._pool.fetch(
+            _RECALL_MANY_WIDE if wide else _RECALL_MANY_INDEXED,
+            [a.user_key for a in asked],
+            [HalfVector(a.vector) for a in asked],
+            [a.model for a in asked],
+            floor,
+            recency_weight,
+            half_life_days,
+            top_k,
+            [a.scope for a in asked],
+            [a.persona for a in asked],
+        )
+        found: list[list[Recalled]] = [[] for _ in asked]
+        for r in rows:
+            found[r["n"] - 1].append(Recalled(r["id"], r["text"], r["similarity"], r["score"]))
+        return found
 
     async def nearest(
         self,

@@ -12,7 +12,7 @@ import pytest
 
 from bot.app import App, running_app
 from bot.memory.known import KnownModels
-from bot.memory.store import NewFact
+from bot.memory.store import NewFact, RecallAsk
 from tests.conftest import make_settings
 from tests.fakes.ollama import FakeOllama
 from tests.memory.test_memory import context, memory_of, near
@@ -149,3 +149,71 @@ async def test_many_users_asked_at_once_each_get_their_own_answer(
     assert [[m.text for m in f] for f in found] == [
         [f"Likes number {n}."] if n < 8 and n % 2 else [] for n in range(12)
     ]
+
+
+async def test_recalls_asked_together_find_what_each_finds_alone(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """`recall_many` answers each question as `recall` does: its user's facts only, in its
+    scope, those its persona may see, over the floor, the top k by score; a wide model's
+    vectors (read from the table, not the covering index) in the same statement; and replies
+    recalling at once each get their own."""
+    memory = memory_of(mapp)
+    store = memory.store
+    query = "What do I like?"
+    base = fake_ollama.embedding_for(query)
+    wide_model, wide = "ollama:wide", [v / 2 for v in base + base]  # 1,536 dimensions
+    users = [f"test:r{n}" for n in range(6)]
+    for n, user in enumerate(users[:5]):
+        facts = [
+            NewFact(f"{user} fact {k}.", near(base, 0.95 - 0.1 * k, 7 * n + k)) for k in range(7)
+        ]
+        await store.add(user, facts, model=MODEL, persona="mimi", scope="here" if n % 2 else None)
+        kept = [NewFact(f"{user} keeps {k}.", near(base, 0.9, 99 + k)) for k in range(2)]
+        await store.add(user, kept, model=MODEL, persona="rex", scope="here", private_to="rex")
+    await store.add(users[0], [NewFact("Wide.", wide)], model=wide_model, persona="mimi")
+    asked = [
+        RecallAsk(user, base, MODEL, scope, persona)
+        for user in users
+        for scope in (None, "here")
+        for persona in (None, "mimi", "rex")
+    ] + [RecallAsk(users[0], wide, wide_model), RecallAsk(users[0], base, "ollama:none")]
+    settings = {"top_k": 3, "recency_weight": 0.05, "half_life_days": 30.0}
+    many = await store.recall_many(asked, floor=0.5, **settings)
+    alone = [
+        await store.recall(a.user_key, a.vector, a.model, scope=a.scope, persona=a.persona,
+                           floor=0.5, **settings)
+        for a in asked
+    ]  # fmt: skip
+    assert [[m.text for m in f] for f in many] == [[m.text for m in f] for f in alone]
+    for together, one in zip(many, alone, strict=True):  # now() moves between statements
+        assert all(abs(a.score - b.score) < 1e-6 for a, b in zip(together, one, strict=True))
+    texts = {
+        (a.user_key, a.scope, a.persona, a.model): [m.text for m in f]
+        for a, f in zip(asked, many, strict=True)
+    }
+    first, *kept = texts[(users[1], "here", "rex", MODEL)]
+    assert first == f"{users[1]} fact 0." and sorted(kept) == [
+        f"{users[1]} keeps 0.",
+        f"{users[1]} keeps 1.",
+    ]
+    assert all("keeps" not in t for t in texts[(users[1], "here", "mimi", MODEL)])
+    assert texts[(users[0], None, None, wide_model)] == ["Wide."]
+    assert texts[(users[5], None, None, MODEL)] == []
+    assert texts[(users[0], None, None, "ollama:none")] == []
+
+    found = await asyncio.gather(
+        *(memory.recall(user, query, context=context(user), scope="here", persona="mimi")
+          for user in users)
+    )  # fmt: skip
+    own = {
+        "top_k": memory.top_k,
+        "floor": memory.min_similarity,
+        "recency_weight": memory.recency_weight,
+        "half_life_days": memory.half_life_days,
+    }
+    expected = [
+        await store.recall(user, base, MODEL, scope="here", persona="mimi", **own) for user in users
+    ]
+    assert [[m.text for m in f] for f in found] == [[m.text for m in f] for f in expected]
+    assert [len(f) for f in found] == [0, own["top_k"], 0, own["top_k"], 0, 0]
