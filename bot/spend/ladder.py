@@ -100,8 +100,9 @@ class Ladder:
         return max(level, await self._persona_level(month, *own, mine))
 
     async def _spent_in(self, months: list[date]) -> list[Spent]:
-        """Each month's spend, for checks made together (`bot/core/together.py`): under a
-        burst of replies one statement serves the ladder checks of all those waiting."""
+        """Each month's spend, the one read of the running totals (the ladder's checks,
+        `status`, `persona_spent`), asked together (`bot/core/together.py`): under a burst of
+        replies one statement serves the ladder checks of all those waiting."""
         rows = await self.pool.fetch(_SPENT, sorted(set(months)))
         return [_spent([r for r in rows if r["month"] == month]) for month in months]
 
@@ -117,12 +118,7 @@ class Ladder:
 
     async def persona_spent(self, name: str, month: date) -> Decimal:
         """What the persona's rows cost this month (reserved and settled)."""
-        spent: Decimal = await self.pool.fetchval(
-            "SELECT COALESCE(sum(cost), 0) FROM ledger_totals WHERE month = $1 AND persona = $2",
-            month,
-            name,
-        )
-        return spent
+        return (await self._spending(month)).personas.get(name, Decimal(0))
 
     async def _bot_level(
         self, month: date, spent: Decimal, gpu_used: Decimal, gpu_cap: Decimal | None
@@ -131,7 +127,7 @@ class Ladder:
         cap = self.budgets.monthly_usd
         if not cap:
             return gpu
-        status = BudgetStatus(month, spent, cap, self.budgets.level(spent))
+        status = self._budget_status(month, spent)
         if gpu > status.level:
             return gpu
         if status.level > NORMAL:
@@ -151,10 +147,9 @@ class Ladder:
 
     async def status(self, month: date | None = None) -> BudgetStatus:
         month = month or month_of(self._clock())
-        spent = await self.pool.fetchval(
-            "SELECT COALESCE(sum(cost), 0) FROM ledger_totals WHERE month = $1",
-            month,
-        )
+        return self._budget_status(month, (await self._spending(month)).cost)
+
+    def _budget_status(self, month: date, spent: Decimal) -> BudgetStatus:
         return BudgetStatus(month, spent, self.budgets.monthly_usd, self.budgets.level(spent))
 
     async def _global_alerts(self, month: date) -> None:
