@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from bot.core.prompts import HISTORY_ROWS, Turn
 from bot.core.together import Together
+
+log = logging.getLogger(__name__)
 
 _CONVERSATION = "id, platform, external_id, persona, history_from"
 # a conversation another writer made meanwhile: its row is returned all the same
@@ -62,6 +65,47 @@ def _opened(rows: list[Any]) -> _Opening:
     return _conversation(rows[0]), turns
 
 
+_MESSAGE_COLUMNS = (
+    "conversation_id, role, author_id, author_name, persona, content, platform_message_id"
+)
+_APPEND = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES "
+# several exchanges' rows ($2 on), each with its exchange's place in the list ($1); their ids are
+# taken in the arrays' order (the message before its reply) before the INSERT, so each exchange
+# finds its message's id
+_APPEND_MANY = (
+    "WITH input AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id,"
+    " t.* FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    f" $7::text[], $8::text[]) WITH ORDINALITY AS t(n, {_MESSAGE_COLUMNS}, i) ORDER BY i),"
+    f" written AS (INSERT INTO messages (id, {_MESSAGE_COLUMNS})"
+    f" SELECT id, {_MESSAGE_COLUMNS} FROM input ORDER BY id)"
+    " SELECT n, id FROM input WHERE role = 'user'"
+)
+_APPENDS_TOGETHER = 256  # the most exchanges one statement writes
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """A message and the persona's reply to it, as `History.append_exchange` takes them."""
+
+    conversation_id: int
+    author_id: str
+    author_name: str
+    text: str
+    persona: str
+    reply: str
+    message_id: str | None
+    heard: bool  # False: only the reply is written (the message is already stored)
+
+
+def _rows_of(e: _Exchange) -> list[tuple[Any, ...]]:
+    """The exchange's rows for `_APPEND_MANY` (role, author_id, author_name, persona, content,
+    platform_message_id), the message first."""
+    reply = ("assistant", e.persona, e.persona, e.persona, e.reply, e.message_id)
+    if not e.heard:
+        return [reply]
+    return [("user", e.author_id, e.author_name, e.persona, e.text, e.message_id), reply]
+
+
 class History:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -71,6 +115,10 @@ class History:
         # first messages of new conversations (a burst of DMs) are written together as well
         self._creations: Together[tuple[str, str], Conversation] = Together(
             self._create_many, most=_OPENINGS_TOGETHER, alone=self._create_one
+        )
+        # and the exchanges of replies that end at once
+        self._appends: Together[_Exchange, int | Exception | None] = Together(
+            self._append_many, most=_APPENDS_TOGETHER, alone=self._append_one
         )
 
     async def conversation(self, platform: str, external_id: str) -> Conversation:
@@ -231,34 +279,65 @@ class History:
         """The user's message (with the platform's id of it) and the persona's reply, together
         or not at all; returns the user message's row id. `heard=False`: the message is another
         persona's reply (or one another cast member answered), already stored; only the reply
-        is added, and None is returned."""
-        columns = (
-            "INSERT INTO messages (conversation_id, role, author_id, author_name, persona,"
-            " content, platform_message_id) VALUES "
+        is added, and None is returned. The exchanges of replies that end while one is being
+        written go in together, in one statement (`bot/core/together.py`)."""
+        exchange = _Exchange(
+            conversation_id, author_id, author_name, text, persona, reply, message_id, heard
         )
-        if not heard:
+        outcome = await self._appends(exchange)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def _append_one(self, exchange: _Exchange) -> int | None:
+        """One exchange in one statement: one round trip, atomic without a transaction of its
+        own; the rows are numbered in the order written, the message before its reply."""
+        e = exchange
+        if not e.heard:
             await self._pool.execute(
-                columns + "($1, 'assistant', $2, $2, $2, $3, $4)",
-                conversation_id,
-                persona,
-                reply,
-                message_id,
+                _APPEND + "($1, 'assistant', $2, $2, $2, $3, $4)",
+                e.conversation_id,
+                e.persona,
+                e.reply,
+                e.message_id,
             )
             return None
-        reply_row = "($1, 'assistant', $4, $4, $4, $6, $7)"
-        # One statement: one round trip, atomic without a transaction of its own; the rows are
-        # numbered in the order written, the message before its reply.
         rows = await self._pool.fetch(
-            columns + "($1, 'user', $2, $3, $4, $5, $7), " + reply_row + " RETURNING id, role",
-            conversation_id,
-            author_id,
-            author_name,
-            persona,
-            text,
-            reply,
-            message_id,
+            _APPEND + "($1, 'user', $2, $3, $4, $5, $7), ($1, 'assistant', $4, $4, $4, $6, $7)"
+            " RETURNING id, role",
+            e.conversation_id,
+            e.author_id,
+            e.author_name,
+            e.persona,
+            e.text,
+            e.reply,
+            e.message_id,
         )
         return next(int(r["id"]) for r in rows if r["role"] == "user")
+
+    async def _append_many(self, exchanges: list[_Exchange]) -> list[int | Exception | None]:
+        """Several conversations' exchanges in one statement, each one's rows numbered in order,
+        the message before its reply. When it fails (one conversation deleted meanwhile), each
+        is written alone, so that only the bad one fails."""
+        columns: list[list[Any]] = [[] for _ in range(8)]
+        for n, exchange in enumerate(exchanges):
+            for row in _rows_of(exchange):
+                for column, value in zip(columns, (n, exchange.conversation_id, *row), strict=True):
+                    column.append(value)
+        try:
+            found = await self._pool.fetch(_APPEND_MANY, *columns)
+        except Exception:
+            log.warning("%d exchanges written together failed; one by one", len(exchanges))
+        else:
+            users: dict[int, int] = {int(r["n"]): int(r["id"]) for r in found}
+            return [users.get(n) for n in range(len(exchanges))]
+        outcomes: list[int | Exception | None] = []
+        for exchange in exchanges:
+            try:
+                outcomes.append(await self._append_one(exchange))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def delete_message(self, platform: str, message_id: str) -> list[int]:
         """A message deleted on the platform leaves the history, with the reply to it; returns

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
+
 from bot.app import App
 from bot.core.history import History
 from bot.core.prompts import HISTORY_ROWS
@@ -117,3 +119,101 @@ async def test_new_conversations_seen_at_once_are_made_together_each_its_own(app
     assert sum(sent) == len(names) and len(sent) <= 3, sent
     for name, (conversation, _) in zip(names, made, strict=True):
         assert await history.conversation("test", name) == conversation
+
+
+class _CountingAppends:
+    """The app's pool, counting the rows each INSERT of messages carried."""
+
+    def __init__(self, pool: object, sent: list[int]) -> None:
+        self._pool = pool
+        self._sent = sent
+
+    def _count(self, query: object, args: tuple[object, ...]) -> None:
+        if "INSERT INTO messages" in str(query):
+            many = isinstance(args[0], list)
+            self._sent.append(len(args[0]) if many else 1)  # type: ignore[arg-type]
+
+    async def fetch(self, query: object, *args: object) -> object:
+        self._count(query, args)
+        return await self._pool.fetch(query, *args)  # type: ignore[attr-defined]
+
+    async def execute(self, query: object, *args: object) -> object:
+        self._count(query, args)
+        return await self._pool.execute(query, *args)  # type: ignore[attr-defined]
+
+
+async def test_exchanges_ended_at_once_are_written_together_each_in_order(app: App) -> None:
+    """Replies of many conversations that end at once (a burst): their exchanges go in a few
+    statements, not one each; each caller gets its own message's row id, each conversation's
+    rows are in order (the message before its reply), and a reply to another persona's words
+    (`heard=False`) adds only the reply."""
+    history = app.engine.history
+    sent: list[int] = []
+    fresh = History(_CountingAppends(app.pool, sent))
+    conversations = [(await history.opening("test", f"burst{n}"))[0] for n in range(24)]
+
+    async def append(n: int) -> int | None:
+        return await fresh.append_exchange(
+            conversations[n].id,
+            author_id=f"user{n}",
+            author_name=f"User {n}",
+            text=f"question {n}",
+            persona="mimi",
+            reply=f"answer {n}",
+            message_id=f"m{n}",
+            heard=n % 5 != 4,
+        )
+
+    rows = await asyncio.gather(*(append(n) for n in range(24)))
+    assert len(sent) <= 3, sent  # the first alone, then those that came meanwhile
+    for n, conversation in enumerate(conversations):
+        turns = await history.recent(conversation.id)
+        if n % 5 == 4:
+            assert rows[n] is None
+            assert [(t.role, t.content) for t in turns] == [("assistant", f"answer {n}")]
+            continue
+        assert [(t.role, t.author_name, t.content) for t in turns] == [
+            ("user", f"User {n}", f"question {n}"),
+            ("assistant", "mimi", f"answer {n}"),
+        ]
+        assert rows[n] == turns[0].id and turns[0].id < turns[1].id  # type: ignore[operator]
+    platform_ids = await app.pool.fetch(
+        "SELECT conversation_id, role, author_id, platform_message_id FROM messages"
+        " WHERE conversation_id = ANY($1) ORDER BY id",
+        [c.id for c in conversations],
+    )
+    by_conversation = {c.id: n for n, c in enumerate(conversations)}
+    for row in platform_ids:
+        n = by_conversation[row["conversation_id"]]
+        assert row["platform_message_id"] == f"m{n}"
+        assert row["author_id"] == (f"user{n}" if row["role"] == "user" else "mimi")
+
+
+async def test_an_exchange_that_cannot_be_written_fails_alone(app: App) -> None:
+    """One exchange of a batch whose conversation is gone (deleted meanwhile): its caller gets
+    the database's error, and the others are written, each once."""
+    history = app.engine.history
+    sent: list[int] = []
+    fresh = History(_CountingAppends(app.pool, sent))
+    conversations = [(await history.opening("test", f"gone{n}"))[0].id for n in range(6)]
+    conversations[3] = 10**12  # no such conversation
+
+    async def append(conversation_id: int) -> int | None:
+        return await fresh.append_exchange(
+            conversation_id,
+            author_id="alice",
+            author_name="Alice",
+            text="question",
+            persona="mimi",
+            reply="answer",
+        )
+
+    outcomes = await asyncio.gather(*(append(c) for c in conversations), return_exceptions=True)
+    assert isinstance(outcomes[3], asyncpg.ForeignKeyViolationError), outcomes[3]
+    assert any(count > 1 for count in sent), "the others went together first"
+    for n, conversation_id in enumerate(conversations):
+        if n == 3:
+            continue
+        turns = await history.recent(conversation_id)
+        assert [t.content for t in turns] == ["question", "answer"]
+        assert outcomes[n] == turns[0].id
