@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from bot.core.prompts import HISTORY_ROWS, Turn
 from bot.core.together import Together
-
-log = logging.getLogger(__name__)
 
 _CONVERSATION = "id, platform, external_id, persona, history_from"
 # a conversation another writer made meanwhile: its row is returned all the same
@@ -116,9 +113,13 @@ class History:
         self._creations: Together[tuple[str, str], Conversation] = Together(
             self._create_many, most=_OPENINGS_TOGETHER, alone=self._create_one
         )
-        # and the exchanges of replies that end at once
-        self._appends: Together[_Exchange, int | Exception | None] = Together(
-            self._append_many, most=_APPENDS_TOGETHER, alone=self._append_one
+        # and the exchanges of replies that end at once (when that fails, say because one
+        # conversation was deleted meanwhile, each alone: only the bad one fails)
+        self._appends: Together[_Exchange, int | None] = Together(
+            self._append_many,
+            most=_APPENDS_TOGETHER,
+            alone=self._append_one,
+            retry_alone="exchanges",
         )
 
     async def conversation(self, platform: str, external_id: str) -> Conversation:
@@ -284,10 +285,7 @@ class History:
         exchange = _Exchange(
             conversation_id, author_id, author_name, text, persona, reply, message_id, heard
         )
-        outcome = await self._appends(exchange)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return await self._appends(exchange)
 
     async def _append_one(self, exchange: _Exchange) -> int | None:
         """One exchange in one statement: one round trip, atomic without a transaction of its
@@ -315,29 +313,17 @@ class History:
         )
         return next(int(r["id"]) for r in rows if r["role"] == "user")
 
-    async def _append_many(self, exchanges: list[_Exchange]) -> list[int | Exception | None]:
+    async def _append_many(self, exchanges: list[_Exchange]) -> list[int | None]:
         """Several conversations' exchanges in one statement, each one's rows numbered in order,
-        the message before its reply. When it fails (one conversation deleted meanwhile), each
-        is written alone, so that only the bad one fails."""
+        the message before its reply."""
         columns: list[list[Any]] = [[] for _ in range(8)]
         for n, exchange in enumerate(exchanges):
             for row in _rows_of(exchange):
                 for column, value in zip(columns, (n, exchange.conversation_id, *row), strict=True):
                     column.append(value)
-        try:
-            found = await self._pool.fetch(_APPEND_MANY, *columns)
-        except Exception:
-            log.warning("%d exchanges written together failed; one by one", len(exchanges))
-        else:
-            users: dict[int, int] = {int(r["n"]): int(r["id"]) for r in found}
-            return [users.get(n) for n in range(len(exchanges))]
-        outcomes: list[int | Exception | None] = []
-        for exchange in exchanges:
-            try:
-                outcomes.append(await self._append_one(exchange))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+        found = await self._pool.fetch(_APPEND_MANY, *columns)
+        users: dict[int, int] = {int(r["n"]): int(r["id"]) for r in found}
+        return [users.get(n) for n in range(len(exchanges))]
 
     async def delete_message(self, platform: str, message_id: str) -> list[int]:
         """A message deleted on the platform leaves the history, with the reply to it; returns

@@ -11,9 +11,12 @@ embedding models users' memories have (one query for many users).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -28,7 +31,10 @@ class Together(Generic[In, Out]):
     alone (the first, or the only one that waited) goes through `alone(item)` where one is given:
     a statement for one key is planned and run faster than the batch's for a list of one. A
     failed send fails every caller in it (each decides what to do, as it would alone); a caller
-    that gave up while it waited is left out of the next send."""
+    that gave up while it waited is left out of the next send. With `retry_alone` (what the
+    items are, for the log) a failed send of several is sent again item by item through
+    `alone`, so that each caller gets its own answer or error: for writes, where one bad row
+    must not fail the others."""
 
     def __init__(
         self,
@@ -37,8 +43,12 @@ class Together(Generic[In, Out]):
         most: int,
         size: Callable[[In], int] = _counted_once,
         alone: Callable[[In], Awaitable[Out]] | None = None,
+        retry_alone: str | None = None,
     ) -> None:
+        if retry_alone is not None and alone is None:
+            raise ValueError("retry_alone needs alone")
         self._send = send
+        self._retry_alone = retry_alone
         self._alone = alone
         self._most = most
         self._size = size
@@ -96,6 +106,10 @@ class Together(Generic[In, Out]):
                 waiter.cancel()
             raise
         except Exception as exc:
+            if self._retry_alone is not None and len(taken) > 1:
+                log.warning("%d %s sent together failed; one by one", len(taken), self._retry_alone)
+                await self._each_alone(taken)
+                return
             for _, waiter in taken:
                 if not waiter.done():
                     waiter.set_exception(exc)
@@ -105,6 +119,18 @@ class Together(Generic[In, Out]):
                     waiter.set_result(answer)
         finally:
             self._next()
+
+    async def _each_alone(self, taken: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        assert self._alone is not None
+        for item, waiter in taken:  # a caller that gave up meanwhile is written all the same
+            try:
+                answer = await self._alone(item)
+            except Exception as exc:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            else:
+                if not waiter.done():
+                    waiter.set_result(answer)
 
     async def aclose(self) -> None:
         """Stop the sends under way and send nothing more; their callers, and those waiting,

@@ -23,6 +23,13 @@ class JobQueries:
         )
         return _job(row)
 
+    async def enqueue_held_many(self, exchanges: list[Exchange], lease_seconds: float) -> list[Job]:
+        """New jobs for several exchanges, in their order, in one statement, each taken as
+        `enqueue_held` takes one."""
+        columns = [list(column) for column in zip(*map(_values, exchanges), strict=True)]
+        rows = await self._pool.fetch(_ENQUEUE_HELD_MANY, *columns, lease_seconds)
+        return [_job(row) for row in rows]
+
     async def retake(self, job_ids: list[int], lease_seconds: float) -> list[Job]:
         """This process's jobs as they are now, taken for `lease_seconds` more: a message
         edited meanwhile reads its new text, a deleted one's job is gone."""
@@ -87,6 +94,23 @@ _ENQUEUE_HELD = (
     " conversation_id, message, reply, scope, message_id, private_to, locked_until)"
     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11, now() + make_interval(secs => $12))"
     " RETURNING *"
+)
+
+_JOB_COLUMNS = (
+    "user_key, author_name, persona, model, platform, conversation_id, message, reply, scope,"
+    " message_id, private_to"
+)
+# several ($1 to $11: a column each); their ids are taken in the arrays' order before the INSERT,
+# so the rows come back in that order
+_ENQUEUE_HELD_MANY = (
+    "WITH input AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('memory_jobs', 'id'))"
+    " AS id, t.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[])"
+    f" WITH ORDINALITY AS t({_JOB_COLUMNS}, n) ORDER BY n),"
+    f" written AS (INSERT INTO memory_jobs (id, {_JOB_COLUMNS}, locked_until)"
+    f" SELECT id, {_JOB_COLUMNS}, now() + make_interval(secs => $12) FROM input ORDER BY id"
+    " RETURNING *)"
+    " SELECT written.* FROM written JOIN input USING (id) ORDER BY input.n"
 )
 
 

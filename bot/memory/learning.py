@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from bot.core.calls import CallContext
+from bot.core.together import Together
 from bot.errors import ModelUnavailable
 from bot.memory.extract import MAX_BATCH, MAX_FACT_CHARS, Extracted, Extractor, InvalidExtraction
 from bot.memory.known import KnownModels
@@ -53,6 +54,8 @@ class Learning:
     _waiting: dict[_BatchKey, list[int]]  # jobs waiting to be extracted together
     _queries: OrderedDict[tuple[str, str], tuple[str, list[float]]]
     known: KnownModels  # which models users' memories have (forgotten here on each write)
+    # the jobs of exchanges answered at once, queued together (`Memory.__init__`)
+    _queueing: Together[Exchange, Job]
     _recorder: Callable[[CallContext], Recorder]  # Memory's: how an embedding call is written
 
     async def message_deleted(self, message_rows: list[int]) -> int:
@@ -73,7 +76,7 @@ class Learning:
         for a moment without replies, `defer` seconds at most, and the user's next messages to
         the same persona in the same place join the same call (MAX_BATCH at most): one model
         call for a burst of messages instead of one each, made when it slows no one's reply."""
-        job = await self.store.enqueue_held(exchange, _LEASE_SECONDS)
+        job = await self._queueing(exchange)
         key = _batch_key(exchange)
         waiting = self._waiting.get(key)
         if waiting is not None:
@@ -86,6 +89,12 @@ class Learning:
             del self._waiting[key]
         for start in range(0, len(waiting), MAX_BATCH):
             await self._run(waiting[start : start + MAX_BATCH])
+
+    async def _enqueue_one(self, exchange: Exchange) -> Job:
+        return await self.store.enqueue_held(exchange, _LEASE_SECONDS)
+
+    async def _enqueue_many(self, exchanges: list[Exchange]) -> list[Job]:
+        return await self.store.enqueue_held_many(exchanges, _LEASE_SECONDS)
 
     async def _quiet_moment(self) -> None:
         """Until a moment without replies, `defer` seconds at most; without `quiet`, or with

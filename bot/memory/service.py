@@ -63,6 +63,7 @@ _REEMBED_BATCH = 32
 _KEPT_QUERIES = 256  # recall's embeddings of messages, kept for their extraction
 _ASKED_TOGETHER = 256  # the most users one "which models" query asks about
 _RECALLS_TOGETHER = 64  # the most recalls one statement makes
+_QUEUED_TOGETHER = 256  # the most memory jobs one statement queues
 
 
 class Memory(Learning):
@@ -108,6 +109,14 @@ class Memory(Learning):
         # the recall queries of replies made while one is out, in one statement
         self._recalls: Together[RecallAsk, list[Recalled]] = Together(
             self._recall_many, most=_RECALLS_TOGETHER, alone=self._recall_one
+        )
+        # the jobs of exchanges answered while one is being queued, in one statement (each
+        # alone when that fails: one bad row must not lose the others)
+        self._queueing = Together(
+            self._enqueue_many,
+            most=_QUEUED_TOGETHER,
+            alone=self._enqueue_one,
+            retry_alone="memory jobs",
         )
         # memory id -> (user key, when): recall stamps waiting to be written together
         self._stamps: dict[int, tuple[str, datetime]] = {}

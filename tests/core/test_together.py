@@ -113,3 +113,39 @@ async def test_a_call_that_goes_alone_takes_the_one_item_path_where_given() -> N
     # 1 alone; 2 and 3 together; 4, the only one left, alone again
     assert await asyncio.gather(*calls) == [-1, 4, 6, -4]
     assert lone == [1, 4] and sender.sends == [[2, 3]]
+
+
+async def test_with_retry_alone_a_failed_send_is_sent_item_by_item() -> None:
+    """A write of several that fails (one bad row) is written again one by one: only the bad
+    item's caller fails, the others get their answers, and a caller that gave up meanwhile
+    is written all the same."""
+    sender = Sender()
+    lone: list[int] = []
+
+    async def alone(item: int) -> int:
+        lone.append(item)
+        await sender.gate.wait()
+        if item == 13:
+            raise ValueError("a bad row")
+        return -item
+
+    together: Together[int, int] = Together(sender, most=10, alone=alone, retry_alone="items")
+    first = asyncio.ensure_future(together(1))
+    await asyncio.sleep(0)
+    calls = [asyncio.ensure_future(together(n)) for n in (12, 13, 14, 15)]
+    await asyncio.sleep(0)
+    sender.fail = RuntimeError("one of them is bad")
+    sender.gate.set()
+    assert await first == -1
+    gone = calls.pop()  # gives up once the send is out: its item is still written
+    gone.cancel()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == -12 and results[2] == -14
+    assert isinstance(results[1], ValueError)
+    assert sender.sends == [[12, 13, 14, 15]]
+    assert lone == [1, 12, 13, 14, 15]
+
+
+def test_retry_alone_needs_the_one_item_path() -> None:
+    with pytest.raises(ValueError):
+        Together(Sender(), most=2, retry_alone="items")

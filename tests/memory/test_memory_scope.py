@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bot.app import App, running_app
@@ -184,6 +185,51 @@ async def test_an_exchange_is_queued_already_taken_by_the_process_that_answered_
     assert await store.pending() == [held.id]
     claimed = await store.claim(held.id, 300.0)
     assert claimed is not None and claimed.exchange == job
+
+
+async def test_exchanges_queued_together_are_each_held_as_one_queued_alone(mapp: App) -> None:
+    """`enqueue_held_many` (the jobs of replies answered at once): one job per exchange, in
+    their order, each as `enqueue_held` writes it (taken for the lease, not pending), and
+    a conversation that does not exist fails the statement (the caller then writes each
+    alone, bot/core/together.py)."""
+    assert mapp.memory is not None
+    store = mapp.memory.store
+    conversation = await mapp.pool.fetchval(
+        "INSERT INTO conversations (platform, external_id) VALUES ('test', 'q') RETURNING id"
+    )
+    jobs = [
+        Exchange(
+            f"test:user{n}",
+            f"User {n}",
+            "mimi",
+            "llama3.2:3b",
+            "test",
+            conversation if n % 2 else None,
+            f"message {n}",
+            f"reply {n}",
+            "test:guild:g1" if n % 3 else None,
+            n * 10 if n % 2 else None,
+            "mimi" if n % 4 else None,
+        )
+        for n in range(7)
+    ]
+    held = await store.enqueue_held_many(jobs, 300.0)
+    assert [h.exchange for h in held] == jobs
+    assert [h.id for h in held] == sorted(h.id for h in held)
+    assert all(h.attempts == 0 for h in held)
+    assert await store.pending() == []
+    for h in held:
+        assert await store.claim(h.id, 300.0) is None, "held already"
+    alone = await store.enqueue_held(jobs[1], 300.0)
+    row = dict(await mapp.pool.fetchrow("SELECT * FROM memory_jobs WHERE id = $1", alone.id))
+    together = dict(await mapp.pool.fetchrow("SELECT * FROM memory_jobs WHERE id = $1", held[1].id))
+    for column in ("id", "created_at", "locked_until"):
+        assert row.pop(column) is not None and together.pop(column) is not None
+    assert row == together
+    bad = Exchange("test:x", "X", "mimi", "llama3.2:3b", "test", 10**12, "m", "r", None, None, None)
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await store.enqueue_held_many([jobs[0], bad], 300.0)
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 8, "none of those"
 
 
 async def test_facts_stored_with_finish_end_their_job_in_the_same_transaction(
