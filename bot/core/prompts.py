@@ -16,6 +16,7 @@ who is speaking; the temperature is the persona's.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from bot.errors import ConfigError
 _PER_MESSAGE_TOKENS = 4
 HISTORY_ROWS = 200  # the most messages one prompt's history is chosen from
 _NOTES_TEMPLATE = "notes.j2"
+_KEPT_SYSTEMS = 1024  # system prompts kept rendered (a persona and a speaker each)
 # When the history outgrows its budget, the oldest turns are dropped until it fills at most this
 # share of the budget, so that the window's start (and the prompt's prefix) then stays put for
 # many turns instead of moving by one message every turn.
@@ -66,13 +68,28 @@ class PromptBuilder:
             lstrip_blocks=True,
             auto_reload=True,
         )
+        # (template, persona, speaker) by their ids -> the system prompt rendered for them
+        self._systems: OrderedDict[
+            tuple[int, int, str | None], tuple[jinja2.Template, Persona, str]
+        ] = OrderedDict()
 
     def system(self, persona: Persona, *, speaker: str | None = None) -> str:
         """The stable part of the prompt: the persona, its rules and, in a one-to-one chat, who
         it talks with (`speaker`; None in a group, where each line carries its writer's name).
-        Nothing in it changes from one message to the next."""
+        Nothing in it changes from one message to the next, so it is rendered once for a
+        persona and speaker and kept while the template and the persona are the same objects
+        (an edited template is a new object, a reloaded persona file a new persona)."""
         template = self._template(persona.prompt_template, persona.name)
-        return self._render(template, persona=persona, speaker=speaker).strip()
+        key = (id(template), id(persona), speaker)
+        kept = self._systems.get(key)
+        if kept is not None and kept[0] is template and kept[1] is persona:
+            self._systems.move_to_end(key)
+            return kept[2]
+        text = self._render(template, persona=persona, speaker=speaker).strip()
+        self._systems[key] = (template, persona, text)
+        if len(self._systems) > _KEPT_SYSTEMS:
+            self._systems.popitem(last=False)
+        return text
 
     def notes(
         self,

@@ -1,4 +1,6 @@
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 from bot.config import REPO_ROOT
 from bot.core.persona_files import load_persona_file
@@ -138,3 +140,31 @@ def test_lay_out_reports_only_a_window_that_moved() -> None:
         builder, small, speaker="alice", text="more", turns=turns, memories=[], start=moved
     )
     assert same is None and again[:-1] == messages[:-1]
+
+
+def test_system_prompt_is_rendered_once_and_again_when_its_template_or_persona_changes(
+    tmp_path: Path,
+) -> None:
+    """The rendered system prompt is kept for a persona and speaker: asked again, it is the
+    same text without rendering; an edited template, a reloaded persona (a new object, rules
+    changed) and another speaker each get their own."""
+    template = tmp_path / "system.j2"
+    template.write_text("You are {{ persona.display_name }}. {{ persona.rules | join(' ') }}"
+                        "{% if speaker %} You talk with {{ speaker }}.{% endif %}")  # fmt: skip
+    builder = PromptBuilder(tmp_path)
+    first = builder.system(MIMI, speaker="alice")
+    assert first == f"You are {MIMI.display_name}. {' '.join(MIMI.rules)} You talk with alice."
+    assert builder.system(MIMI, speaker="alice") is first, "kept, not rendered again"
+    assert builder.system(MIMI, speaker="bob").endswith("You talk with bob.")
+    assert builder.system(MIMI) == f"You are {MIMI.display_name}. {' '.join(MIMI.rules)}"
+
+    reloaded = MIMI.model_copy(update={"rules": ["Only ever answer in haiku."]})
+    assert builder.system(reloaded, speaker="alice").startswith(
+        f"You are {MIMI.display_name}. Only ever answer in haiku."
+    )
+    assert builder.system(MIMI, speaker="alice") == first
+
+    template.write_text("Edited: {{ persona.display_name }}.")
+    later = template.stat().st_mtime + 5  # the loader compares modification times
+    os.utime(template, (later, later))
+    assert builder.system(MIMI, speaker="alice") == f"Edited: {MIMI.display_name}."
