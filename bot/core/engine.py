@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from bot.core.persona_files import PersonaRegistry
 from bot.core.personas import Persona
 from bot.core.ports import (
     DrawingPort,
+    EarlyEmbedding,
     MemoryPort,
     RatePort,
     rate_limited,
@@ -53,6 +55,8 @@ from bot.errors import BotError, ModelError, user_message
 __all__ = ["Delta", "Done", "Engine", "Event", "Failed", "Incoming", "Notice", "Picture"]
 
 log = logging.getLogger(__name__)
+
+_PERSONAS_SEEN = 10_000  # conversations whose persona is remembered (the least recent go)
 
 
 class Engine(ToolUse):
@@ -83,6 +87,9 @@ class Engine(ToolUse):
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
         self.drawing: DrawingPort | None = None  # the draw_image tool (issue 8), set by the app
         self.rates: RatePort | None = None  # personas' own rate limits (issue 21), by the app
+        # conversation -> its persona when last read here (None: the default): which persona
+        # the next message will likely meet, before its conversation is read
+        self._personas_seen: OrderedDict[tuple[str, str], str | None] = OrderedDict()
 
     def persona_named(self, name: str | None) -> Persona:
         found = self.personas.find(name) if name else None
@@ -131,8 +138,43 @@ class Engine(ToolUse):
                 timer.finish()
 
     async def _answer(self, incoming: Incoming) -> AsyncIterator[Event]:
+        # the message's embedding for recall runs while the conversation is read, when the
+        # persona the conversation had when last read here recalls and the speaker has
+        # memories where it looks; its calls are recorded whatever becomes of the reply
+        seen = (incoming.platform, incoming.conversation)
+        guess = self._persona_guess(incoming)
+        early = self.recollection.embed_early(incoming, guess) if guess is not None else None
+        conversation, persona = None, guess or self.persona_named(incoming.persona)
+        try:
+            async with contextlib.aclosing(self._answer_with(incoming, early)) as events:
+                async for event in events:
+                    if isinstance(event, _Known):
+                        conversation, persona = event.conversation, event.persona
+                        self._personas_seen[seen] = conversation.persona
+                        self._personas_seen.move_to_end(seen)
+                        if len(self._personas_seen) > _PERSONAS_SEEN:
+                            self._personas_seen.popitem(last=False)
+                    else:
+                        yield event
+        finally:
+            self.recollection.settle_early(early, incoming, conversation, persona)
+
+    def _persona_guess(self, incoming: Incoming) -> Persona | None:
+        """The persona that will most likely answer, before the conversation is read: the
+        one named, or the one the conversation had when last read here; None when unseen."""
+        if incoming.persona:
+            return self.persona_named(incoming.persona)
+        key = (incoming.platform, incoming.conversation)
+        if key not in self._personas_seen:
+            return None
+        return self.persona_named(self._personas_seen[key])
+
+    async def _answer_with(
+        self, incoming: Incoming, early: EarlyEmbedding | None
+    ) -> AsyncGenerator[Event | _Known, None]:
         conversation, turns = await self.history.opening(incoming.platform, incoming.conversation)
         persona = self.persona_named(incoming.persona or conversation.persona)
+        yield _Known(conversation, persona)
         where = Where(
             incoming.platform,
             incoming.conversation,
@@ -141,7 +183,7 @@ class Engine(ToolUse):
             incoming.nsfw,
         )
         verdict, opened = UNCHECKED, None
-        checked = self._checked_open(incoming, conversation, turns, persona, where)
+        checked = self._checked_open(incoming, conversation, turns, persona, where, early=early)
         async with contextlib.aclosing(checked) as items:
             async for item in items:
                 if isinstance(item, _Opened):
@@ -204,6 +246,8 @@ class Engine(ToolUse):
         turns: list[HistoryTurn],
         persona: Persona,
         where: Where,
+        *,
+        early: EarlyEmbedding | None = None,
     ) -> AsyncGenerator[Event | Verdict | _Opened, None]:
         """Open the model while the input check runs; nothing is shown before its verdict.
 
@@ -215,7 +259,7 @@ class Engine(ToolUse):
             yield Failed(rate_limited(persona.display_name))
             return
         check = self.moderation.check_input(incoming.text, persona, where)
-        work = self._open(incoming, conversation, turns, persona)
+        work = self._open(incoming, conversation, turns, persona, early=early)
         async with contextlib.aclosing(gated(check, work, self._discard)) as items:
             async for item in items:
                 if isinstance(item, str):
@@ -237,12 +281,14 @@ class Engine(ToolUse):
         conversation: Conversation,
         turns: list[HistoryTurn],
         persona: Persona,
+        *,
+        early: EarlyEmbedding | None = None,
     ) -> AsyncIterator[str | _Opened]:
         """Recall and the prompt, then the model's first token; notices on the way. The budget's
         degrade ladder is asked first and read while recall runs (left to finish when no
         request follows: a check may be sending the admins its alert)."""
         level = self.router.level_check(persona.name)
-        request = await self._request(incoming, conversation, turns, persona)
+        request = await self._request(incoming, conversation, turns, persona, early=early)
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
         async for item in self._opening(request, context, persona.fallback, level):
             yield item if isinstance(item, str) else _Opened(item, context)
@@ -306,10 +352,12 @@ class Engine(ToolUse):
         conversation: Conversation,
         turns: list[HistoryTurn],
         persona: Persona,
+        *,
+        early: EarlyEmbedding | None = None,
     ) -> ChatRequest:
         """The prompt: the history read with the conversation (`History.opening`), the
-        speaker's recalled facts."""
-        memories = await self.recollection.recall(incoming, conversation, persona)
+        speaker's recalled facts (their embedding perhaps started early)."""
+        memories = await self.recollection.recall(incoming, conversation, persona, early)
         shown = view_for(
             persona,
             turns,
@@ -373,6 +421,14 @@ class Engine(ToolUse):
     @property
     def live_conversations(self) -> int:
         return len(self._locks)
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What the reply has read of its conversation: for the early embedding's records."""
+
+    conversation: Conversation
+    persona: Persona
 
 
 @dataclass(frozen=True)

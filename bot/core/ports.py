@@ -58,10 +58,24 @@ class RecalledFact(Protocol):
     def text(self) -> str: ...
 
 
+class EarlyEmbedding(Protocol):
+    """A message's embedding started before its reply knew the persona (`embed_early`)."""
+
+    @property
+    def user_key(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
+
+
 class MemoryPort(Protocol):
     """Long-term memory as the engine uses it (bot/memory/service.py's `Memory`)."""
 
     def active(self, persona: Persona) -> bool: ...
+
+    def embed_early(self, user_key: str, text: str, scope: str | None) -> EarlyEmbedding | None: ...
+
+    def settle_early(self, early: EarlyEmbedding, context: CallContext, spawn: Spawn) -> None: ...
 
     async def recall(
         self,
@@ -72,6 +86,7 @@ class MemoryPort(Protocol):
         spawn: Spawn | None = None,
         scope: str | None = None,
         persona: str | None = None,
+        early: EarlyEmbedding | None = None,
     ) -> Sequence[RecalledFact]: ...
 
     async def remember(self, exchange: Exchange) -> None: ...

@@ -14,7 +14,7 @@ from bot.core.calls import CallContext
 from bot.core.events import Incoming
 from bot.core.history import Conversation, History
 from bot.core.personas import Persona
-from bot.core.ports import Exchange, MemoryPort, Spawn, scope_of
+from bot.core.ports import EarlyEmbedding, Exchange, MemoryPort, Spawn, scope_of
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,42 @@ class Recollection:
         self._history = history
         self._spawn = spawn
 
+    def embed_early(self, incoming: Incoming, persona: Persona) -> EarlyEmbedding | None:
+        """The message's embedding, started before its conversation is read, for `persona`
+        (the one the conversation had when last read here): only when that persona recalls and
+        the speaker is known to have memories where it would look (memory decides; None: not
+        started). Whatever happens to the reply, `settle_early` must follow."""
+        if self.memory is None or not self.memory.active(persona):
+            return None
+        scope = None if persona.memory_scope == "user" else scope_for(incoming)
+        return self.memory.embed_early(incoming.user_key, incoming.text, scope)
+
+    def settle_early(
+        self,
+        early: EarlyEmbedding | None,
+        incoming: Incoming,
+        conversation: Conversation | None,
+        persona: Persona,
+    ) -> None:
+        """The early embedding's calls recorded under the reply's context, used or not."""
+        if early is not None and self.memory is not None:
+            conversation_id = conversation.id if conversation is not None else None
+            context = CallContext(
+                incoming.platform, conversation_id, incoming.user_key, persona.name
+            )
+            self.memory.settle_early(early, context, self._spawn)
+
     async def recall(
-        self, incoming: Incoming, conversation: Conversation, persona: Persona
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        persona: Persona,
+        early: EarlyEmbedding | None = None,
     ) -> list[str]:
         """The speaking user's facts for the prompt (only theirs, even in a group), from the
         place they are speaking in unless the persona widens it (`memory_scope: user`): the
-        shared ones and those this persona keeps, never another cast member's."""
+        shared ones and those this persona keeps, never another cast member's. `early`: the
+        message's embedding, already under way (`embed_early`)."""
         if self.memory is None or not self.memory.active(persona):
             return []
         context = CallContext(incoming.platform, conversation.id, incoming.user_key, persona.name)
@@ -47,6 +77,7 @@ class Recollection:
             spawn=self._spawn,
             scope=scope,
             persona=persona.name,
+            early=early,
         )
         return [m.text for m in found]
 

@@ -32,9 +32,11 @@ from bot.brains.supervisor import OnFailure
 from bot.config import Settings
 from bot.core.calls import CallContext, CallLog
 from bot.core.personas import Persona
+from bot.core.ports import EarlyEmbedding
 from bot.core.together import Together
 from bot.memory.embeddings import (
     EmbedCall,
+    Embedded,
     Embedder,
     Embeddings,
     LocalEmbedder,
@@ -54,6 +56,20 @@ from bot.memory.store import (
     RecallAsk,
     Recalled,
 )
+
+
+class _Early:
+    """`Memory.embed_early`'s embedding under way, and its calls, kept to be recorded."""
+
+    def __init__(self, user_key: str, text: str) -> None:
+        self.user_key = user_key
+        self.text = text
+        self.task: asyncio.Future[Embedded]
+        self.calls: list[tuple[EmbedCall, Sequence[str]]] = []
+
+    async def keep(self, call: EmbedCall, texts: Sequence[str]) -> None:
+        self.calls.append((call, texts))
+
 
 __all__ = ["EXTRACTION_SCHEMA", "Extractor", "InvalidExtraction", "Memory", "build_memory"]
 
@@ -158,18 +174,23 @@ class Memory(Learning):
         spawn: Spawn | None = None,
         scope: str | None = None,
         persona: str | None = None,
+        early: EarlyEmbedding | None = None,
     ) -> list[Recalled]:
         """The speaking user's memories most related to `text`, learned in `scope` (None: in
         any), the shared ones and those private to `persona` (None: all); never raises. With
         `spawn` (the engine's), the call record is written in the background, off the reply's
-        path."""
+        path. With `early` (`embed_early` of the same user and text), its embedding is used
+        instead of asking again; its calls are recorded by `settle_early`."""
         try:
             kept = self.known.get(user_key, scope)
             models = kept if kept is not None else await self._models_of(user_key, scope)
             if not models:
                 return []
-            record = self._recorder(context, spawn)
-            embedded = await self.embeddings.embed([text], record=record)
+            if isinstance(early, _Early) and (early.user_key, early.text) == (user_key, text):
+                embedded = await early.task
+            else:
+                record = self._recorder(context, spawn)
+                embedded = await self.embeddings.embed([text], record=record)
             if embedded.model not in models and kept is not None:
                 # another model answered (Ollama down: the local one), or the memories moved
                 # to another model in another process: what was kept may be out of date
@@ -188,6 +209,32 @@ class Memory(Learning):
         except Exception as exc:
             log.warning("memory recall for %s failed: %s", user_key, type(exc).__name__)
             return []
+
+    def embed_early(self, user_key: str, text: str, scope: str | None) -> _Early | None:
+        """Start embedding a message before its reply has read its conversation (and so knows
+        its persona), when recall will want it: the speaker is known here to have memories in
+        the place. Recall then waits only for what is left of it. Its calls are recorded, with
+        the reply's context, by `settle_early`, used or not (a persona without memory)."""
+        if not self.enabled or not self.known.get(user_key, scope):
+            return None
+        early = _Early(user_key, text)
+        early.task = asyncio.ensure_future(self.embeddings.embed([text], record=early.keep))
+        return early
+
+    def settle_early(self, early: EarlyEmbedding, context: CallContext, spawn: Spawn) -> None:
+        """Record an early embedding's calls under the reply's context, in the background once
+        it has ended (its failure is recall's to report, or nobody's when nothing used it)."""
+        if isinstance(early, _Early):
+            spawn(self._settle(early, context))
+
+    async def _settle(self, early: _Early, context: CallContext) -> None:
+        await asyncio.wait([early.task])
+        if not early.task.cancelled():
+            early.task.exception()  # retrieved, not raised
+        record = self._recorder(context)
+        calls, early.calls = early.calls, []
+        for call, texts in calls:
+            await record(call, texts)
 
     async def _recalled(self, user_key: str, found: list[Recalled], spawn: Spawn | None) -> None:
         """Stamp what recall found (`last_recalled_at`). With `spawn` (the engine's), the

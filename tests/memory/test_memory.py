@@ -462,3 +462,92 @@ async def test_build_memory_wires_both_embedders(memory_settings: Settings) -> N
     memory = build_memory(memory_settings, pool=None)
     assert memory.embeddings.models == ["ollama:nomic-embed-text", "local:smollm2-135m"]
     await memory.aclose()
+
+
+async def embed_rows(app: App) -> list[tuple[Any, ...]]:
+    rows = await app.pool.fetch(
+        "SELECT conversation_id, persona, user_key, ok FROM model_calls"
+        " WHERE purpose = 'embed' ORDER BY id"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_the_message_is_embedded_once_while_its_conversation_is_read(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """A message in a conversation read here before, from a speaker with memories: its
+    embedding starts before the conversation is read (`embed_early`), recall uses it, and it
+    is one call, recorded with the reply's conversation and persona. A conversation not seen
+    yet gets no early embedding."""
+    memory = memory_of(mapp)
+    await memory.store.add(
+        "test:alice",
+        [NewFact("Lives in Lisbon.", fake_ollama.embedding_for("Lisbon"))],
+        model="ollama:nomic-embed-text",
+        persona="mimi",
+        scope="test:conv:c1",
+    )
+    fake_ollama.queue_reply("Hi!")
+    fake_ollama.queue_reply(facts())  # its extraction: nothing learned (no write)
+    await collect(mapp, say("hello", conv="c1"))  # first sight: recall embeds as before
+    await mapp.engine.drain()
+    conversation = await mapp.engine.conversation("test", "c1")
+    before = len(fake_ollama.embed_requests())
+    early = memory.embed_early("test:alice", "Lisbon", "test:conv:c1")
+    assert early is not None, "the speaker is known to have memories there"
+    assert memory.embed_early("test:nobody", "Lisbon", "test:conv:c1") is None
+    memory.settle_early(early, context(), mapp.engine.spawn)
+    await mapp.engine.drain()
+    assert len(fake_ollama.embed_requests()) == before + 1, "started at once, on its own"
+    assert (await embed_rows(mapp))[-1] == (None, "mimi", "test:alice", True)
+
+    calls = len(await embed_rows(mapp))
+    fake_ollama.queue_reply("Lisbon, of course!")
+    events = await collect(mapp, say("Lisbon", conv="c1"))
+    assert isinstance(events[-1], Done)
+    await mapp.engine.drain()
+    assert "Lives in Lisbon." in last_notes(fake_ollama), "recalled with the early embedding"
+    asked = [body["input"] for body in fake_ollama.embed_requests()[before + 1 :]]
+    assert asked.count(["Lisbon"]) == 1, asked  # not embedded again by recall
+    recorded = (await embed_rows(mapp))[calls:]
+    assert (conversation.id, "mimi", "test:alice", True) in recorded
+    assert len(recorded) == len(asked), "every call recorded once"
+
+
+async def test_an_early_embedding_nobody_used_is_still_recorded(
+    tmp_path: Path, database_url: str, fake_ollama: FakeOllama
+) -> None:
+    """The conversation moved to a persona without memory since it was last read here: the
+    embedding started early for the old one is not used (nothing is recalled), but its call
+    is recorded, under the persona that answered."""
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    mimi = (REPO_ROOT / "personas" / "mimi.yaml").read_text(encoding="utf-8")
+    (personas / "mimi.yaml").write_text(mimi, encoding="utf-8")
+    lines = [line for line in mimi.splitlines() if not line.startswith(("memory:", "name:"))]
+    quiet = "\n".join(["name: quiet", *lines, "memory: false", ""])
+    (personas / "quiet.yaml").write_text(quiet, encoding="utf-8")
+    settings = make_settings(
+        tmp_path, database_url, fake_ollama.url, memory_enabled=True, personas_dir=personas
+    )
+    async with running_app(settings) as app:
+        await memory_of(app).store.add(
+            "test:alice",
+            [NewFact("Secret.", fake_ollama.embedding_for("Secret."))],
+            model="ollama:nomic-embed-text",
+            persona="mimi",
+            scope="test:conv:c9",
+        )
+        fake_ollama.queue_reply("hi!")
+        fake_ollama.queue_reply(facts())  # its extraction: nothing learned (no write)
+        await collect(app, say("hello", conv="c9"))  # read here, with mimi
+        await app.engine.drain()
+        conversation = await app.engine.conversation("test", "c9")
+        await app.engine.history.set_persona(conversation.id, "quiet")  # elsewhere, say
+        calls, extractions = len(await embed_rows(app)), len(extraction_requests(fake_ollama))
+        fake_ollama.queue_reply("hush")
+        await collect(app, say("Secret.", conv="c9"))
+        await app.engine.drain()
+        assert last_notes(fake_ollama) == ""
+        assert (await embed_rows(app))[calls:] == [(conversation.id, "quiet", "test:alice", True)]
+        assert len(extraction_requests(fake_ollama)) == extractions, "quiet learns nothing"
