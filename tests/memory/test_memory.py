@@ -61,6 +61,19 @@ def memory_of(app: App) -> Memory:
     return app.memory
 
 
+async def add_fact(
+    app: App, fake: FakeOllama, text: str, *, like: str | None = None, scope: str | None = None
+) -> None:
+    """Alice's fact `text`, learned by mimi (in `scope`), embedded as the fake embeds `like`."""
+    await memory_of(app).store.add(
+        "test:alice",
+        [NewFact(text, fake.embedding_for(like or text))],
+        model="ollama:nomic-embed-text",
+        persona="mimi",
+        scope=scope,
+    )
+
+
 def extraction_requests(fake: FakeOllama) -> list[dict[str, Any]]:
     return [body for body in fake.chat_requests() if body.get("format")]
 
@@ -327,12 +340,7 @@ async def test_persona_switch_turns_memory_off(
         tmp_path, database_url, fake_ollama.url, memory_enabled=True, personas_dir=personas
     )
     async with running_app(settings) as app:
-        await memory_of(app).store.add(
-            "test:alice",
-            [NewFact("Secret.", fake_ollama.embedding_for("Secret."))],
-            model="ollama:nomic-embed-text",
-            persona="mimi",
-        )
+        await add_fact(app, fake_ollama, "Secret.")
         fake_ollama.queue_reply("hi!")
         await collect(app, say("Secret."))
         await app.engine.drain()
@@ -480,13 +488,7 @@ async def test_the_message_is_embedded_once_while_its_conversation_is_read(
     is one call, recorded with the reply's conversation and persona. A conversation not seen
     yet gets no early embedding."""
     memory = memory_of(mapp)
-    await memory.store.add(
-        "test:alice",
-        [NewFact("Lives in Lisbon.", fake_ollama.embedding_for("Lisbon"))],
-        model="ollama:nomic-embed-text",
-        persona="mimi",
-        scope="test:conv:c1",
-    )
+    await add_fact(mapp, fake_ollama, "Lives in Lisbon.", like="Lisbon", scope="test:conv:c1")
     fake_ollama.queue_reply("Hi!")
     fake_ollama.queue_reply(facts())  # its extraction: nothing learned (no write)
     await collect(mapp, say("hello", conv="c1"))  # first sight: recall embeds as before
@@ -531,13 +533,7 @@ async def test_an_early_embedding_nobody_used_is_still_recorded(
         tmp_path, database_url, fake_ollama.url, memory_enabled=True, personas_dir=personas
     )
     async with running_app(settings) as app:
-        await memory_of(app).store.add(
-            "test:alice",
-            [NewFact("Secret.", fake_ollama.embedding_for("Secret."))],
-            model="ollama:nomic-embed-text",
-            persona="mimi",
-            scope="test:conv:c9",
-        )
+        await add_fact(app, fake_ollama, "Secret.", scope="test:conv:c9")
         fake_ollama.queue_reply("hi!")
         fake_ollama.queue_reply(facts())  # its extraction: nothing learned (no write)
         await collect(app, say("hello", conv="c9"))  # read here, with mimi
