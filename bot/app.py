@@ -134,6 +134,16 @@ def own_budgets(personas: PersonaRegistry) -> Callable[[str], Decimal | None]:
     return cap
 
 
+def display_names(personas: PersonaRegistry) -> Callable[[str], str]:
+    """What members call each persona (its display name; its name once it is gone)."""
+
+    def shown(name: str) -> str:
+        persona = personas.find(name)
+        return persona.display_name if persona is not None else name
+
+    return shown
+
+
 def _persona_rates(pool: Any, scheduler: Scheduler) -> Buckets:
     """Personas' own rate limits per member (issue 21), their idle buckets pruned hourly."""
     rates = Buckets(pool)
@@ -173,6 +183,7 @@ async def running_app(
         budgets=Budgets.from_settings(settings),
         notifier=notifier,
         persona_caps=own_budgets(personas),
+        persona_names=display_names(personas),
     )
     # Tests may pass their own brains; otherwise the backend pool (issue 6), then the local model.
     sessions = SessionBook(pool, ledger)

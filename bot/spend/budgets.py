@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bot.errors import BotError, ConfigError
 
@@ -157,8 +157,13 @@ class Cap:
     alert: str
 
 
-# A persona's own monthly cap: its name and the dollars (its YAML's `budget_usd_month`).
-PersonaCap = tuple[str, Decimal]
+class PersonaCap(NamedTuple):
+    """A persona's own monthly cap: its name, the dollars (its YAML's `budget_usd_month`) and
+    what members call it (its display name; the name when none is known)."""
+
+    name: str
+    usd: Decimal
+    shown: str
 
 
 def scopes_for(
@@ -175,7 +180,7 @@ def scopes_for(
     if b.monthly_usd is not None and cost > 0:
         scopes.append("global")
     if persona is not None and cost > 0:
-        scopes.append(persona_scope(persona[0]))
+        scopes.append(persona_scope(persona.name))
     if kind in b.kind_caps:
         scopes.append(f"kind:{kind}")
     if user and kind in b.user_caps:
@@ -204,10 +209,10 @@ def caps_for(
             Cap("global", b.monthly_usd, used["cost"], cost, GLOBAL_REFUSAL, alert + " budget.")
         )
     if persona is not None and cost > 0:
-        name, limit = persona
+        name, limit = persona.name, persona.usd
         so_far = used["persona_cost"]
         alert = f"Spend alert: {name} has used {usd(so_far + cost)} of its {usd(limit)} monthly"
-        words = PERSONA_REFUSAL.format(name=name)
+        words = PERSONA_REFUSAL.format(name=persona.shown)  # members know it by this name
         caps.append(Cap(persona_scope(name), limit, so_far, cost, words, alert + " budget."))
     noun = NOUNS[kind]
     specs = [

@@ -96,8 +96,8 @@ class Ladder:
         level = await self._bot_level(month, spent.cost, spent.gpu_units, gpu_cap)
         if own is None:
             return level
-        mine = spent.personas.get(own[0], Decimal(0))
-        return max(level, await self._persona_level(month, *own, mine))
+        mine = spent.personas.get(own.name, Decimal(0))
+        return max(level, await self._persona_level(month, own.name, own.usd, mine))
 
     async def _spent_in(self, months: list[date]) -> list[Spent]:
         """Each month's spend, the one read of the running totals (the ladder's checks,

@@ -96,6 +96,7 @@ class Ledger(Ladder):
         budgets: Budgets | None = None,
         notifier: AdminNotifier | None = None,
         persona_caps: PersonaCaps | None = None,
+        persona_names: Callable[[str], str] | None = None,
     ) -> None:
         self.pool = pool
         self.prices = prices
@@ -103,6 +104,7 @@ class Ledger(Ladder):
         self._clock = clock
         self._notifier = notifier
         self.persona_caps = persona_caps
+        self.persona_names = persona_names  # a persona's display name, for members' messages
         self._spending = Together(self._spent_in, most=_SPENT_TOGETHER)
 
     def persona_cap(self, persona: str | None) -> PersonaCap | None:
@@ -110,7 +112,10 @@ class Ledger(Ladder):
         if persona is None or self.persona_caps is None:
             return None
         cap = self.persona_caps(persona)
-        return None if cap is None else (persona, cap)
+        if cap is None:
+            return None
+        shown = self.persona_names(persona) if self.persona_names is not None else persona
+        return PersonaCap(persona, cap, shown)
 
     def now(self) -> datetime:
         return self._clock()

@@ -158,9 +158,9 @@ async def persona_lines(ledger: Ledger, month: date) -> list[PersonaLine]:
         line = PersonaLine(row["persona"], row["events"], row["cost"])
         own = ledger.persona_cap(row["persona"])
         if own is not None:
-            spent = await ledger.persona_spent(own[0], month)
-            level = ledger.budgets.level_of(spent, own[1])
-            line = replace(line, cap=own[1], spent=spent, level=level)
+            spent = await ledger.persona_spent(own.name, month)
+            level = ledger.budgets.level_of(spent, own.usd)
+            line = replace(line, cap=own.usd, spent=spent, level=level)
         lines.append(line)
     return lines
 

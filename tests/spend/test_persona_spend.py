@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from bot import db
-from bot.app import running_app
+from bot.app import display_names, running_app
 from bot.config import REPO_ROOT
 from bot.core.commands import CommandContext
 from bot.core.engine import Done, Failed, Incoming
+from bot.core.persona_files import PersonaRegistry
 from bot.spend.budgets import FREE_ONLY, LOCAL_ONLY, NORMAL, PAID_REFUSED
 from bot.spend.ledger import BudgetExceeded, Budgets, Ledger
 from bot.spend.prices import Prices
@@ -227,3 +228,32 @@ async def test_spend_command_shows_each_persona(
     assert part[2].split()[:3] == ["luna", "1", "$0.2500"]
     assert "$0.2500 of $1.00 (25%), degrade level 0" in part[2]
     assert part[3].startswith("(none: shared GPU time)") and "$0.1250" in part[3]
+
+
+async def test_members_are_told_the_persona_by_its_display_name(pool: Any) -> None:
+    """The refusal a member reads names the persona as they know it (its display name, from
+    the persona files as the app wires it); the admins' alert keeps its file name."""
+    inbox = Inbox()
+    registry = PersonaRegistry(REPO_ROOT / "personas")
+    registry.load_all()
+    shown = display_names(registry)
+    assert shown("mimi") == registry.find("mimi").display_name  # type: ignore[union-attr]
+    assert shown("gone") == "gone", "a persona no longer there keeps its name"
+    ledger = Ledger(
+        pool,
+        Prices(pool),
+        clock=Clock(datetime(2026, 11, 10, 12, tzinfo=UTC)),
+        budgets=Budgets(),
+        notifier=inbox.notifier,
+        persona_caps=CAPS.get,
+        persona_names={"luna": "Luna of the Night"}.get,  # type: ignore[arg-type]
+    )
+    await spend(ledger, "luna", "0.975", "luna-0")
+    await ledger.reserve(**image("luna", "img-0", units=3))  # over 98%: the admins are told
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(**image("luna", "img-1"))
+    assert refused.value.user_message == (
+        "Luna of the Night's budget for this month is spent,"
+        " so Luna of the Night's paid features are paused until the 1st."
+    )
+    assert any("alert: luna has used" in t for t in inbox.texts), inbox.texts
