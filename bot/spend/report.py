@@ -194,7 +194,8 @@ def report_csv(report: Report) -> str:
 
 
 async def post_month_summary(ledger: Ledger, notifier: AdminNotifier) -> str:
-    """The month that just ended, to the admin channel (run at 00:00 UTC on the 1st)."""
+    """The month that just ended, to the admin channel (run at 00:00 UTC on the 1st): the
+    total, by kind, and by persona (each with its own cap, when it has one)."""
     month = previous_month(month_of(ledger.now()))
     report = await month_report(ledger.pool, month, "kind")
     status = await ledger.status(month)
@@ -203,6 +204,13 @@ async def post_month_summary(ledger: Ledger, notifier: AdminNotifier) -> str:
     if status.cap:
         text += f" of the {usd(status.cap)} budget"
     text += "." + (f" By kind: {', '.join(parts)}." if parts else " Nothing was spent.")
+    personas = [
+        f"{line.persona} {money(line.cost)}" + (f" of its {usd(line.cap)}" if line.cap else "")
+        for line in await persona_lines(ledger, month)
+        if line.persona is not None and line.cost > 0
+    ]
+    if personas:
+        text += f" By persona: {', '.join(personas)}."
     await notifier.send(text)
     return text
 

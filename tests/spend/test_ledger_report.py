@@ -30,7 +30,9 @@ from bot.spend.prices import Prices
 from bot.spend.report import (
     GROUPS,
     SUMMARY_JOB,
+    money,
     month_report,
+    persona_lines,
     post_month_summary,
     render_month_chart,
     report_csv,
@@ -154,7 +156,7 @@ async def run_cli(args: list[str], env: dict[str, str]) -> str:
 
 async def test_month_summary_job_posts_last_month(pool: Any) -> None:
     clock = Clock(datetime(2026, 11, 15, tzinfo=UTC))
-    ledger = Ledger(pool, Prices(pool), clock=clock)
+    ledger = Ledger(pool, Prices(pool), clock=clock, persona_caps={"mimi": Decimal(5)}.get)
     await fill_month(ledger, events=20)
     notifier, sent = AdminNotifier(), []
 
@@ -168,6 +170,15 @@ async def test_month_summary_job_posts_last_month(pool: Any) -> None:
     assert sent == [text]
     assert text.startswith(f"Spend for 2026-11: ${total.quantize(Decimal('0.0001'))}.")
     assert "image $" in text
+    # each persona that spent, as `spend --by persona` counts it, mimi with its own cap
+    personas = {line.persona: line.cost for line in await persona_lines(ledger, NOV)}
+    assert personas["mimi"] > 0 and personas["sage"] > 0
+    mimi, sage = money(personas["mimi"]), money(personas["sage"])
+    _, _, by_persona = text.partition(" By persona: ")
+    assert sorted(by_persona.rstrip(".").split(", ")) == [
+        f"mimi {mimi} of its $5.00",
+        f"sage {sage}",
+    ]
 
 
 async def test_app_wires_the_ledger(app: App) -> None:
