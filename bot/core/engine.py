@@ -144,20 +144,21 @@ class Engine(ToolUse):
         seen = (incoming.platform, incoming.conversation)
         guess = self._persona_guess(incoming)
         early = self.recollection.embed_early(incoming, guess) if guess is not None else None
-        conversation, persona = None, guess or self.persona_named(incoming.persona)
+        conversation, persona = None, guess
         try:
-            async with contextlib.aclosing(self._answer_with(incoming, early)) as events:
+            conversation, turns = await self.history.opening(*seen)
+            persona = self.persona_named(incoming.persona or conversation.persona)
+            self._personas_seen[seen] = conversation.persona
+            self._personas_seen.move_to_end(seen)
+            if len(self._personas_seen) > _PERSONAS_SEEN:
+                self._personas_seen.popitem(last=False)
+            answering = self._answer_with(incoming, conversation, turns, persona, early)
+            async with contextlib.aclosing(answering) as events:
                 async for event in events:
-                    if isinstance(event, _Known):
-                        conversation, persona = event.conversation, event.persona
-                        self._personas_seen[seen] = conversation.persona
-                        self._personas_seen.move_to_end(seen)
-                        if len(self._personas_seen) > _PERSONAS_SEEN:
-                            self._personas_seen.popitem(last=False)
-                    else:
-                        yield event
+                    yield event
         finally:
-            self.recollection.settle_early(early, incoming, conversation, persona)
+            if early is not None and persona is not None:  # an early embedding had a guess
+                self.recollection.settle_early(early, incoming, conversation, persona)
 
     def _persona_guess(self, incoming: Incoming) -> Persona | None:
         """The persona that will most likely answer, before the conversation is read: the
@@ -170,11 +171,13 @@ class Engine(ToolUse):
         return self.persona_named(self._personas_seen[key])
 
     async def _answer_with(
-        self, incoming: Incoming, early: EarlyEmbedding | None
-    ) -> AsyncGenerator[Event | _Known, None]:
-        conversation, turns = await self.history.opening(incoming.platform, incoming.conversation)
-        persona = self.persona_named(incoming.persona or conversation.persona)
-        yield _Known(conversation, persona)
+        self,
+        incoming: Incoming,
+        conversation: Conversation,
+        turns: list[HistoryTurn],
+        persona: Persona,
+        early: EarlyEmbedding | None,
+    ) -> AsyncGenerator[Event, None]:
         where = Where(
             incoming.platform,
             incoming.conversation,
@@ -421,14 +424,6 @@ class Engine(ToolUse):
     @property
     def live_conversations(self) -> int:
         return len(self._locks)
-
-
-@dataclass(frozen=True)
-class _Known:
-    """What the reply has read of its conversation: for the early embedding's records."""
-
-    conversation: Conversation
-    persona: Persona
 
 
 @dataclass(frozen=True)

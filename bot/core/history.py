@@ -316,11 +316,10 @@ class History:
     async def _append_many(self, exchanges: list[_Exchange]) -> list[int | None]:
         """Several conversations' exchanges in one statement, each one's rows numbered in order,
         the message before its reply."""
-        columns: list[list[Any]] = [[] for _ in range(8)]
-        for n, exchange in enumerate(exchanges):
-            for row in _rows_of(exchange):
-                for column, value in zip(columns, (n, exchange.conversation_id, *row), strict=True):
-                    column.append(value)
+        rows = [
+            (n, e.conversation_id, *row) for n, e in enumerate(exchanges) for row in _rows_of(e)
+        ]
+        columns = [list(column) for column in zip(*rows, strict=True)]
         found = await self._pool.fetch(_APPEND_MANY, *columns)
         users: dict[int, int] = {int(r["n"]): int(r["id"]) for r in found}
         return [users.get(n) for n in range(len(exchanges))]

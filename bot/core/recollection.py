@@ -42,13 +42,13 @@ class Recollection:
 
     def settle_early(
         self,
-        early: EarlyEmbedding | None,
+        early: EarlyEmbedding,
         incoming: Incoming,
         conversation: Conversation | None,
         persona: Persona,
     ) -> None:
         """The early embedding's calls recorded under the reply's context, used or not."""
-        if early is not None and self.memory is not None:
+        if self.memory is not None:
             conversation_id = conversation.id if conversation is not None else None
             context = CallContext(
                 incoming.platform, conversation_id, incoming.user_key, persona.name

@@ -61,13 +61,15 @@ from bot.memory.store import (
 class _Early:
     """`Memory.embed_early`'s embedding under way, and its calls, kept to be recorded."""
 
-    def __init__(self, user_key: str, text: str) -> None:
+    def __init__(self, user_key: str, text: str, embeddings: Embeddings) -> None:
         self.user_key = user_key
         self.text = text
-        self.task: asyncio.Future[Embedded]
         self.calls: list[tuple[EmbedCall, Sequence[str]]] = []
+        self.task: asyncio.Future[Embedded] = asyncio.ensure_future(
+            embeddings.embed([text], record=self._keep)
+        )
 
-    async def keep(self, call: EmbedCall, texts: Sequence[str]) -> None:
+    async def _keep(self, call: EmbedCall, texts: Sequence[str]) -> None:
         self.calls.append((call, texts))
 
 
@@ -217,9 +219,7 @@ class Memory(Learning):
         the reply's context, by `settle_early`, used or not (a persona without memory)."""
         if not self.enabled or not self.known.get(user_key, scope):
             return None
-        early = _Early(user_key, text)
-        early.task = asyncio.ensure_future(self.embeddings.embed([text], record=early.keep))
-        return early
+        return _Early(user_key, text, self.embeddings)
 
     def settle_early(self, early: EarlyEmbedding, context: CallContext, spawn: Spawn) -> None:
         """Record an early embedding's calls under the reply's context, in the background once
