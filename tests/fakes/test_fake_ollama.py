@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import math
 import re
+import select
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +20,7 @@ import ollama
 import pytest
 from pydantic import BaseModel
 
+from tests.fakes.loopback import listen_backlog
 from tests.fakes.ollama import FakeOllama, _go_float32, split_into_chunks
 
 CHAT_MODEL = "llama3.2:3b"
@@ -435,3 +439,27 @@ async def test_requests_memory_records_everything(
     assert body == {"model": EMBED_MODEL, "input": "a"}
     fake.reset()
     assert fake.requests == []
+
+
+async def test_a_burst_of_connections_waits_in_the_accept_queue(fake: FakeOllama) -> None:
+    """Ollama (Go) listens with the system's somaxconn; the fake too, not aiohttp's 128: 600
+    connections opened while the server's loop is busy all finish their handshake in the
+    kernel, none has its SYN dropped (and sent again a second later)."""
+    if listen_backlog() < 600:
+        pytest.skip("this kernel caps every server's accept queue below the burst (somaxconn)")
+    port = int(fake.url.rsplit(":", 1)[1])
+    sockets = [socket.socket() for _ in range(600)]
+    try:
+        for sock in sockets:  # the loop is held here: the fake accepts none of them yet
+            sock.setblocking(False)
+            assert sock.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+        deadline = time.monotonic() + 0.5
+        pending = list(sockets)
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], 0.05)
+            pending = [s for s in pending if s not in writable]
+        assert not pending, f"{len(pending)} of 600 connections not established"
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for s in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
