@@ -1,7 +1,7 @@
 """The bot's CPU per call to Ollama: the official `ollama` client (over httpx) against the bot's
-own (`bot/brains/http.py`, on aiohttp), for the three calls a reply makes: a streamed chat, an
-embedding, a structured (non-streamed) chat. The fake Ollama runs in a process of its own, so
-this process's CPU time is the client's alone.
+own (`bot/brains/http.py`, on its HTTP/1.1 client `bot/brains/wire.py`), for the three calls a
+reply makes: a streamed chat, an embedding, a structured (non-streamed) chat. The fake Ollama
+runs in a process of its own, so this process's CPU time is the client's alone.
 
     .venv/bin/python bench/ollama_client.py [--calls 400] [--json]
 """
@@ -97,7 +97,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"\n## CPU per call to Ollama (ms, {args.calls} calls each, one at a time)\n")
-    print("| call | official client (httpx) | bot/brains/http.py (aiohttp) |")
+    print("| call | official client (httpx) | bot/brains/http.py (wire.py) |")
     print("|---|---:|---:|")
     for kind in result["official"]:
         print(f"| {kind} | {result['official'][kind]:.2f} | {result['bot'][kind]:.2f} |")

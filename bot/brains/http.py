@@ -1,14 +1,14 @@
-"""Ollama's HTTP API, spoken directly on aiohttp: the requests the official `ollama` client
-sends, its answers parsed into that client's own types.
+"""Ollama's HTTP API, spoken directly: the requests the official `ollama` client sends, its
+answers parsed into that client's own types.
 
 Every call the bot makes to Ollama (a reply, the guard's verdict, a memory extraction, an
-embedding) goes through `OllamaHTTP`. The official client sends through httpx, which cost
-2.2 ms of CPU a streamed chat and 2.5 ms an embedding against 0.8 and 0.7 ms here, for the same
-answers (`bench/ollama_client.py`; docs/benchmarks.md, "Ollama spoken directly"): httpx
-builds and merges a request, its cookies and headers per call, and its pool (httpcore) walks
-every connection on every request and release (httpx#3215, httpcore#1035); aiohttp's
-`trust_env` reads ~/.netrc and the proxy variables on a worker thread per request. A bot that
-answers hundreds of people at once on two cores spends that on every reply.
+embedding) goes through `OllamaHTTP`, on the bot's own HTTP/1.1 client (bot/brains/wire.py).
+The official client sends through httpx, which cost 2.2 ms of CPU a streamed chat and 2.5 ms
+an embedding: httpx builds and merges a request, its cookies and headers per call, and its pool
+(httpcore) walks every connection on every request and release (httpx#3215, httpcore#1035).
+aiohttp, used next, cost ~0.27 ms a call; the wire ~0.1 ms (bench/ollama_client.py;
+docs/benchmarks.md). A bot that answers hundreds of people at once on two cores spends that on
+every reply.
 
 What is kept from the official client, so a server sees no difference
 (tests/brains/test_ollama_http.py compares the bodies both send):
@@ -19,12 +19,13 @@ What is kept from the official client, so a server sees no difference
 - its headers, with `OLLAMA_API_KEY` as a bearer token;
 - its answers: `ollama.ChatResponse`, `GenerateResponse`, `EmbedResponse`, parsed from the JSON
   by pydantic; an HTTP error or an `error` line in a stream raises `ollama.ResponseError`;
-- no total time-out, a connect time-out and a read time-out between bytes.
+- no total time-out, a connect time-out and a read time-out between bytes;
+- certificates checked against certifi's store, or `SSL_CERT_FILE` (httpx's context).
 
 Transport failures raise httpx's exceptions, which every caller already words
 (`failure_reason` in bot/brains/ollama_brain.py): a refused connection is `ConnectError`, a hang-up
 `RemoteProtocolError`, a silence `ReadTimeout`. A proxy comes from `HTTP(S)_PROXY`/`NO_PROXY`, read
-once per client, as aiohttp's `trust_env` would read them per request.
+once per client, as httpx reads them.
 """
 
 from __future__ import annotations
@@ -34,21 +35,23 @@ import json
 import os
 import platform
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any, Required, TypedDict, TypeVar, Unpack
 from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
 import ollama
 import pydantic
 from ollama._client import _parse_host  # the official client's reading of OLLAMA_HOST
 
+from bot.brains.wire import Response, Wire
+
 # Requests the bot sends one Ollama at once, and idle connections it keeps for the next ones.
 # Ollama itself queues up to OLLAMA_MAX_QUEUE (512 by default, its FAQ) beyond
 # OLLAMA_NUM_PARALLEL and answers 503 past it.
 OLLAMA_CONNECTIONS = 512
-_LINE_LIMIT = 2**20  # the longest streamed line read (aiohttp's default is 128 KiB)
+_LINE_LIMIT = 2**20  # the longest streamed line read
+_KEEPALIVE = 5.0  # seconds an idle connection is kept
 
 Answer = TypeVar("Answer", bound=pydantic.BaseModel)
 
@@ -72,15 +75,17 @@ def ollama_client(host: str, *, read_timeout: float, connect_timeout: float) -> 
 class OllamaHTTP:
     def __init__(self, host: str, *, read_timeout: float, connect_timeout: float) -> None:
         self.base = _parse_host(host)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=read_timeout,  # waiting for a free connection, then connecting
-            sock_connect=min(connect_timeout, read_timeout),
-            sock_read=read_timeout,
+        self._wire = Wire(
+            self.base,
+            headers=_headers(),
+            limit=OLLAMA_CONNECTIONS,
+            keepalive=_KEEPALIVE,
+            connect_timeout=min(connect_timeout, read_timeout),
+            read_timeout=read_timeout,  # between bytes
+            pool_timeout=read_timeout,  # waiting for a free connection
+            ssl_context=httpx.create_ssl_context(),  # certifi's store, SSL_CERT_FILE
+            proxy=_proxy_for(self.base),
         )
-        self._headers = _headers()
-        self._proxy = _proxy_for(self.base)
-        self._session: aiohttp.ClientSession | None = None
 
     async def chat(self, **args: Unpack[ChatArgs]) -> ollama.ChatResponse:
         """One whole answer (`stream: false`)."""
@@ -105,7 +110,7 @@ class OllamaHTTP:
         `error` (or one that is not JSON) raises after the parts before it; closing this early
         ends the request."""
         async with self._post("/api/chat", _chat(args, stream=True)) as response:
-            async for lines in _line_batches(response.content):
+            async for lines in _line_batches(response.pieces()):
                 parts: list[ollama.ChatResponse] = []
                 try:
                     for line in lines:
@@ -147,9 +152,7 @@ class OllamaHTTP:
         return await self._answer("/api/embed", body, ollama.EmbedResponse)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._wire.close()
 
     async def _answer(self, path: str, body: dict[str, Any], kind: type[Answer]) -> Answer:
         async with self._post(path, body) as response:
@@ -157,32 +160,13 @@ class OllamaHTTP:
         return kind.model_validate_json(data)
 
     @contextlib.asynccontextmanager
-    async def _post(self, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _post(self, path: str, body: dict[str, Any]) -> AsyncIterator[Response]:
         """The response to a POST of `body` as JSON; an HTTP error raises ResponseError."""
-        session = self._session or self._open()
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        with _mapped():
-            async with session.post(
-                self.base + path,
-                data=data,
-                headers=self._headers,
-                timeout=self._timeout,
-                proxy=self._proxy,
-            ) as response:
-                if response.status >= 400:
-                    raise ollama.ResponseError(await response.text(), response.status)
-                yield response
-
-    def _open(self) -> aiohttp.ClientSession:
-        """The session, made in the running loop at the first request: certificates checked
-        against certifi's store (as httpx does), idle connections closed after 5 s."""
-        connector = aiohttp.TCPConnector(
-            limit=OLLAMA_CONNECTIONS,
-            keepalive_timeout=5.0,
-            ssl=httpx.create_ssl_context(),
-        )
-        self._session = aiohttp.ClientSession(connector=connector, read_bufsize=_LINE_LIMIT)
-        return self._session
+        async with self._wire.post(path, data) as response:
+            if response.status >= 400:
+                raise ollama.ResponseError(await response.text(), response.status)
+            yield response
 
 
 def _chat(args: ChatArgs, *, stream: bool) -> dict[str, Any]:
@@ -202,12 +186,11 @@ def _present(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
-    """The body's non-blank lines, as many at a time as one read brought (aiohttp's own line
-    iterator wakes the reader once a line). A line longer than `_LINE_LIMIT` is refused, as
-    aiohttp's reader refuses one over its buffer."""
+async def _line_batches(body: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The body's non-blank lines, as many at a time as one read brought (not one wake-up a
+    line). A line longer than `_LINE_LIMIT` is refused."""
     rest = b""
-    while data := await content.readany():
+    async for data in body:
         *lines, rest = (rest + data).split(b"\n") if rest else data.split(b"\n")
         if len(rest) > _LINE_LIMIT:
             raise ValueError("a streamed line longer than the limit")
@@ -249,26 +232,3 @@ def _proxy_for(base: str) -> str | None:
     if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
         return None
     return urllib.request.getproxies().get(parts.scheme)
-
-
-@contextlib.contextmanager
-def _mapped() -> Iterator[None]:
-    """httpx's exception for what aiohttp raised, as the official client's callers expect."""
-    try:
-        yield
-    except aiohttp.ClientError as exc:
-        raise _as_httpx(exc)(str(exc) or type(exc).__name__) from exc
-
-
-def _as_httpx(exc: aiohttp.ClientError) -> type[httpx.TransportError]:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return httpx.ReadTimeout
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return httpx.RemoteProtocolError  # a hang-up, or a body cut short
-    if isinstance(exc, aiohttp.ClientConnectionError):
-        return httpx.ReadError
-    return httpx.NetworkError

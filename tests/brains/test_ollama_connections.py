@@ -58,7 +58,7 @@ async def test_many_conversations_at_once_are_not_held_to_httpx_defaults(
 ) -> None:
     """Through httpx's own pool (100 connections, 20 kept idle) the 101st reply waited for a
     connection and most replies beyond 20 at once opened a new one (bot/brains/http.py). 120 at
-    once, twice (under the 128 the fake server's listen backlog holds before they are accepted)."""
+    once, twice: the second wave reuses the first's connections."""
     brain = OllamaBrain(fake_ollama.url)
     fake_ollama.first_token_delay = 2.0  # all 120 in flight at once, on a busy machine too
 
