@@ -12,6 +12,7 @@ import logging
 import re
 import warnings
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -148,14 +149,15 @@ class Pool:
 
     `asyncpg.Pool.fetch()` takes a connection through its queue, its holder, a time-out and an
     inactivity timer, and gives it back in a shielded task of its own: about 60 µs of CPU a
-    statement, more than sending the statement and reading its answer (~45 µs; docs/benchmarks.md,
-    "The database pool's way in and out"), and a reply sends about eight. Here a connection
-    that comes back idle and clean (no transaction open, not closed) goes straight to the next
-    statement, or to the longest waiter, and stays checked out of asyncpg's pool meanwhile. One
-    that comes back any other way (its statement failed or was cancelled, a transaction was left
-    open) goes back through asyncpg's release as before: it waits out a cancelled query, rolls
-    back, or replaces a broken connection. At most `max_size` connections are out at once, as
-    asyncpg's own limit; a closed pool gives every connection back to asyncpg, then closes it.
+    statement, more than sending the statement and reading its answer (40 to 60 µs;
+    docs/benchmarks.md, "... the database pool's way in and out"), and a reply sends about
+    eight. Here a connection that comes back idle and clean (no transaction open, not closed)
+    goes straight to the next statement, or to the longest waiter, and stays checked out of
+    asyncpg's pool meanwhile. One that comes back any other way (its statement failed or was
+    cancelled, a transaction was left open) goes back through asyncpg's release as before: it
+    waits out a cancelled query, rolls back, or replaces a broken connection. At most
+    `max_size` connections are out at once, as asyncpg's own limit; a closed pool gives every
+    connection back to asyncpg, then closes it.
     """
 
     def __init__(self, inner: asyncpg.Pool, max_size: int) -> None:
@@ -169,53 +171,30 @@ class Pool:
     # -- statements, as asyncpg's pool sends them
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
-        conn = await self._take()
-        try:
-            result = await conn.fetch(query, *args)
-        except BaseException:
-            await self._drop(conn)
-            raise
-        await self._back(conn)
-        return result
+        return await self._on_one(lambda conn: conn.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: Any) -> Any:
-        conn = await self._take()
-        try:
-            result = await conn.fetchrow(query, *args)
-        except BaseException:
-            await self._drop(conn)
-            raise
-        await self._back(conn)
-        return result
+        return await self._on_one(lambda conn: conn.fetchrow(query, *args))
 
     async def fetchval(self, query: str, *args: Any, column: int = 0) -> Any:
-        conn = await self._take()
-        try:
-            result = await conn.fetchval(query, *args, column=column)
-        except BaseException:
-            await self._drop(conn)
-            raise
-        await self._back(conn)
-        return result
+        return await self._on_one(lambda conn: conn.fetchval(query, *args, column=column))
 
     async def execute(self, query: str, *args: Any) -> str:
+        return await self._on_one(lambda conn: conn.execute(query, *args))
+
+    async def executemany(self, command: str, args: Any) -> None:
+        await self._on_one(lambda conn: conn.executemany(command, args))
+
+    async def _on_one(self, statement: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`statement` on a connection taken for it, given back as it came out."""
         conn = await self._take()
         try:
-            result = await conn.execute(query, *args)
+            result = await statement(conn)
         except BaseException:
             await self._drop(conn)
             raise
         await self._back(conn)
         return result
-
-    async def executemany(self, command: str, args: Any) -> None:
-        conn = await self._take()
-        try:
-            await conn.executemany(command, args)
-        except BaseException:
-            await self._drop(conn)
-            raise
-        await self._back(conn)
 
     def acquire(self) -> _Acquired:
         """A connection for several statements (`async with pool.acquire() as conn`)."""

@@ -6,9 +6,9 @@ embedding) goes through `OllamaHTTP`, on the bot's own HTTP/1.1 client (bot/brai
 The official client sends through httpx, which cost 2.2 ms of CPU a streamed chat and 2.5 ms
 an embedding: httpx builds and merges a request, its cookies and headers per call, and its pool
 (httpcore) walks every connection on every request and release (httpx#3215, httpcore#1035).
-aiohttp, used next, cost ~0.27 ms a call; the wire ~0.1 ms (bench/ollama_client.py;
-docs/benchmarks.md). A bot that answers hundreds of people at once on two cores spends that on
-every reply.
+aiohttp, used next, 0.36 to 0.43 ms an embedding; the wire 0.24 to 0.27 ms
+(bench/ollama_client.py; docs/benchmarks.md). A bot that answers hundreds of people at once on
+two cores spends that on every reply.
 
 What is kept from the official client, so a server sees no difference
 (tests/brains/test_ollama_http.py compares the bodies both send):

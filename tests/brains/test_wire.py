@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from bot.brains.wire import Wire
+from bot.errors import ConfigError
 from tests.fakes.fal import make_certificate
 from tests.fakes.loopback import dead_url, serve
 
@@ -74,7 +75,13 @@ class Scripted:
             writer.close()
 
 
-def wire(url: str, **settings: float) -> Wire:
+def wire(
+    url: str,
+    *,
+    proxy: str | None = None,
+    context: ssl.SSLContext | None = None,
+    **settings: float,
+) -> Wire:
     return Wire(
         url,
         headers={"content-type": "application/json", "user-agent": "test"},
@@ -83,6 +90,8 @@ def wire(url: str, **settings: float) -> Wire:
         connect_timeout=settings.get("connect_timeout", 2.0),
         read_timeout=settings.get("read_timeout", 2.0),
         pool_timeout=settings.get("pool_timeout", 2.0),
+        ssl_context=context,
+        proxy=proxy,
     )
 
 
@@ -319,17 +328,7 @@ def tls_wire(url: str, trusted: Path | None, proxy: str | None = None) -> Wire:
     context = ssl.create_default_context()
     if trusted is not None:
         context.load_verify_locations(trusted)
-    return Wire(
-        url,
-        headers={},
-        limit=4,
-        keepalive=5.0,
-        connect_timeout=2.0,
-        read_timeout=2.0,
-        pool_timeout=2.0,
-        ssl_context=context,
-        proxy=proxy,
-    )
+    return wire(url, proxy=proxy, context=context)
 
 
 async def test_https_checks_the_certificate(certificate: tuple[Path, Path]) -> None:
@@ -401,16 +400,7 @@ async def test_https_through_a_proxy_goes_in_a_connect_tunnel(
 
 async def test_http_through_a_proxy_names_the_origin_in_full() -> None:
     async with Scripted([with_length(b"via proxy")]) as proxy:
-        client = Wire(
-            "http://ollama.internal:11434",
-            headers={},
-            limit=2,
-            keepalive=5.0,
-            connect_timeout=2.0,
-            read_timeout=2.0,
-            pool_timeout=2.0,
-            proxy=proxy.url.replace("//", "//user:pw@"),
-        )
+        client = wire("http://ollama.internal:11434", proxy=proxy.url.replace("//", "//user:pw@"))
         async with client.post("/api/chat", b"{}") as response:
             assert await response.read() == b"via proxy"
         await client.close()
@@ -419,3 +409,10 @@ async def test_http_through_a_proxy_names_the_origin_in_full() -> None:
     assert "Host: ollama.internal:11434" in lines
     expected = "Basic " + base64.b64encode(b"user:pw").decode()
     assert f"Proxy-Authorization: {expected}" in lines
+
+
+def test_a_proxy_that_is_not_http_is_refused_without_its_credentials() -> None:
+    with pytest.raises(ConfigError) as refused:
+        wire("http://ollama.internal:11434", proxy="https://bot:hunter2@proxy.example:3128")
+    assert "only http:// proxies" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
