@@ -141,6 +141,25 @@ async def test_a_chunked_answer_cut_anywhere_is_put_back_together() -> None:
     assert server.requests[0][0] == server.requests[1][0], "the connection was not kept"
 
 
+async def test_a_large_answer_is_read_whole_while_reading_pauses_and_resumes() -> None:
+    """Bodies beyond what is read ahead (1 MiB) pause the socket until the reader catches up:
+    3 MiB by length and in 64 KiB chunks, read slowly, arrive whole and in order."""
+    big = bytes(range(256)) * (3 * 4096)
+    pieces = [big[i : i + 65536] for i in range(0, len(big), 65536)]
+    async with Scripted([with_length(big)], [OK_CHUNKED + chunked(*pieces)]) as server:
+        client = wire(server.url)
+        async with client.post("/", b"") as response:
+            assert await response.read() == big
+        async with client.post("/", b"") as response:
+            got = []
+            async for piece in response.pieces():
+                got.append(piece)
+                await asyncio.sleep(0.001)  # a slow reader
+            assert b"".join(got) == big
+        await client.close()
+    assert server.requests[0][0] == server.requests[1][0]
+
+
 async def test_an_answer_without_length_ends_with_its_connection() -> None:
     """HTTP/1.0 without a length: the body is all until the close, and the next request opens
     a new connection; an interim 100 Continue before the answer is skipped."""
