@@ -172,8 +172,11 @@ class OllamaHTTP:
 def _chat(args: ChatArgs, *, stream: bool) -> dict[str, Any]:
     return _present(
         model=args["model"],
-        # as the official client copies them: a field with an empty value is left out
-        messages=[{k: v for k, v in m.items() if v} for m in args["messages"]],
+        # as the official client copies them: a field with an empty value is left out (most
+        # messages have none, and go as they are)
+        messages=[
+            m if all(m.values()) else {k: v for k, v in m.items() if v} for m in args["messages"]
+        ],
         tools=list(args.get("tools") or ()),
         stream=stream,
         format=args.get("format"),
