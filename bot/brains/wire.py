@@ -64,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.ended = False  # the peer closed its side, or the connection is gone
         self.idle_since = 0.0
+        self.generation = 0  # the pool's generation it was opened in (`Wire.close`)
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -366,7 +367,7 @@ class Wire:
         self._slots = asyncio.Semaphore(limit)
         self._idle: list[_Connection] = []
         self._sweeping: asyncio.TimerHandle | None = None
-        self._closed = False
+        self._generation = 0  # one more at each close: older connections are not kept
 
     def post(self, path: str, body: bytes) -> Exchange:
         head = (
@@ -383,8 +384,6 @@ class Wire:
 
     async def acquire(self) -> _Connection:
         """A connection of the pool's, kept or new, once a slot is free."""
-        if self._closed:
-            raise RuntimeError("this client is closed")
         if self._slots.locked():
             try:
                 async with asyncio.timeout(self._pool_timeout):
@@ -406,7 +405,7 @@ class Wire:
 
     def release(self, connection: _Connection, reusable: bool) -> None:
         self._slots.release()
-        if not reusable or self._closed or not connection.usable():
+        if not reusable or connection.generation != self._generation or not connection.usable():
             connection.close()
             return
         connection.idle_since = time.monotonic()
@@ -433,6 +432,7 @@ class Wire:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         connection = _Connection()
+        connection.generation = self._generation
         proxy = self._proxy
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -468,7 +468,9 @@ class Wire:
             raise
 
     async def close(self) -> None:
-        self._closed = True
+        """Close the kept connections; those in use are closed when their answer ends. The
+        client stays usable: a later request opens a new connection."""
+        self._generation += 1
         if self._sweeping is not None:
             self._sweeping.cancel()
             self._sweeping = None

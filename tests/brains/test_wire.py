@@ -26,7 +26,8 @@ Step = bytes | float | None  # bytes to write, seconds to wait, or hang up
 
 class Scripted:
     """A server that reads each request (head and Content-Length body) and answers it with the
-    next script's steps; it records the requests and which connection (peer) each came on."""
+    next script's steps; it records the requests and which connection (its number) each came
+    on."""
 
     def __init__(self, *scripts: list[Step]) -> None:
         self.scripts = deque(scripts)
@@ -34,6 +35,7 @@ class Scripted:
         self.ended: list[object] = []  # peers whose connection ended, in order
         self.open = 0
         self.most_open = 0
+        self.connections = 0
         self._server: asyncio.Server | None = None
         self.url = ""
 
@@ -47,7 +49,8 @@ class Scripted:
         self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        self.connections += 1
+        peer = self.connections  # which connection: ports are reused once closed
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -204,6 +207,33 @@ async def test_a_kept_connection_the_server_closed_is_not_used_again() -> None:
         async with client.post("/", b"") as response:
             assert await response.read() == b"b"
         await client.close()
+
+
+async def test_a_closed_client_closes_its_connections_and_opens_new_ones_after() -> None:
+    """As aiohttp's session was reopened on the next request: close() ends the kept
+    connections at once and one in use when its answer ends; a later request opens anew."""
+    async with Scripted(
+        [with_length(b"a")], [0.2, with_length(b"b")], [with_length(b"c")]
+    ) as server:
+        client = wire(server.url)
+        async with client.post("/", b"") as response:
+            assert await response.read() == b"a"
+
+        async def in_use() -> bytes:
+            async with client.post("/", b"") as response:
+                return await response.read()
+
+        task = asyncio.create_task(in_use())
+        await asyncio.sleep(0.05)
+        await client.close()
+        assert await task == b"b"
+        async with client.post("/", b"") as response:
+            assert await response.read() == b"c"
+        await client.close()
+        await asyncio.sleep(0.1)
+    # the kept connection was in use at the close: it answered, then was not kept
+    assert [peer for peer, _, _ in server.requests] == [1, 1, 2]
+    assert sorted(server.ended) == [1, 2]
 
 
 async def test_idle_connections_are_closed_after_the_keepalive() -> None:
