@@ -1,19 +1,24 @@
 """Every model call, recorded in `model_calls`, so the ledger and benchmarks can build on it.
 
-A call and its ledger row are written in one statement. A call waits `linger` seconds (5 ms)
-for others before it is written, and while a write is under way the calls finished meanwhile
-wait for it to end; then all of them go in together, still in one statement
+A call and its ledger row are written in one statement. A call waits `linger` seconds (50 ms)
+for others before it is written, and the calls finished while a write is under way wait for
+the next linger; then all of them go in together, still in one statement
 (`Ledger.record_many_with`). A reply's calls (the embedding its recall made, then the model's
-answer) are then one round trip, and with hundreds of replies in flight a few dozen round trips
-replace one per call. Nobody waits on it: the engine records calls in the background.
+answer), and those of the replies answered in the same 50 ms, are then one round trip and one
+commit, and with hundreds of replies in flight a few dozen round trips replace one per call.
+Nobody waits on it: the engine records calls in the background, and its `drain()` (shutdown,
+tests) cuts the wait to a few milliseconds (`flushing`). A crash loses at most the calls of that
+last moment, as it loses a reply being written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -25,7 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LINGER = 0.005  # seconds a call waits for others (a reply's embedding and answer: one statement)
+# seconds a call waits for others: a reply's embedding and answer, and the replies answered
+# meanwhile, one statement (5 ms, one reply's calls, before the ninth session)
+LINGER = 0.05
+FLUSHING_LINGER = 0.005  # while draining: one reply's or one extraction's calls together
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,20 @@ class CallLog:
         self.linger = linger  # seconds a call waits for others to be written with
         self._waiting: list[_Waiting] = []  # calls to write once the write under way ends
         self._writer: asyncio.Task[None] | None = None
+        self._flushing = 0  # while above 0, calls linger a few ms only
+        self._hurry: asyncio.Event | None = None  # set: the lingering writer writes now
+
+    @contextlib.contextmanager
+    def flushing(self) -> Iterator[None]:
+        """While it lasts, calls wait a few ms for others instead of `linger`, and the ones
+        lingering now are written within those few ms."""
+        self._flushing += 1
+        if self._hurry is not None:
+            self._hurry.set()
+        try:
+            yield
+        finally:
+            self._flushing -= 1
 
     async def record(
         self,
@@ -118,8 +140,8 @@ class CallLog:
             await self._charged(self._ledger, values, charge)
 
     async def _charged(self, ledger: Ledger, values: tuple[Any, ...], charge: Charge) -> None:
-        """Written alone at once, or with the calls that came while another write was under
-        way; returns when this call's rows are in (raises what their write raised)."""
+        """Written after the linger with the calls that came meanwhile; returns when this
+        call's rows are in (raises what their write raised)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(values, charge, done))
         if self._writer is None:
@@ -127,19 +149,37 @@ class CallLog:
         await done
 
     async def _write(self, ledger: Ledger) -> None:
+        """Linger, then write all that waits (`_BATCH` a statement); the calls that came
+        during the writes linger in their turn."""
         batch: list[_Waiting] = []
+        taken: list[_Waiting] = []
         try:
-            if self.linger > 0:
-                await asyncio.sleep(self.linger)
             while self._waiting:
-                batch, self._waiting = self._waiting[:_BATCH], self._waiting[_BATCH:]
-                await self._write_batch(ledger, batch)
+                if self.linger > 0:
+                    await self._linger()
+                taken, self._waiting = self._waiting, []
+                while taken:
+                    batch, taken = taken[:_BATCH], taken[_BATCH:]
+                    await self._write_batch(ledger, batch)
         finally:
             self._writer = None
-            for left in [*batch, *self._waiting]:  # cancelled: nobody waits forever
+            for left in [*batch, *taken, *self._waiting]:  # cancelled: nobody waits forever
                 if not left.done.done():
                     left.done.cancel()
             self._waiting = []
+
+    async def _linger(self) -> None:
+        """`linger` seconds, or a few ms once `flushing` begins."""
+        self._hurry = asyncio.Event()
+        try:
+            if not self._flushing:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger):
+                        await self._hurry.wait()
+            if self._flushing:
+                await asyncio.sleep(min(self.linger, FLUSHING_LINGER))
+        finally:
+            self._hurry = None
 
     async def _write_batch(self, ledger: Ledger, batch: list[_Waiting]) -> None:
         if len(batch) > 1:

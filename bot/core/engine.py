@@ -417,7 +417,7 @@ class Engine(ToolUse):
     async def drain(self) -> None:
         """Wait for background work (call records, memory, ledger, verdicts) to finish; work
         that waits for a quiet moment runs now."""
-        with self.quiet.flushing():
+        with self.quiet.flushing(), self.calls.flushing():
             await self._background.drain()
         await self.moderation.drain()
 

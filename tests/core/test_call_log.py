@@ -18,7 +18,7 @@ import pytest
 from bot import db
 from bot.brains.base import CallStats, ChatRequest
 from bot.config import REPO_ROOT
-from bot.core.calls import CallContext, CallLog, Charge
+from bot.core.calls import LINGER, CallContext, CallLog, Charge
 from bot.spend.ledger import Budgets, Ledger
 from bot.spend.prices import Prices
 
@@ -99,6 +99,57 @@ async def test_calls_a_moment_apart_wait_for_each_other(pool: Any) -> None:
 
     assert await two_calls(CallLog(pool, ledger=ledger_of(pool), linger=0.5)) == 1
     assert await two_calls(CallLog(pool, ledger=ledger_of(pool), linger=0)) == 2
+
+
+async def test_replies_a_few_ms_apart_share_one_write_and_a_drain_hurries_it(
+    pool: Any,
+) -> None:
+    """With the default linger (50 ms), the calls of sequential replies a few milliseconds
+    apart go in one statement, and those that come while it is written wait for the next,
+    not each alone; under `flushing` (the engine's drain) a lingering write goes within a few
+    milliseconds, and calls still go together."""
+    calls = CallLog(pool, ledger=ledger_of(pool))
+    assert calls.linger == LINGER == 0.05
+    context = CallContext("test", None, "test:u", "mimi")
+    tasks = []
+    for n in range(12):  # a reply every 3 ms: its embedding, then its answer
+        tasks.append(
+            asyncio.create_task(
+                calls.record(
+                    context, REQUEST, backend="ollama:gpu", stats=stats(n), purpose="embed"
+                )
+            )
+        )
+        tasks.append(
+            asyncio.create_task(
+                calls.record(context, REQUEST, backend="ollama:gpu", stats=stats(n))
+            )
+        )
+        await asyncio.sleep(0.003)
+    await asyncio.gather(*tasks)
+    assert await pool.fetchval("SELECT count(*) FROM ledger") == 24
+    statements = await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM model_calls")
+    assert statements <= 3
+
+    await pool.execute("TRUNCATE model_calls, ledger")
+    lingering = asyncio.create_task(
+        calls.record(context, REQUEST, backend="ollama:gpu", stats=stats(1))
+    )
+    await asyncio.sleep(0.005)
+    started = asyncio.get_running_loop().time()
+    with calls.flushing():
+        await lingering
+        took = asyncio.get_running_loop().time() - started
+        await asyncio.gather(
+            *(
+                calls.record(context, REQUEST, backend="ollama:gpu", stats=stats(n))
+                for n in range(5)
+            )
+        )
+    assert took < 0.03, f"the drain waited out the linger ({took:.3f} s)"
+    assert await pool.fetchval("SELECT count(*) FROM ledger") == 6
+    statements = await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM model_calls")
+    assert statements == 2
 
 
 async def test_one_bad_call_fails_alone(pool: Any) -> None:
