@@ -18,7 +18,7 @@ import pytest
 from bot import db
 from bot.brains.base import CallStats, ChatRequest
 from bot.config import REPO_ROOT
-from bot.core.calls import LINGER, CallContext, CallLog, Charge
+from bot.core.calls import CallContext, CallLog, Charge
 from bot.spend.ledger import Budgets, Ledger
 from bot.spend.prices import Prices
 
@@ -101,15 +101,14 @@ async def test_calls_a_moment_apart_wait_for_each_other(pool: Any) -> None:
     assert await two_calls(CallLog(pool, ledger=ledger_of(pool), linger=0)) == 2
 
 
-async def test_replies_a_few_ms_apart_share_one_write_and_a_drain_hurries_it(
+async def test_calls_during_a_write_wait_for_the_next_and_a_drain_hurries_it(
     pool: Any,
 ) -> None:
-    """With the default linger (50 ms), the calls of sequential replies a few milliseconds
-    apart go in one statement, and those that come while it is written wait for the next,
-    not each alone; under `flushing` (the engine's drain) a lingering write goes within a few
-    milliseconds, and calls still go together."""
-    calls = CallLog(pool, ledger=ledger_of(pool))
-    assert calls.linger == LINGER == 0.05
+    """With a 50 ms linger, the calls of replies 3 ms apart go in one statement or a few: those
+    that come while one is written wait for the next linger instead of going alone. Under
+    `flushing` (the engine's drain) a lingering write goes within a few milliseconds, and
+    calls still go together."""
+    calls = CallLog(pool, ledger=ledger_of(pool), linger=0.05)
     context = CallContext("test", None, "test:u", "mimi")
     tasks = []
     for n in range(12):  # a reply every 3 ms: its embedding, then its answer
