@@ -157,10 +157,12 @@ def _persona_rates(pool: Any, scheduler: Scheduler) -> Buckets:
 
 def _wire_memory(memory: Memory, engine: Engine, guard: Guard | None) -> None:
     """New facts pass the input guard when it is on; extraction waits for a moment without
-    replies (bot/core/background.py, `Quiet`)."""
+    replies (bot/core/background.py, `Quiet`), and writes its calls' records in the engine's
+    background, which the drain waits for (not holding one of its slots meanwhile)."""
     if guard is not None:
         memory.vet = fact_vetter(guard, engine.persona_named)
     memory.quiet = engine.quiet.wait
+    memory.spawn = memory.extractor.spawn = engine.spawn
 
 
 async def _resume_memory(memory: Memory) -> None:

@@ -1,13 +1,15 @@
 """Every model call, recorded in `model_calls`, so the ledger and benchmarks can build on it.
 
-A call and its ledger row are written in one statement. A call waits `linger` seconds (5 ms)
+A call and its ledger row are written in one statement. A call waits `linger` seconds (50 ms)
 for others before it is written, and the calls finished while a write is under way wait for
 the next linger instead of going alone; then all of them go in together, still in one statement
 (`Ledger.record_many_with`). A reply's calls (the embedding its recall made, then the model's
-answer) are then one round trip and one commit, and with hundreds of replies in flight a few
-dozen round trips replace one per call. The engine records a reply's calls in the background;
-memory extraction awaits its own. `flushing` (the engine's `drain()`: shutdown, tests) cuts a
-longer linger to a few milliseconds.
+answer), and those of the replies answered in the same 50 ms, are then one round trip and one
+commit, and with hundreds of replies in flight a few dozen round trips replace one per call.
+Nobody waits on them: the engine records a reply's calls, and memory extraction its own, in
+the engine's background; its `drain()` (shutdown, tests) enters `flushing`, which cuts the
+linger to a few milliseconds. A crash loses at most the calls of that last moment, as it loses
+a reply being written.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# seconds a call waits for others: a reply's embedding and answer in one statement. Not
-# longer: memory extraction awaits its calls' records while it holds one of its few slots.
-LINGER = 0.005
-FLUSHING_LINGER = 0.005  # while draining (never longer than LINGER)
+# seconds a call waits for others: a reply's embedding and answer, and the replies answered
+# meanwhile, one statement (5 ms, one reply's calls, before the ninth session)
+LINGER = 0.05
+FLUSHING_LINGER = 0.005  # while draining: one reply's or one extraction's calls together
 
 
 @dataclass(frozen=True)

@@ -419,7 +419,7 @@ class Engine(ToolUse):
         that waits for a quiet moment runs now."""
         with self.quiet.flushing(), self.calls.flushing():
             await self._background.drain()
-        await self.moderation.drain()
+            await self.moderation.drain()
 
     @property
     def live_conversations(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +156,9 @@ class Extractor:
     ) -> None:
         self.backend = f"ollama:{redact_host(host)}"
         self._calls = calls
+        # writes the call records in the background (the engine's spawn, set by the app);
+        # None: each is awaited
+        self.spawn: Callable[[Awaitable[None]], None] | None = None
         self._client = ollama_client(
             host, read_timeout=read_timeout, connect_timeout=connect_timeout
         )
@@ -217,9 +221,13 @@ class Extractor:
     async def _record(
         self, context: CallContext, request: ChatRequest, stats: CallStats | None, error: str | None
     ) -> None:
-        await self._calls.record(
+        work = self._calls.record(
             context, request, backend=self.backend, stats=stats, error=error, purpose="memory"
         )
+        if self.spawn is None:
+            await work
+        else:
+            self.spawn(work)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -50,13 +50,17 @@ class Learning:
     # Waits for a moment without replies, at most the seconds given (the engine's Quiet.wait,
     # set by the app); None: extraction starts at once.
     quiet: Callable[[float], Awaitable[None]] | None
+    # Writes extraction's call records in the background (the engine's spawn, set by the app);
+    # None: each is awaited (the call log's linger with it)
+    spawn: Spawn | None
     defer: float  # the most seconds an exchange waits for that moment
     _waiting: dict[_BatchKey, list[int]]  # jobs waiting to be extracted together
     _queries: OrderedDict[tuple[str, str], tuple[str, list[float]]]
     known: KnownModels  # which models users' memories have (forgotten here on each write)
     # the jobs of exchanges answered at once, queued together (`Memory.__init__`)
     _queueing: Together[Exchange, Job]
-    _recorder: Callable[[CallContext], Recorder]  # Memory's: how an embedding call is written
+    # Memory's: how an embedding call is written (in the background with a spawn)
+    _recorder: Callable[[CallContext, Spawn | None], Recorder]
 
     async def message_deleted(self, message_rows: list[int]) -> int:
         """Messages deleted on their platform: their pending extraction stops and the facts
@@ -177,7 +181,7 @@ class Learning:
                 return []
             context = CallContext(last.platform, last.conversation_id, last.user_key, last.persona)
             embedded = await self.embeddings.embed(
-                [e.message for e in exchanges], record=self._recorder(context)
+                [e.message for e in exchanges], record=self._recorder(context, self.spawn)
             )
             if embedded.model not in models:
                 return await self.store.recent(last.user_key, _KNOWN_IN_PROMPT, last.persona)
@@ -224,7 +228,7 @@ class Learning:
             return set()
         context = CallContext(last.platform, last.conversation_id, last.user_key, last.persona)
         embedded = await self.embeddings.embed(
-            [text for text, _, _ in cleaned], record=self._recorder(context)
+            [text for text, _, _ in cleaned], record=self._recorder(context, self.spawn)
         )
         by_job: dict[int, tuple[Job, list[NewFact]]] = {}
         for (text, replaces, job), vector in zip(cleaned, embedded.vectors, strict=True):

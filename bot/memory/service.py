@@ -113,6 +113,7 @@ class Memory(Learning):
         self._gate = asyncio.Semaphore(concurrency)
         self.vet = vet  # the input guard for new facts (set by the app when the guard is on)
         self.quiet = None  # the engine's wait for a moment without replies (set by the app)
+        self.spawn = None  # where extraction's call records are written (the engine's, by the app)
         self.defer = defer
         self._waiting = {}
         # (user key, message) -> (model, vector): the message recall embedded, which its

@@ -151,6 +151,30 @@ async def test_extraction_never_delays_the_reply(mapp: App, fake_ollama: FakeOll
     assert await mapp.pool.fetchval("SELECT text FROM memories") == "Speaks Portuguese."
 
 
+async def test_extraction_does_not_wait_for_its_call_records(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """Extraction's call records go to the engine's background (the app wires its spawn), so
+    a long call-log linger does not hold extraction's slot: the fact is stored long before the
+    linger ends, and the drain writes the records at once."""
+    mapp.engine.calls.linger = 30.0
+    fake_ollama.responder = lambda body: (
+        facts("Plays the cello.") if body.get("format") else "Nice!"
+    )
+    events = await asyncio.wait_for(collect(mapp, say("I play the cello")), 30)
+    assert isinstance(events[-1], Done)
+    for _ in range(200):  # 10 s at most
+        if await mapp.pool.fetchval("SELECT count(*) FROM memories"):
+            break
+        await asyncio.sleep(0.05)
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memories") == 1
+    assert await mapp.pool.fetchval("SELECT count(*) FROM model_calls") == 0  # still lingering
+    async with asyncio.timeout(5):
+        await mapp.engine.drain()
+    purposes = {r["purpose"] for r in await mapp.pool.fetch("SELECT purpose FROM model_calls")}
+    assert purposes == {"chat", "memory", "embed"}
+
+
 async def test_forget_all_wins_over_an_extraction_in_flight(
     mapp: App, fake_ollama: FakeOllama
 ) -> None:
