@@ -200,9 +200,6 @@ class Pool:
         """A connection for several statements (`async with pool.acquire() as conn`)."""
         return _Acquired(self)
 
-    async def release(self, conn: Any) -> None:
-        await self._back(conn)
-
     async def close(self) -> None:
         self._closing = True
         idle, self._idle = self._idle, []
@@ -254,12 +251,8 @@ class Pool:
             self._give(conn)
 
     def _give(self, conn: Any) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
-        self._idle.append(conn)
+        if not self._hand(conn):
+            self._idle.append(conn)
 
     async def _drop(self, conn: Any) -> None:
         """Back into asyncpg's pool, through its release: its slot is free again after."""
@@ -270,11 +263,17 @@ class Pool:
             self._wake()
 
     def _wake(self) -> None:
+        """A slot of asyncpg's pool is free: the longest waiter takes it."""
+        self._hand(None)
+
+    def _hand(self, conn: Any) -> bool:
+        """`conn` (None: a free slot) to the longest waiter still waiting; False: none."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(conn)
+                return True
+        return False
 
 
 def _detached(conn: Any) -> bool:

@@ -45,7 +45,7 @@ import httpx
 from bot.errors import ConfigError
 
 _HEAD_LIMIT = 64 * 1024  # a response's status line and headers, at most
-_LINE_LIMIT = 4096  # a chunk's size line, at most
+_SIZE_LINE_LIMIT = 4096  # a chunk's size line, at most
 _HIGH_WATER = 2**20  # bytes read ahead of the reader before the socket is paused
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(rb"[0-9]{1,19}")
@@ -247,7 +247,7 @@ class Response:
             else:  # a size line; or a trailer line (none expected), then the blank line
                 stop = data.find(b"\r\n", at)
                 if stop < 0:
-                    if end - at > (_LINE_LIMIT if state == _SIZE else _HEAD_LIMIT):
+                    if end - at > (_SIZE_LINE_LIMIT if state == _SIZE else _HEAD_LIMIT):
                         raise httpx.RemoteProtocolError("a malformed chunk in the answer")
                     break
                 line, at = data[at:stop], stop + 2
@@ -289,10 +289,9 @@ class Exchange:
     """One request and its response: `async with` it; leaving returns the connection to the
     pool when the response was read to its end, and closes it otherwise."""
 
-    def __init__(self, wire: Wire, data: bytes, head: bool) -> None:
+    def __init__(self, wire: Wire, data: bytes) -> None:
         self._wire = wire
         self._data = data
-        self._head = head
         self._connection: _Connection | None = None
         self._response: Response | None = None
 
@@ -302,7 +301,7 @@ class Exchange:
         try:
             assert connection.transport is not None
             connection.transport.write(self._data)
-            response = self._response = Response(connection, wire.read_timeout, self._head)
+            response = self._response = Response(connection, wire.read_timeout, head=False)
             await response._read_head()
         except BaseException:
             self._connection = None
@@ -374,11 +373,7 @@ class Wire:
             f"POST {self._prefix}{path} HTTP/1.1\r\n{self._fixed}"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
-        return Exchange(self, head.encode("latin-1") + body, head=False)
-
-    def get(self, path: str) -> Exchange:
-        head = f"GET {self._prefix}{path} HTTP/1.1\r\n{self._fixed}\r\n"
-        return Exchange(self, head.encode("latin-1"), head=False)
+        return Exchange(self, head.encode("latin-1") + body)
 
     # -- the pool
 
@@ -395,7 +390,7 @@ class Wire:
         try:
             while self._idle:
                 kept = self._idle.pop()
-                if kept.usable() and time.monotonic() - kept.idle_since < self._keepalive:
+                if self._keepable(kept, time.monotonic()):
                     return kept
                 kept.close()
             return await self._connect()
@@ -414,13 +409,17 @@ class Wire:
             loop = asyncio.get_running_loop()
             self._sweeping = loop.call_later(self._keepalive, self._sweep)
 
+    def _keepable(self, connection: _Connection, now: float) -> bool:
+        """Still open, and idle for less than `keepalive` seconds."""
+        return connection.usable() and now - connection.idle_since < self._keepalive
+
     def _sweep(self) -> None:
         """Close the connections idle for `keepalive` seconds; come back while any are kept."""
         self._sweeping = None
         now = time.monotonic()
         kept = []
         for connection in self._idle:
-            if connection.usable() and now - connection.idle_since < self._keepalive:
+            if self._keepable(connection, now):
                 kept.append(connection)
             else:
                 connection.close()
