@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from bot.errors import BotError
+from bot.images.fetch import Downloaded, FetchFailed, fetch_picture
 
 if TYPE_CHECKING:
     from fal_client import AsyncClient, AsyncRequestHandle
@@ -81,12 +82,6 @@ class Drawn:
     height: int
     seed: int
     nsfw: bool
-
-
-@dataclass(frozen=True)
-class Downloaded:
-    data: bytes
-    suffix: str
 
 
 class FalFlux:
@@ -179,31 +174,13 @@ class FalFlux:
 
     async def download(self, url: str) -> Downloaded:
         """The image bytes (Fal's addresses expire, so the file is kept). Raises ImageError."""
-        if not url.startswith("https://"):
-            raise ImageUnavailable("fal returned an image address that is not https")
-        timeout = httpx.Timeout(self._download_timeout)
         try:
-            async with (
-                httpx.AsyncClient(timeout=timeout, follow_redirects=True) as http,
-                http.stream("GET", url) as response,
-            ):
-                response.raise_for_status()
-                kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                suffix = _IMAGE_TYPES.get(kind)
-                if suffix is None:
-                    raise ImageUnavailable(f"the image download was {kind or 'untyped'}")
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data.extend(chunk)
-                    if len(data) > self._max_bytes:
-                        raise ImageUnavailable("the image download was too large")
-        except ImageError:
-            raise
-        except httpx.TimeoutException as exc:
-            raise ImageTimeout("the image download timed out") from exc
-        except httpx.HTTPError as exc:
-            raise ImageUnavailable(f"the image download failed ({type(exc).__name__})") from exc
-        return Downloaded(bytes(data), suffix)
+            return await fetch_picture(
+                url, seconds=self._download_timeout, max_bytes=self._max_bytes, types=_IMAGE_TYPES
+            )
+        except FetchFailed as exc:
+            error = ImageTimeout if exc.timed_out else ImageUnavailable
+            raise error(f"the image from fal: {exc}") from exc
 
     async def close(self) -> None:
         """Close the client's connection pool (fal-client has no public close of its own)."""

@@ -416,7 +416,8 @@ async def test_the_migration_counts_the_rows_already_written(
                 f"old{n}",
                 status,
             )
-        assert await db.migrate(conn, REPO_ROOT / "migrations") == ["0020_ledger_totals.sql"]
+        applied = await db.migrate(conn, REPO_ROOT / "migrations")
+        assert applied[0] == "0020_ledger_totals.sql"  # then any that came after it
         kept = await assert_kept(conn)
         november = NOV.date().replace(day=1)
         assert kept == {

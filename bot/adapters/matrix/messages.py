@@ -141,7 +141,7 @@ class MatrixMessages:
         self.cast = CastPlayer(
             app.engine,
             threads,
-            Avatars(threads.client, self.settings.personas_dir),
+            Avatars(threads.client, self.settings.personas_dir, state),
             self.attention,
             answer_dms=self.settings.matrix_answer_dms,
             answer_bots=self.settings.matrix_answer_bots,

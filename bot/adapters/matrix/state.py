@@ -1,5 +1,5 @@
 """What the Matrix adapter keeps in Postgres: device id and access token, sync token, catch-up
-marker, events.
+marker, events, and the pictures it uploaded (persona avatars, by their bytes' SHA-256).
 
 A replayed event is never handled twice: `claim()` inserts the event id before the bot acts on
 it, and only the first insert wins (across restarts and processes).
@@ -98,3 +98,21 @@ class MatrixState:
             days,
         )
         return int(result.split()[-1])
+
+    async def media(self, sha256: str) -> str | None:
+        """The mxc URI of a picture this account uploaded before (by its bytes' SHA-256)."""
+        found = await self._pool.fetchval(
+            "SELECT mxc FROM matrix_media WHERE account = $1 AND sha256 = $2",
+            self.account,
+            sha256,
+        )
+        return None if found is None else str(found)
+
+    async def save_media(self, sha256: str, mxc: str) -> None:
+        await self._pool.execute(
+            "INSERT INTO matrix_media (account, sha256, mxc) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account, sha256) DO UPDATE SET mxc = $3, uploaded_at = now()",
+            self.account,
+            sha256,
+            mxc,
+        )
