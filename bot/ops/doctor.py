@@ -23,7 +23,7 @@ from bot.errors import BotError
 from bot.ops.credentials import DISCORD_API, check_discord, check_fal, check_matrix
 from bot.ops.diagnostics import Check, render
 from bot.ops.doctor_backends import check_backends
-from bot.ops.doctor_casts import check_discord_casts, check_local_avatars
+from bot.ops.doctor_casts import check_discord_casts
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,6 @@ async def diagnose(
     checks += await check_database(settings)
     checks += await check_backends(settings)
     checks += await check_discord(settings, online=online, api=discord_api)
-    checks += check_local_avatars(settings)
     checks += await check_discord_casts(settings, online=online)
     checks += await check_matrix(settings, online=online)
     checks += check_fal(settings)

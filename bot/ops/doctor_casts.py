@@ -1,13 +1,13 @@
-"""Doctor checks for casts of personas on Discord: Manage Webhooks, and avatars Discord can't show.
+"""Doctor checks for casts of personas on Discord: Manage Webhooks.
 
 A Discord channel with a cast of two or more speaks through a channel webhook; without Manage
 Webhooks each persona speaks from the bot's account with its name in bold. Offline the doctor
 counts those channels; `--online` asks Discord, with discord.py's own REST client as the bot does
 (`GET /channels/{id}/webhooks` needs Manage Webhooks), and lists the channels that refuse.
 
-Discord webhooks take a per-message avatar only as a URL, so a persona whose `avatar` is a
-picture file shows it on Matrix (uploaded to the media repository) but not on Discord, where the
-webhook's default avatar (or, without a webhook, the bot's) is used. The doctor says which.
+A persona whose `avatar` is a picture file speaks through a webhook of its own in the channel,
+made with the same permission (bot/adapters/discord/webhooks.py), so there is nothing more to
+check for avatars.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import discord
 
 from bot import db
 from bot.config import Settings
-from bot.core.persona_files import check_directory
-from bot.core.personas import has_local_avatar
 from bot.errors import BotError
 from bot.ops.diagnostics import Check
 
@@ -37,25 +35,6 @@ _WEBHOOK_FIX = (
     "give the bot's role Manage Webhooks in those channels (or add 536870912 to the invite "
     "URL's permissions); until then each persona speaks from the bot's account, name in bold"
 )
-
-
-def check_local_avatars(settings: Settings) -> list[Check]:
-    """With Discord on: personas whose avatar file Discord cannot show."""
-    if settings.discord_token is None:
-        return []
-    personas, _ = check_directory(settings.personas_dir)
-    names = [p.name for p in personas if has_local_avatar(p)]
-    if not names:
-        return []
-    return [
-        Check(
-            "warn",
-            "discord avatars",
-            f"{', '.join(names)}: the avatar is a file; Matrix shows it, but Discord webhooks "
-            "take avatars by https URL only, so on Discord the webhook's default avatar is used",
-            "to show it on Discord too, put the picture at an https URL and set `avatar` to it",
-        )
-    ]
 
 
 async def check_discord_casts(settings: Settings, *, online: bool) -> list[Check]:

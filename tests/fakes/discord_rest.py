@@ -1,16 +1,23 @@
 """A fake of Discord's REST API on loopback: just the routes a cast's webhooks use.
 
 Routes and payloads follow Discord's API reference (developer docs: Channel "Get Channel
-Webhooks", Webhook "Create Webhook", "Execute Webhook" with ?wait, "Edit Webhook Message",
-"Delete Webhook Message"; Channel "Create Message", "Edit Message", "Get Channel Message";
-User "Get Current User"; Application "Get Current Application") as discord.py 2.x calls them:
-the paths are the `Route(...)` strings in discord/http.py and discord/webhook/async_.py, under
-Route.BASE (https://discord.com/api/v10, which the tests point here). A 403 carries Discord's
-JSON error body (code 50013 Missing Permissions); a deleted webhook gives 404 code 10015.
+Webhooks", Webhook "Create Webhook", "Modify Webhook", "Execute Webhook" with ?wait, "Edit
+Webhook Message", "Delete Webhook Message"; Channel "Create Message", "Edit Message", "Get
+Channel Message"; User "Get Current User"; Application "Get Current Application") as discord.py
+2.x calls them: the paths are the `Route(...)` strings in discord/http.py and
+discord/webhook/async_.py, under Route.BASE (https://discord.com/api/v10, which the tests point
+here). A 403 carries Discord's JSON error body (code 50013 Missing Permissions); a deleted
+webhook gives 404 code 10015. A webhook's `avatar` is sent as image data (a `data:` URI, as
+discord.py's `_bytes_to_base64_data` writes it) and comes back as a hash, which a message the
+webhook posts without `avatar_url` carries as its author's avatar. Create Webhook refuses a name
+containing "discord" or "clyde" (400, Invalid Form Body) and a sixteenth webhook in a channel
+(400, code 30007 "Maximum number of webhooks reached (15)", Discord's JSON error codes).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -20,6 +27,19 @@ from aiohttp import web
 
 BOT_ID = 900
 GUILD_ID = 1
+WEBHOOKS_PER_CHANNEL = 15
+
+
+def avatar_hash(picture: bytes) -> str:
+    """The fake's hash of a webhook's picture (Discord's own is opaque to clients)."""
+    return hashlib.md5(picture).hexdigest()
+
+
+def _picture(data_uri: str | None) -> bytes | None:
+    """The bytes of a `data:image/...;base64,...` URI."""
+    if not data_uri:
+        return None
+    return base64.b64decode(data_uri.split(",", 1)[1])
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -45,6 +65,7 @@ class FakeDiscord:
     forbidden: set[int] = field(default_factory=set)  # channels without Manage Webhooks
     webhooks: dict[int, dict[str, Any]] = field(default_factory=dict)  # webhook id → payload
     messages: dict[int, dict[str, Any]] = field(default_factory=dict)
+    pictures: dict[int, bytes] = field(default_factory=dict)  # webhook id → its avatar's bytes
     calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     url: str = ""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(10_000))
@@ -61,6 +82,7 @@ class FakeDiscord:
         app.router.add_patch(f"{base}/channels/{{cid}}/messages/{{mid}}", self._edit_message)
         app.router.add_get(f"{base}/channels/{{cid}}/webhooks", self._list_webhooks)
         app.router.add_post(f"{base}/channels/{{cid}}/webhooks", self._create_webhook)
+        app.router.add_patch(f"{base}/webhooks/{{wid}}", self._modify_webhook)
         app.router.add_post(f"{base}/webhooks/{{wid}}/{{token}}", self._execute)
         app.router.add_patch(f"{base}/webhooks/{{wid}}/{{token}}/messages/{{mid}}", self._edit)
         app.router.add_delete(f"{base}/webhooks/{{wid}}/{{token}}/messages/{{mid}}", self._delete)
@@ -97,6 +119,23 @@ class FakeDiscord:
             }
         author = _user(author_id, f"user{author_id}")
         return int(self._message(channel_id, author, content, **extra)["id"])
+
+    def add_webhook(self, channel_id: int, name: str) -> dict[str, Any]:
+        """A webhook in the channel (the bot's, or another integration's)."""
+        hook_id = next(self._ids)
+        hook = {
+            "id": str(hook_id),
+            "type": 1,
+            "guild_id": str(GUILD_ID),
+            "channel_id": str(channel_id),
+            "name": name,
+            "avatar": None,
+            "token": f"token-{hook_id}",
+            "application_id": str(BOT_ID),
+            "user": _user(BOT_ID, "personabot", bot=True),
+        }
+        self.webhooks[hook_id] = hook
+        return hook
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -216,20 +255,31 @@ class FakeDiscord:
         cid = int(request.match_info["cid"])
         if cid in self.forbidden:
             return self._error(403, 50013, "Missing Permissions")
-        hook_id = next(self._ids)
-        hook = {
-            "id": str(hook_id),
-            "type": 1,
-            "guild_id": str(GUILD_ID),
-            "channel_id": str(cid),
-            "name": body["name"],
-            "avatar": None,
-            "token": f"token-{hook_id}",
-            "application_id": str(BOT_ID),
-            "user": _user(BOT_ID, "personabot", bot=True),
-        }
-        self.webhooks[hook_id] = hook
+        if any(word in body["name"].lower() for word in ("discord", "clyde")):
+            return self._error(400, 50035, "Invalid Form Body")
+        if sum(int(h["channel_id"]) == cid for h in self.webhooks.values()) >= WEBHOOKS_PER_CHANNEL:
+            return self._error(400, 30007, "Maximum number of webhooks reached (15)")
+        hook = self.add_webhook(cid, body["name"])
+        self._set_picture(hook, _picture(body.get("avatar")))
         return _json(hook)
+
+    async def _modify_webhook(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        hook = self.webhooks.get(int(request.match_info["wid"]))
+        if hook is None:
+            return self._error(404, 10015, "Unknown Webhook")
+        if "name" in body:
+            hook["name"] = body["name"]
+        if "avatar" in body:
+            self._set_picture(hook, _picture(body["avatar"]))
+        return _json(hook)
+
+    def _set_picture(self, hook: dict[str, Any], picture: bytes | None) -> None:
+        hook["avatar"] = None if picture is None else avatar_hash(picture)
+        if picture is None:
+            self.pictures.pop(int(hook["id"]), None)
+        else:
+            self.pictures[int(hook["id"])] = picture
 
     def _hook(self, request: web.Request) -> dict[str, Any] | None:
         hook = self.webhooks.get(int(request.match_info["wid"]))
@@ -243,7 +293,7 @@ class FakeDiscord:
         if hook is None:
             return self._error(404, 10015, "Unknown Webhook")
         author = _user(int(hook["id"]), body.get("username") or hook["name"], bot=True)
-        author["avatar"] = None
+        author["avatar"] = None if body.get("avatar_url") else hook["avatar"]
         message = self._message(
             int(hook["channel_id"]),
             author,

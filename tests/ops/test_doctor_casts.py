@@ -1,19 +1,16 @@
 """Doctor on Discord casts: the channels with a cast of two or more where the bot lacks Manage
 Webhooks (asked through discord.py's own REST client, pointed at the loopback fake of Discord's
-API in tests/fakes/discord_rest.py), and persona avatars that are files, which Discord cannot
-take."""
+API in tests/fakes/discord_rest.py)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from discord.http import Route
 
 from bot.app import running_app
-from bot.config import REPO_ROOT
 from bot.core.commands import CommandContext
-from bot.ops.doctor_casts import check_discord_casts, check_local_avatars
+from bot.ops.doctor_casts import check_discord_casts
 from tests.conftest import make_settings
 from tests.fakes.discord_rest import FakeDiscord
 from tests.fakes.ollama import FakeOllama
@@ -50,23 +47,3 @@ async def test_cast_channels_without_manage_webhooks_are_listed(
     assert len(fake.seen("GET", f"/channels/{ALLOWED}/webhooks")) == 2
     assert fake.seen("GET", f"/channels/{ALONE}/webhooks") == [], "a cast of one is not asked"
     assert fixed.status == "ok" and "all 2" in fixed.detail
-
-
-def test_avatar_files_are_named_when_discord_is_on(tmp_path: Path) -> None:
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    for name in ("mimi", "sage"):
-        shutil.copy(REPO_ROOT / "personas" / f"{name}.yaml", personas)
-    with (personas / "mimi.yaml").open("a") as mimi:
-        mimi.write("\navatar: mimi.png\n")
-    (personas / "mimi.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    with (personas / "sage.yaml").open("a") as sage:
-        sage.write("\navatar: https://example.org/sage.png\n")
-    off = make_settings(tmp_path, "postgresql://x/y", "http://h", personas_dir=personas)
-    assert check_local_avatars(off) == [], "Discord is off: nothing to say"
-    on = make_settings(
-        tmp_path, "postgresql://x/y", "http://h", personas_dir=personas, discord_token=TOKEN
-    )
-    [check] = check_local_avatars(on)
-    assert check.status == "warn" and check.detail.startswith("mimi: the avatar is a file")
-    assert "sage" not in check.detail, "an https avatar reaches Discord"

@@ -36,6 +36,7 @@ from bot.adapters.discord.render import (
 from bot.adapters.discord.reply import NO_MENTIONS, ReplyView, send_plain
 from bot.adapters.discord.sync import sync_commands
 from bot.adapters.discord.text import message_text
+from bot.adapters.discord.webhooks import Webhooks
 from bot.adapters.message_map import MessageMap
 from bot.app import App
 from bot.core.attention import Attention
@@ -115,7 +116,11 @@ class DiscordAdapter:
         self.conversations = Conversations(app.engine, self.messages)
         self._bot_turns: dict[int, int] = {}  # channel → answers to bots since a person spoke
         self.cast = CastPlayer(
-            Faces(self.settings.discord_edit_interval, self.budget),
+            Faces(
+                self.settings.discord_edit_interval,
+                self.budget,
+                Webhooks(self.settings.personas_dir),
+            ),
             self.attention,
             answer_dms=self.settings.discord_answer_dms,
             answer_bots=self.settings.discord_answer_bots,

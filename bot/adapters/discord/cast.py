@@ -115,7 +115,7 @@ class Faces:
     async def view(self, source: discord.Message, persona: Persona, named: bool) -> ReplyView:
         if not named:
             return ReplyView(source, self.interval, self.budget)
-        hook = await self.webhooks.hook(source.channel)
+        hook = await self.webhooks.hook(source.channel, persona)
         if hook is None:
             return NamedReplyView(source, self.interval, persona.display_name, self.budget)
         return WebhookReplyView(

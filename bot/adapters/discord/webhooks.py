@@ -1,19 +1,29 @@
-"""A cast's faces on Discord: one channel webhook the bot creates and reuses.
+"""A cast's faces on Discord: webhooks the bot creates in a channel and reuses.
 
-Each cast member's reply is posted through the channel's webhook with the persona's display name
-(and its avatar when `avatar` is an https URL; Discord takes avatars per message only by URL: a
-picture file is logged once and the webhook's default avatar is used), and
-streamed by editing that webhook message. The bot needs Manage Webhooks in the channel; without it
-(or when the webhook was deleted) the reply comes from the bot's own account with the persona's
-name in bold, and `lacking` lists the channels so the operator can fix it. A thread speaks
-through its parent channel's webhook.
+Each cast member's reply is posted through a channel webhook with the persona's display name,
+and streamed by editing that webhook message. Discord takes a per-message avatar only as an
+https URL, so:
+
+- a persona whose `avatar` is an https URL (or who has none) speaks through the channel's one
+  shared webhook (`personabot cast`), the URL sent with each message;
+- a persona whose `avatar` is a picture file speaks through a webhook of its own in the channel
+  (`personabot face NAME`), created with the picture as the webhook's own avatar; once a process
+  the picture is set on it again (it may have changed while the bot was away), and again when
+  the file changes. Where Discord refuses another webhook (15 a channel, its error 30007), that
+  persona speaks through the shared webhook with the default avatar, said once in the log.
+
+The bot needs Manage Webhooks in the channel; without it (or when a webhook was deleted) the
+reply comes from the bot's own account with the persona's name in bold, and `lacking` lists the
+channels so the operator can fix it. A thread speaks through its parent channel's webhooks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -25,25 +35,43 @@ from bot.core.personas import Persona, has_local_avatar
 log = logging.getLogger(__name__)
 
 HOOK_NAME = "personabot cast"
+FACE_PREFIX = "personabot face "  # a persona's own webhook: "personabot face mimi"
 _RETRY_AFTER = 600.0  # seconds before asking again in a channel that refused us a webhook
 
 
-class Webhooks:
-    """The webhook of each channel, found or created once and then reused."""
+def face_name(persona: Persona) -> str:
+    """The name of the persona's own webhook (Discord refuses names with "discord" or "clyde")."""
+    return re.sub("(?i)discord|clyde", "-", FACE_PREFIX + persona.name)[:80]
 
-    def __init__(self) -> None:
+
+Channel = discord.TextChannel | discord.ForumChannel
+
+
+class Webhooks:
+    """The webhooks of each channel, found or created once and then reused."""
+
+    def __init__(self, personas_dir: Path | None = None) -> None:
+        self.personas_dir = personas_dir  # where avatar files are (None: no face webhooks)
         self._hooks: dict[int, discord.Webhook] = {}
+        # (channel id, persona) → (the picture's mtime ns, its webhook or None: Discord refused
+        # one, and when)
+        self._faces: dict[tuple[int, str], tuple[int, discord.Webhook | None, float]] = {}
         self._refused: dict[int, float] = {}  # channel id → when Discord said Forbidden
         self._lock = asyncio.Lock()
-        self._unshown: set[str] = set()  # personas whose avatar file Discord cannot take
+        self._unshown: set[str] = set()  # personas whose avatar file Discord did not take
 
-    def avatar(self, persona: Persona) -> str | None:
-        """The avatar URL to post with; a picture file is not (said once per persona)."""
-        if has_local_avatar(persona) and persona.name not in self._unshown:
+    def avatar(self, persona: Persona, hook: discord.Webhook | None = None) -> str | None:
+        """The avatar URL to post with through `hook`: the https one; none for a picture file,
+        whose face is the webhook's own (unless `hook` is the shared one: said once)."""
+        if (
+            has_local_avatar(persona)
+            and (hook is None or not _is_face(hook))
+            and persona.name not in self._unshown
+        ):
             self._unshown.add(persona.name)
             log.warning(
-                "the avatar of %s is a file: Discord webhooks take avatars by URL only, so on "
-                "Discord %s speaks with the webhook's default avatar (Matrix shows the file)",
+                "the avatar of %s is a file, and it has no webhook of its own here: on Discord "
+                "%s speaks with the webhook's default avatar (Matrix shows the file)",
                 persona.name,
                 persona.name,
             )
@@ -52,7 +80,8 @@ class Webhooks:
     @property
     def ids(self) -> set[int]:
         """Our webhooks' ids: their messages come back through the gateway and are ours."""
-        return {hook.id for hook in self._hooks.values()}
+        faces = {hook.id for _, hook, _ in self._faces.values() if hook is not None}
+        return {hook.id for hook in self._hooks.values()} | faces
 
     @property
     def lacking(self) -> list[int]:
@@ -61,12 +90,21 @@ class Webhooks:
 
     def forget(self, channel_id: int) -> None:
         self._hooks.pop(channel_id, None)
+        for key in [key for key in self._faces if key[0] == channel_id]:
+            del self._faces[key]
 
-    async def hook(self, channel: object) -> discord.Webhook | None:
-        """The webhook to speak through in `channel` (a thread: its parent's), or None."""
+    async def hook(self, channel: object, persona: Persona | None = None) -> discord.Webhook | None:
+        """The webhook to speak through in `channel` (a thread: its parent's), or None: the
+        persona's own when its avatar is a picture file, else the channel's shared one."""
         parent = channel.parent if isinstance(channel, discord.Thread) else channel
-        if not isinstance(parent, discord.TextChannel | discord.ForumChannel):
+        if not isinstance(parent, Channel):
             return None  # DMs and other channels have no webhooks
+        shared = await self._shared(parent)
+        if shared is None or persona is None or not has_local_avatar(persona):
+            return shared
+        return await self._face(parent, persona) or shared
+
+    async def _shared(self, parent: Channel) -> discord.Webhook | None:
         async with self._lock:
             if parent.id in self._hooks:
                 return self._hooks[parent.id]
@@ -78,9 +116,7 @@ class Webhooks:
                 self._hooks[parent.id] = found
             return found
 
-    async def _find_or_create(
-        self, channel: discord.TextChannel | discord.ForumChannel
-    ) -> discord.Webhook | None:
+    async def _find_or_create(self, channel: Channel) -> discord.Webhook | None:
         me = channel.guild.me if channel.guild is not None else None
         if me is not None and not channel.permissions_for(me).manage_webhooks:
             self._refuse(channel.id)  # known from the cache: no need to ask Discord
@@ -101,6 +137,52 @@ class Webhooks:
         self._refused.pop(channel.id, None)
         return mine
 
+    async def _face(self, parent: Channel, persona: Persona) -> discord.Webhook | None:
+        """The persona's own webhook in the channel, its picture the webhook's avatar; None
+        when there is no picture file to show or Discord refused (tried again in 10 minutes,
+        or when the file changes)."""
+        if self.personas_dir is None:
+            return None
+        path = self.personas_dir / persona.avatar
+        try:
+            version = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        key = (parent.id, persona.name)
+        async with self._lock:
+            seen, kept, when = self._faces.get(key, (None, None, 0.0))
+            if seen == version and (kept is not None or time.monotonic() - when < _RETRY_AFTER):
+                return kept
+            found = await self._set_face(parent, persona, path)
+            self._faces[key] = (version, found, time.monotonic())
+            return found
+
+    async def _set_face(
+        self, parent: Channel, persona: Persona, path: Path
+    ) -> discord.Webhook | None:
+        name = face_name(persona)
+        reason = f"personabot: {persona.name} speaks with its own picture"
+        try:
+            picture = await asyncio.to_thread(path.read_bytes)
+            hooks = await parent.webhooks()
+            mine = next((h for h in hooks if h.name == name and h.token), None)
+            if mine is None:
+                return await parent.create_webhook(name=name, avatar=picture, reason=reason)
+            return await mine.edit(avatar=picture, reason=reason)
+        except OSError:
+            log.warning("the avatar %s of %s cannot be read", path, persona.name)
+        except ValueError:  # discord.py reads the type from the bytes: PNG, JPEG, GIF, WebP
+            log.warning("the avatar %s of %s is not a picture Discord takes", path, persona.name)
+        except discord.HTTPException as exc:
+            log.warning(
+                "could not give %s a webhook of its own in channel %s (%s, code %s)",
+                persona.name,
+                parent.id,
+                exc.status,
+                exc.code,
+            )
+        return None
+
     def _refuse(self, channel_id: int) -> None:
         log.warning(
             "no Manage Webhooks permission in channel %s: personas speak from the bot's "
@@ -112,6 +194,10 @@ class Webhooks:
 
 def avatar_url(persona: Persona) -> str | None:
     return persona.avatar if persona.avatar.startswith("https://") else None
+
+
+def _is_face(hook: discord.Webhook) -> bool:
+    return bool(hook.name and hook.name.startswith(FACE_PREFIX))
 
 
 class WebhookReplyView(ReplyView):
@@ -131,7 +217,7 @@ class WebhookReplyView(ReplyView):
         super().__init__(source, interval, budget)
         self.hook = hook
         self.name = persona.display_name[:80]  # Discord's limit for a webhook username
-        self.avatar = hooks.avatar(persona)
+        self.avatar = hooks.avatar(persona, hook)
         self._hooks = hooks
         self._fallen_back = False
 

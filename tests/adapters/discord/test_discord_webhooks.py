@@ -1,11 +1,17 @@
-"""A cast's faces on Discord: the channel webhook path, driven by discord.py's own client and
-Webhook classes against a loopback fake of Discord's REST API (tests/fakes/discord_rest.py),
-and the fallback to the bot's account with the name in bold."""
+"""A cast's faces on Discord: the channel webhook path, a persona's own webhook for a picture
+file, driven by discord.py's own client and Webhook classes against a loopback fake of
+Discord's REST API (tests/fakes/discord_rest.py), and the fallback to the bot's account with the
+name in bold."""
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import os
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import discord
 import pytest
@@ -13,10 +19,10 @@ from discord.http import Route
 
 from bot.adapters.discord.budget import ChannelBudget
 from bot.adapters.discord.cast import Faces, NamedReplyView, replied_persona
-from bot.adapters.discord.webhooks import HOOK_NAME, WebhookReplyView, Webhooks
+from bot.adapters.discord.webhooks import HOOK_NAME, WebhookReplyView, Webhooks, face_name
 from bot.core.cast import Stage
 from bot.core.personas import Persona
-from tests.fakes.discord_rest import FakeDiscord
+from tests.fakes.discord_rest import WEBHOOKS_PER_CHANNEL, FakeDiscord, avatar_hash
 
 ALLOWED, FORBIDDEN = 100, 200
 
@@ -144,7 +150,7 @@ async def test_replies_to_a_persona_message_are_known_without_the_stage(
     assert replied_persona(plain, cast, Stage(), reply_to_bot=False) is None
 
 
-def test_an_avatar_file_is_not_sent_to_discord_and_said_once(
+def test_an_avatar_file_without_a_webhook_of_its_own_is_not_sent_and_said_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     hooks = Webhooks()
@@ -155,3 +161,128 @@ def test_an_avatar_file_is_not_sent_to_discord_and_said_once(
         assert hooks.avatar(SAGE) == "https://example.org/sage.png"
     [record] = caplog.records
     assert "avatar of mimi is a file" in record.getMessage()
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(picture, format="PNG")
+    return picture.getvalue()
+
+
+def webhook_edits(fake: FakeDiscord) -> list[dict[str, object]]:
+    """Modify Webhook calls (PATCH /webhooks/{id}), not the edits of webhook messages."""
+    return [b for m, path, b in fake.calls if m == "PATCH" and re.fullmatch(r"/webhooks/\d+", path)]
+
+
+def data_uri_bytes(body: dict[str, object]) -> bytes:
+    return base64.b64decode(str(body["avatar"]).split(",", 1)[1])
+
+
+async def test_a_picture_file_is_the_face_of_a_webhook_of_the_personas_own(
+    discord_api: tuple[FakeDiscord, discord.Client],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, client = discord_api
+    (tmp_path / "mimi.png").write_bytes(png((40, 90, 160)))
+    mimi = persona("mimi", "mimi.png")
+    source = await source_in(fake, client, ALLOWED)
+    hooks = Webhooks(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="bot.adapters.discord.webhooks"):
+        view = await Faces(0.0, ChannelBudget(), hooks).view(source, mimi, True)
+        assert isinstance(view, WebhookReplyView)
+        await view.finish("Nya.")
+        shared = await Faces(0.0, ChannelBudget(), hooks).view(source, SAGE, True)
+        await shared.finish("Good day.")
+    assert caplog.records == [], "the picture is shown: nothing to say"
+    created = fake.seen("POST", f"/channels/{ALLOWED}/webhooks")
+    assert [c["name"] for c in created] == [HOOK_NAME, "personabot face mimi"]
+    assert data_uri_bytes(created[1]) == (tmp_path / "mimi.png").read_bytes()
+    posted = fake.seen("POST", "/webhooks/")
+    assert posted[0]["username"] == "Mimi" and "avatar_url" not in posted[0]
+    assert posted[1]["username"] == "Sage"
+    assert posted[1]["avatar_url"] == "https://example.org/sage.png"
+    mimi_message = fake.messages[view.sent[0].id]
+    assert mimi_message["author"]["avatar"] == avatar_hash(png((40, 90, 160)))
+    sage_message = fake.messages[shared.sent[0].id]
+    assert sage_message["webhook_id"] != mimi_message["webhook_id"]
+    assert hooks.ids == {int(mimi_message["webhook_id"]), int(sage_message["webhook_id"])}
+
+    again = await Faces(0.0, ChannelBudget(), hooks).view(source, mimi, True)
+    await again.finish("Still me.")
+    assert len(fake.seen("POST", f"/channels/{ALLOWED}/webhooks")) == 2, "reused"
+    assert webhook_edits(fake) == [], "the picture is not sent again while the file is the same"
+
+    # A restart: the webhook is found by its name and given the picture once more.
+    restarted = Webhooks(tmp_path)
+    await (await Faces(0.0, ChannelBudget(), restarted).view(source, mimi, True)).finish("Hi.")
+    assert len(fake.seen("POST", f"/channels/{ALLOWED}/webhooks")) == 2
+    [refreshed] = webhook_edits(fake)
+    assert data_uri_bytes(refreshed) == png((40, 90, 160))
+
+    # The file changes: the next reply sets the new picture, and the message shows it.
+    (tmp_path / "mimi.png").write_bytes(png((200, 30, 30)))
+    os.utime(tmp_path / "mimi.png", ns=(1, 1))
+    changed = await Faces(0.0, ChannelBudget(), restarted).view(source, mimi, True)
+    await changed.finish("New look.")
+    assert data_uri_bytes(webhook_edits(fake)[-1]) == png((200, 30, 30))
+    assert fake.messages[changed.sent[0].id]["author"]["avatar"] == avatar_hash(png((200, 30, 30)))
+
+
+async def test_when_discord_refuses_a_persona_its_own_webhook_it_speaks_through_the_shared_one(
+    discord_api: tuple[FakeDiscord, discord.Client],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, client = discord_api
+    for n in range(WEBHOOKS_PER_CHANNEL - 1):  # other integrations' webhooks fill the channel
+        fake.add_webhook(ALLOWED, f"another integration {n}")
+    (tmp_path / "mimi.png").write_bytes(png((40, 90, 160)))
+    mimi = persona("mimi", "mimi.png")
+    source = await source_in(fake, client, ALLOWED)
+    hooks = Webhooks(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="bot.adapters.discord.webhooks"):
+        view = await Faces(0.0, ChannelBudget(), hooks).view(source, mimi, True)
+        await view.finish("Nya.")
+        again = await Faces(0.0, ChannelBudget(), hooks).view(source, mimi, True)
+        await again.finish("Nya nya.")
+    created = fake.seen("POST", f"/channels/{ALLOWED}/webhooks")
+    assert [c["name"] for c in created] == [HOOK_NAME, "personabot face mimi"], "tried once"
+    assert fake.messages[view.sent[0].id]["author"]["username"] == "Mimi"
+    assert fake.messages[view.sent[0].id]["author"]["avatar"] is None
+    assert (
+        fake.messages[again.sent[0].id]["webhook_id"]
+        == fake.messages[view.sent[0].id]["webhook_id"]
+    ), "both through the shared webhook"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("30007" in line for line in said), said
+    assert sum("default avatar" in line for line in said) == 1, said
+
+
+async def test_a_face_webhooks_name_keeps_clear_of_the_words_discord_refuses(
+    discord_api: tuple[FakeDiscord, discord.Client], tmp_path: Path
+) -> None:
+    fake, client = discord_api
+    (tmp_path / "d.png").write_bytes(png((1, 2, 3)))
+    clyde = persona("discord-clyde", "d.png")
+    assert face_name(clyde) == "personabot face ---"
+    source = await source_in(fake, client, ALLOWED)
+    view = await Faces(0.0, ChannelBudget(), Webhooks(tmp_path)).view(source, clyde, True)
+    await view.finish("Hello.")
+    assert fake.messages[view.sent[0].id]["author"]["avatar"] == avatar_hash(png((1, 2, 3)))
+
+
+async def test_a_picture_file_that_is_no_picture_costs_the_face_not_the_reply(
+    discord_api: tuple[FakeDiscord, discord.Client], tmp_path: Path
+) -> None:
+    fake, client = discord_api
+    (tmp_path / "mimi.png").write_bytes(b"not a picture at all")
+    source = await source_in(fake, client, ALLOWED)
+    view = await Faces(0.0, ChannelBudget(), Webhooks(tmp_path)).view(
+        source, persona("mimi", "mimi.png"), True
+    )
+    await view.finish("Nya.")
+    assert [c["name"] for c in fake.seen("POST", f"/channels/{ALLOWED}/webhooks")] == [HOOK_NAME]
+    assert fake.messages[view.sent[0].id]["content"] == "Nya."
