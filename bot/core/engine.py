@@ -83,7 +83,7 @@ class Engine(ToolUse):
         self._background = Background("background work")
         self.quiet = Quiet()  # replies in flight, for work that waits for them (memory)
         self.metrics = metrics or Metrics()
-        self.recollection = Recollection(memory, history, self.spawn)
+        self.recollection = Recollection(memory, history, self.spawn, self.persona_named)
         self.moderation = moderation or Moderation()  # Llama Guard (issue 4); none: unchecked
         self.drawing: DrawingPort | None = None  # the draw_image tool (issue 8), set by the app
         self.rates: RatePort | None = None  # personas' own rate limits (issue 21), by the app

@@ -93,7 +93,12 @@ class MemoryPort(Protocol):
 
     async def message_deleted(self, message_rows: list[int]) -> int: ...
 
-    async def message_edited(self, message_rows: list[int], text: str) -> None: ...
+    async def message_edited(
+        self,
+        message_rows: list[int],
+        text: str,
+        model_of: Callable[[str], str | None] | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)

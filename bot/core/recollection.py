@@ -9,6 +9,7 @@ recalled or learned.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from bot.core.calls import CallContext
 from bot.core.events import Incoming
@@ -25,10 +26,17 @@ def scope_for(incoming: Incoming) -> str:
 
 
 class Recollection:
-    def __init__(self, memory: MemoryPort | None, history: History, spawn: Spawn) -> None:
+    def __init__(
+        self,
+        memory: MemoryPort | None,
+        history: History,
+        spawn: Spawn,
+        personas: Callable[[str | None], Persona] | None = None,
+    ) -> None:
         self.memory = memory
         self._history = history
         self._spawn = spawn
+        self._personas = personas  # a persona by name (the engine's `persona_named`)
 
     def embed_early(self, incoming: Incoming, persona: Persona) -> EarlyEmbedding | None:
         """The message's embedding, started before its conversation is read, for `persona`
@@ -119,7 +127,15 @@ class Recollection:
             )
 
     async def message_edited(self, platform: str, message_id: str, text: str) -> None:
-        """The stored text becomes the new one, in history and in a pending extraction."""
+        """The stored text becomes the new one, in history and in a pending extraction; the
+        facts already drawn from the old text are drawn again from the new one."""
         rows = await self._history.edit_message(platform, message_id, text)
         if rows and self.memory is not None:
-            await self.memory.message_edited(rows, text)
+            await self.memory.message_edited(rows, text, self._model_of)
+
+    def _model_of(self, name: str) -> str | None:
+        """The chat model persona `name` extracts with; None when it no longer learns."""
+        if self._personas is None or self.memory is None:
+            return None
+        persona = self._personas(name)
+        return persona.model if self.memory.active(persona) else None

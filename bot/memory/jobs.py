@@ -16,19 +16,14 @@ class JobQueries:
     async def enqueue_held(self, exchange: Exchange, lease_seconds: float) -> Job:
         """A new job, already taken by this process for `lease_seconds` (queue and claim in one
         round trip)."""
-        row = await self._pool.fetchrow(
-            _ENQUEUE_HELD,
-            *_values(exchange),
-            lease_seconds,
-        )
-        return _job(row)
+        return await enqueue_held_on(self._pool, exchange, lease_seconds)
 
     async def enqueue_held_many(self, exchanges: list[Exchange], lease_seconds: float) -> list[Job]:
         """New jobs for several exchanges, in their order, in one statement, each taken as
         `enqueue_held` takes one."""
         columns = [list(column) for column in zip(*map(_values, exchanges), strict=True)]
         rows = await self._pool.fetch(_ENQUEUE_HELD_MANY, *columns, lease_seconds)
-        return [_job(row) for row in rows]
+        return [job_of(row) for row in rows]
 
     async def retake(self, job_ids: list[int], lease_seconds: float) -> list[Job]:
         """This process's jobs as they are now, taken for `lease_seconds` more: a message
@@ -39,7 +34,7 @@ class JobQueries:
             job_ids,
             lease_seconds,
         )
-        return sorted((_job(row) for row in rows), key=_said)
+        return sorted((job_of(row) for row in rows), key=_said)
 
     async def claim(self, job_id: int, lease_seconds: float) -> Job | None:
         """Take a job for `lease_seconds` unless another worker holds it."""
@@ -49,7 +44,7 @@ class JobQueries:
             job_id,
             lease_seconds,
         )
-        return None if row is None else _job(row)
+        return None if row is None else job_of(row)
 
     async def expire(self, days: float) -> int:
         """Drop jobs that could not be extracted for `days` (a model that never came back)."""
@@ -80,12 +75,6 @@ class JobQueries:
         """One more invalid answer for these jobs (the lease is kept)."""
         await self._pool.execute(
             "UPDATE memory_jobs SET attempts = attempts + 1 WHERE id = ANY($1)", job_ids
-        )
-
-    async def message_edited(self, message_rows: list[int], text: str) -> None:
-        """A pending extraction reads the edited text."""
-        await self._pool.execute(
-            "UPDATE memory_jobs SET message = $2 WHERE message_id = ANY($1)", message_rows, text
         )
 
 
@@ -136,7 +125,13 @@ def _said(job: Job) -> tuple[int, int]:
     return (job.exchange.message_id or 0, job.id)
 
 
-def _job(row: Any) -> Job:
+async def enqueue_held_on(conn: Any, exchange: Exchange, lease_seconds: float) -> Job:
+    """`enqueue_held` on a connection (or pool) given, as in a transaction of the caller's."""
+    return job_of(await conn.fetchrow(_ENQUEUE_HELD, *_values(exchange), lease_seconds))
+
+
+def job_of(row: Any) -> Job:
+    """A `memory_jobs` row as a Job."""
     exchange = Exchange(
         row["user_key"],
         row["author_name"],

@@ -70,9 +70,29 @@ class Learning:
         finally:
             self.known.forget()
 
-    async def message_edited(self, message_rows: list[int], text: str) -> None:
-        """Messages edited on their platform: a pending extraction reads the new text."""
-        await self.store.message_edited(message_rows, text)
+    async def message_edited(
+        self,
+        message_rows: list[int],
+        text: str,
+        model_of: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """Messages edited on their platform: a pending extraction reads the new text; the
+        facts already drawn from the old text are drawn again from the new one (in the
+        background, through the gate, as after a reply; `MemoryStore.message_edited`)."""
+        try:
+            jobs = await self.store.message_edited(message_rows, text, model_of, _LEASE_SECONDS)
+        finally:
+            self.known.forget()
+        for job in jobs:
+            work = self._extract_held([job])
+            if self.spawn is not None:
+                self.spawn(work)
+            else:
+                await work
+
+    async def _extract_held(self, jobs: list[Job]) -> None:
+        async with self._gate:
+            await self._extract(jobs)
 
     async def remember(self, exchange: Exchange) -> None:
         """Queue the exchange in Postgres, taken by this process in the same statement, then

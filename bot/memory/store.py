@@ -6,14 +6,14 @@ reachable through another user's key.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pgvector import HalfVector
 
-from bot.memory.jobs import JobQueries
+from bot.memory.jobs import JobQueries, enqueue_held_on
 from bot.memory.types import (
     Exchange,
     Job,
@@ -488,13 +488,58 @@ class MemoryStore(JobQueries):
                 "SELECT id FROM memories WHERE source_message_id = ANY($1)", message_rows
             )
             ids = [r["id"] for r in drawn]
-            await conn.execute(
-                "UPDATE memories SET superseded_by = NULL WHERE superseded_by = ANY($1)"
-                " AND NOT (id = ANY($1))",
-                ids,
-            )
-            await conn.execute("DELETE FROM memories WHERE id = ANY($1)", ids)
+            await _drop_facts(conn, ids)
         return len(ids)
+
+    async def message_edited(
+        self,
+        message_rows: list[int],
+        text: str,
+        model_of: Callable[[str], str | None] | None = None,
+        lease_seconds: float = 300.0,
+    ) -> list[Job]:
+        """These history rows (a user's message) now say `text`. A pending extraction reads
+        it; where the extraction had finished, the facts drawn from the old text go (what they
+        had superseded is current again) and the exchange is queued again with the new text,
+        taken by this process, once for each persona and place its facts were learned with
+        (`model_of`: the chat model a persona extracts with; None for one that no longer
+        learns, whose facts are left as they are). Returns those new jobs."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            pending = await conn.fetch(
+                "UPDATE memory_jobs SET message = $2 WHERE message_id = ANY($1)"
+                " RETURNING message_id",
+                message_rows,
+                text,
+            )
+            done = sorted(set(message_rows) - {r["message_id"] for r in pending})
+            if model_of is None or not done:
+                return []
+            drawn = await conn.fetch(_DRAWN, done)
+            jobs: list[Job] = []
+            dropped: list[int] = []
+            for key, ids in _learned_together(drawn).items():
+                row, user_key, persona, scope, private_to = key
+                model = model_of(persona) if persona is not None else None
+                origin = await conn.fetchrow(_ORIGIN, row, persona) if model else None
+                if persona is None or model is None or origin is None or origin["reply"] is None:
+                    continue  # no longer learns, or the reply is gone: the facts stay
+                exchange = Exchange(
+                    user_key,
+                    origin["author_name"],
+                    persona,
+                    model,
+                    origin["platform"],
+                    origin["conversation_id"],
+                    text,
+                    origin["reply"],
+                    scope,
+                    row,
+                    private_to,
+                )
+                jobs.append(await enqueue_held_on(conn, exchange, lease_seconds))
+                dropped += ids
+            await _drop_facts(conn, dropped)
+        return jobs
 
     async def stale(self, model: str, limit: int) -> list[tuple[int, str]]:
         """Rows embedded by another model than `model` (for reembed)."""
@@ -511,3 +556,39 @@ class MemoryStore(JobQueries):
                 "UPDATE memories SET embedding = $2::halfvec, embed_model = $3 WHERE id = $1",
                 [(memory_id, HalfVector(vector), model) for memory_id, vector in rows],
             )
+
+
+# the facts drawn from these history rows, with what they were learned with
+_DRAWN = (
+    "SELECT id, source_message_id, user_key, persona, scope, private_to FROM memories"
+    " WHERE source_message_id = ANY($1) ORDER BY id"
+)
+# the message's writer and place, and the reply persona $2 gave it (the next of its own)
+_ORIGIN = (
+    "SELECT m.author_name, m.conversation_id, c.platform,"
+    " (SELECT r.content FROM messages r WHERE r.conversation_id = m.conversation_id"
+    "  AND r.role = 'assistant' AND r.persona = $2 AND r.id > m.id ORDER BY r.id LIMIT 1)"
+    " AS reply FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = $1"
+)
+
+_Learned = tuple[int, str, str | None, str | None, str | None]  # row, user, persona, scope, private
+
+
+def _learned_together(drawn: list[Any]) -> dict[_Learned, list[int]]:
+    """The facts' ids by the exchange and place they were learned in, and for whom."""
+    found: dict[_Learned, list[int]] = {}
+    for r in drawn:
+        key = (r["source_message_id"], r["user_key"], r["persona"], r["scope"], r["private_to"])
+        found.setdefault(key, []).append(r["id"])
+    return found
+
+
+async def _drop_facts(conn: Any, ids: list[int]) -> None:
+    """Facts deleted, and what they had superseded current again (in the caller's
+    transaction)."""
+    await conn.execute(
+        "UPDATE memories SET superseded_by = NULL WHERE superseded_by = ANY($1)"
+        " AND NOT (id = ANY($1))",
+        ids,
+    )
+    await conn.execute("DELETE FROM memories WHERE id = ANY($1)", ids)

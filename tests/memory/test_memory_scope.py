@@ -148,10 +148,88 @@ async def test_an_edited_message_replaces_the_stored_text(
     mapp: App, fake_ollama: FakeOllama
 ) -> None:
     await exchange(mapp, fake_ollama, dm("I like cofee", "m1"), json.dumps({"facts": []}))
+    asked = len(fake_ollama.chat_requests())
     await mapp.engine.message_edited("test", "m1", "I like coffee")
+    await mapp.engine.drain()
     conversation = await mapp.engine.conversation("test", "dm-alice")
     history = [t.content for t in await mapp.engine.history.recent(conversation.id)]
     assert history[0] == "I like coffee" and "I like cofee" not in history
+    assert len(fake_ollama.chat_requests()) == asked, "nothing was drawn from it: nothing to redo"
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
+
+
+def extractions(fake: FakeOllama) -> list[str]:
+    """What each memory extraction call was shown (its messages, the facts known among them)."""
+    return [
+        "\n".join(str(m["content"]) for m in b["messages"])
+        for b in fake.chat_requests()
+        if b.get("format")
+    ]
+
+
+async def current(app: App) -> list[tuple[str, str | None]]:
+    rows = await app.pool.fetch(
+        "SELECT text, scope FROM memories WHERE superseded_by IS NULL ORDER BY id"
+    )
+    return [(r["text"], r["scope"]) for r in rows]
+
+
+async def test_an_edit_after_extraction_draws_the_facts_again_from_the_new_text(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, dm("I live in Paris", "m1"), facts("Lives in Paris."))
+    await exchange(mapp, fake_ollama, dm("I like tea", "m2"), facts("Likes tea."))
+    fake_ollama.queue_reply(facts("Lives in Berlin."))  # the new text's extraction
+    await mapp.engine.message_edited("test", "m1", "I live in Berlin")
+    await mapp.engine.drain()
+    place = "test:conv:dm-alice"
+    assert await current(mapp) == [("Likes tea.", place), ("Lives in Berlin.", place)]
+    shown = extractions(fake_ollama)[-1]
+    assert "I live in Berlin" in shown and "Got it!" in shown, "the new text and its reply"
+    assert "Paris" not in shown, "the old fact is gone before the new text is read"
+    assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
+    assert "Lives in Berlin." in await said(mapp, fake_ollama, dm("Lives in Berlin."))
+
+
+async def test_an_edit_undoes_what_the_old_text_replaced_before_reading_the_new(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    await exchange(mapp, fake_ollama, dm("I live in Lisbon", "m1"), facts("Lives in Lisbon."))
+    lisbon = await mapp.pool.fetchval("SELECT id FROM memories")
+    moved = facts(("Lives in Porto.", [lisbon]))
+    await exchange(mapp, fake_ollama, dm("I moved to Porto", "m2"), moved)
+    fake_ollama.queue_reply(facts(("Lives in Faro.", [lisbon])))
+    await mapp.engine.message_edited("test", "m2", "I moved to Faro")
+    await mapp.engine.drain()
+    assert "Lives in Lisbon." in extractions(fake_ollama)[-1], "current again when re-read"
+    assert [text for text, _ in await current(mapp)] == ["Lives in Faro."]
+    rows = await mapp.pool.fetch("SELECT text FROM memories ORDER BY id")
+    assert [r["text"] for r in rows] == ["Lives in Lisbon.", "Lives in Faro."]
+
+
+async def test_an_edit_of_a_message_still_waiting_is_read_once_as_it_is_now(
+    mapp: App, fake_ollama: FakeOllama
+) -> None:
+    """A pending extraction reads the new text; nothing is queued a second time."""
+    assert mapp.memory is not None
+    conversation = await mapp.engine.conversation("test", "dm-alice")
+    row = await mapp.engine.history.append_exchange(
+        conversation.id,
+        author_id="alice",
+        author_name="Alice",
+        text="I live in Oslo",
+        persona="mimi",
+        reply="Nice.",
+        message_id="m7",
+    )
+    job = Exchange(
+        "test:alice", "Alice", "mimi", "llama3.2:3b", "test", conversation.id,
+        "I live in Oslo", "Nice.", "test:conv:dm-alice", row,
+    )  # fmt: skip
+    await mapp.memory.store.enqueue_held(job, 300)
+    await mapp.engine.message_edited("test", "m7", "I live in Bergen")
+    [(text,)] = await mapp.pool.fetch("SELECT message FROM memory_jobs")
+    assert text == "I live in Bergen"
 
 
 async def test_a_fact_said_twice_outlives_the_deletion_of_one_message(
