@@ -3,9 +3,9 @@ an https URL (bot/adapters/matrix/faces.py).
 
 Its type comes from the answer's `Content-Type`, never from the address; anything bigger than
 `max_bytes` is refused while it is read, not after; redirects are followed (Fal's CDN and most
-image hosts redirect). Certificates are checked against certifi's store, or `SSL_CERT_FILE`
-(httpx's own reading). A failure is a `FetchFailed` whose reason names what went wrong, never
-the address (a signed URL's query is a credential) or the body.
+image hosts redirect), to https only. Certificates are checked against certifi's store, or
+`SSL_CERT_FILE` (httpx's own reading). A failure is a `FetchFailed` whose reason names what went
+wrong, never the address (a signed URL's query is a credential) or the body.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ async def fetch_picture(
             httpx.AsyncClient(timeout=httpx.Timeout(seconds), follow_redirects=True) as http,
             http.stream("GET", url) as response,
         ):
+            if response.url.scheme != "https":
+                raise FetchFailed("a redirect led away from https")
             if response.status_code != 200:
                 raise FetchFailed(f"the server answered HTTP {response.status_code}")
             kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
