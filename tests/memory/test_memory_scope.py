@@ -100,13 +100,18 @@ async def test_a_persona_may_widen_the_scope_to_the_user(
 # ------------------------------------------------------------------ 12: deletions and edits
 
 
+async def lisbon_then_porto(app: App, fake: FakeOllama) -> int:
+    """Alice lives in Lisbon (m1), then moved to Porto (m2), which replaced it; Lisbon's id."""
+    await exchange(app, fake, dm("I live in Lisbon", "m1"), facts("Lives in Lisbon."))
+    lisbon = int(await app.pool.fetchval("SELECT id FROM memories"))
+    await exchange(app, fake, dm("I moved to Porto", "m2"), facts(("Lives in Porto.", [lisbon])))
+    return lisbon
+
+
 async def test_a_deleted_message_leaves_history_and_memory(
     mapp: App, fake_ollama: FakeOllama
 ) -> None:
-    await exchange(mapp, fake_ollama, dm("I live in Lisbon", "m1"), facts("Lives in Lisbon."))
-    lisbon = await mapp.pool.fetchval("SELECT id FROM memories")
-    moved = facts(("Lives in Porto.", [lisbon]))
-    await exchange(mapp, fake_ollama, dm("I moved to Porto", "m2"), moved)
+    await lisbon_then_porto(mapp, fake_ollama)
     await exchange(mapp, fake_ollama, dm("I like tea", "m3"), facts("Likes tea."))
     await mapp.engine.message_deleted("test", "m2")
     conversation = await mapp.engine.conversation("test", "dm-alice")
@@ -121,24 +126,29 @@ async def test_a_deleted_message_leaves_history_and_memory(
     await mapp.engine.message_deleted("test", "unknown-id")  # nothing to do: no error
 
 
-async def test_a_deleted_message_stops_its_pending_extraction(mapp: App) -> None:
-    assert mapp.memory is not None
-    await mapp.engine.message_deleted("test", "nothing")
-    conversation = await mapp.engine.conversation("test", "dm-alice")
-    row = await mapp.engine.history.append_exchange(
+async def pending(app: App, text: str, reply: str, message_id: str) -> None:
+    """An exchange in Alice's DM whose extraction is queued and taken, as a reply leaves it."""
+    assert app.memory is not None
+    conversation = await app.engine.conversation("test", "dm-alice")
+    row = await app.engine.history.append_exchange(
         conversation.id,
         author_id="alice",
         author_name="Alice",
-        text="my PIN is 1234",
+        text=text,
         persona="mimi",
-        reply="Noted.",
-        message_id="m9",
+        reply=reply,
+        message_id=message_id,
     )
     job = Exchange(
         "test:alice", "Alice", "mimi", "llama3.2:3b", "test", conversation.id,
-        "my PIN is 1234", "Noted.", "test:conv:dm-alice", row,
+        text, reply, "test:conv:dm-alice", row,
     )  # fmt: skip
-    await mapp.memory.store.enqueue_held(job, 300)  # as a reply queues it, taken
+    await app.memory.store.enqueue_held(job, 300)
+
+
+async def test_a_deleted_message_stops_its_pending_extraction(mapp: App) -> None:
+    await mapp.engine.message_deleted("test", "nothing")
+    await pending(mapp, "my PIN is 1234", "Noted.", "m9")
     await mapp.engine.message_deleted("test", "m9")
     assert await mapp.pool.fetchval("SELECT count(*) FROM memory_jobs") == 0
     assert await mapp.pool.fetchval("SELECT count(*) FROM messages") == 0
@@ -194,10 +204,7 @@ async def test_an_edit_after_extraction_draws_the_facts_again_from_the_new_text(
 async def test_an_edit_undoes_what_the_old_text_replaced_before_reading_the_new(
     mapp: App, fake_ollama: FakeOllama
 ) -> None:
-    await exchange(mapp, fake_ollama, dm("I live in Lisbon", "m1"), facts("Lives in Lisbon."))
-    lisbon = await mapp.pool.fetchval("SELECT id FROM memories")
-    moved = facts(("Lives in Porto.", [lisbon]))
-    await exchange(mapp, fake_ollama, dm("I moved to Porto", "m2"), moved)
+    lisbon = await lisbon_then_porto(mapp, fake_ollama)
     fake_ollama.queue_reply(facts(("Lives in Faro.", [lisbon])))
     await mapp.engine.message_edited("test", "m2", "I moved to Faro")
     await mapp.engine.drain()
@@ -211,22 +218,7 @@ async def test_an_edit_of_a_message_still_waiting_is_read_once_as_it_is_now(
     mapp: App, fake_ollama: FakeOllama
 ) -> None:
     """A pending extraction reads the new text; nothing is queued a second time."""
-    assert mapp.memory is not None
-    conversation = await mapp.engine.conversation("test", "dm-alice")
-    row = await mapp.engine.history.append_exchange(
-        conversation.id,
-        author_id="alice",
-        author_name="Alice",
-        text="I live in Oslo",
-        persona="mimi",
-        reply="Nice.",
-        message_id="m7",
-    )
-    job = Exchange(
-        "test:alice", "Alice", "mimi", "llama3.2:3b", "test", conversation.id,
-        "I live in Oslo", "Nice.", "test:conv:dm-alice", row,
-    )  # fmt: skip
-    await mapp.memory.store.enqueue_held(job, 300)
+    await pending(mapp, "I live in Oslo", "Nice.", "m7")
     await mapp.engine.message_edited("test", "m7", "I live in Bergen")
     [(text,)] = await mapp.pool.fetch("SELECT message FROM memory_jobs")
     assert text == "I live in Bergen"
