@@ -1,10 +1,10 @@
 """A fake of Discord's REST API on loopback: just the routes a cast's webhooks use.
 
 Routes and payloads follow Discord's API reference (developer docs: Channel "Get Channel
-Webhooks", Webhook "Create Webhook", "Modify Webhook", "Execute Webhook" with ?wait, "Edit
-Webhook Message", "Delete Webhook Message"; Channel "Create Message", "Edit Message", "Get
-Channel Message"; User "Get Current User"; Application "Get Current Application") as discord.py
-2.x calls them: the paths are the `Route(...)` strings in discord/http.py and
+Webhooks", Webhook "Create Webhook", "Modify Webhook", "Delete Webhook", "Execute Webhook" with
+?wait, "Edit Webhook Message", "Delete Webhook Message"; Channel "Create Message", "Edit
+Message", "Get Channel Message"; User "Get Current User"; Application "Get Current Application")
+as discord.py 2.x calls them: the paths are the `Route(...)` strings in discord/http.py and
 discord/webhook/async_.py, under Route.BASE (https://discord.com/api/v10, which the tests point
 here). A 403 carries Discord's JSON error body (code 50013 Missing Permissions); a deleted
 webhook gives 404 code 10015. A webhook's `avatar` is sent as image data (a `data:` URI, as
@@ -83,6 +83,7 @@ class FakeDiscord:
         app.router.add_get(f"{base}/channels/{{cid}}/webhooks", self._list_webhooks)
         app.router.add_post(f"{base}/channels/{{cid}}/webhooks", self._create_webhook)
         app.router.add_patch(f"{base}/webhooks/{{wid}}", self._modify_webhook)
+        app.router.add_delete(f"{base}/webhooks/{{wid}}", self._delete_webhook)
         app.router.add_post(f"{base}/webhooks/{{wid}}/{{token}}", self._execute)
         app.router.add_patch(f"{base}/webhooks/{{wid}}/{{token}}/messages/{{mid}}", self._edit)
         app.router.add_delete(f"{base}/webhooks/{{wid}}/{{token}}/messages/{{mid}}", self._delete)
@@ -273,6 +274,12 @@ class FakeDiscord:
         if "avatar" in body:
             self._set_picture(hook, _picture(body["avatar"]))
         return _json(hook)
+
+    async def _delete_webhook(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if self.webhooks.pop(int(request.match_info["wid"]), None) is None:
+            return self._error(404, 10015, "Unknown Webhook")
+        return web.Response(status=204)
 
     def _set_picture(self, hook: dict[str, Any], picture: bytes | None) -> None:
         hook["avatar"] = None if picture is None else avatar_hash(picture)

@@ -112,10 +112,12 @@ class Faces:
         """A message one of our webhooks posted (it comes back through the gateway)."""
         return message.webhook_id is not None and message.webhook_id in self.webhooks.ids
 
-    async def view(self, source: discord.Message, persona: Persona, named: bool) -> ReplyView:
+    async def view(
+        self, source: discord.Message, persona: Persona, named: bool, cast: Sequence[Persona] = ()
+    ) -> ReplyView:
         if not named:
             return ReplyView(source, self.interval, self.budget)
-        hook = await self.webhooks.hook(source.channel, persona)
+        hook = await self.webhooks.hook(source.channel, persona, cast)
         if hook is None:
             return NamedReplyView(source, self.interval, persona.display_name, self.budget)
         return WebhookReplyView(
@@ -150,7 +152,7 @@ class CastPlayer(Casting):
 
         async def one(cue: Cue) -> tuple[str, str] | None:
             source = messages[cue.message_id]
-            view = await self.faces.view(source, cue.persona, len(cast) > 1)
+            view = await self.faces.view(source, cue.persona, len(cast) > 1, cast)
             text = await reply(source, cue.incoming, view)
             if text is None or not view.sent:
                 return None

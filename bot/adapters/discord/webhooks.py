@@ -23,6 +23,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 HOOK_NAME = "personabot cast"
 FACE_PREFIX = "personabot face "  # a persona's own webhook: "personabot face mimi"
 _RETRY_AFTER = 600.0  # seconds before asking again in a channel that refused us a webhook
+_TOO_MANY_WEBHOOKS = 30007  # Discord's JSON error code: "Maximum number of webhooks reached (15)"
 
 
 def face_name(persona: Persona) -> str:
@@ -93,16 +95,19 @@ class Webhooks:
         for key in [key for key in self._faces if key[0] == channel_id]:
             del self._faces[key]
 
-    async def hook(self, channel: object, persona: Persona | None = None) -> discord.Webhook | None:
+    async def hook(
+        self, channel: object, persona: Persona | None = None, cast: Sequence[Persona] = ()
+    ) -> discord.Webhook | None:
         """The webhook to speak through in `channel` (a thread: its parent's), or None: the
-        persona's own when its avatar is a picture file, else the channel's shared one."""
+        persona's own when its avatar is a picture file, else the channel's shared one. `cast`:
+        the channel's personas, whose own webhooks are kept when room must be made."""
         parent = channel.parent if isinstance(channel, discord.Thread) else channel
         if not isinstance(parent, Channel):
             return None  # DMs and other channels have no webhooks
         shared = await self._shared(parent)
         if shared is None or persona is None or not has_local_avatar(persona):
             return shared
-        return await self._face(parent, persona) or shared
+        return await self._face(parent, persona, cast) or shared
 
     async def _shared(self, parent: Channel) -> discord.Webhook | None:
         async with self._lock:
@@ -137,7 +142,9 @@ class Webhooks:
         self._refused.pop(channel.id, None)
         return mine
 
-    async def _face(self, parent: Channel, persona: Persona) -> discord.Webhook | None:
+    async def _face(
+        self, parent: Channel, persona: Persona, cast: Sequence[Persona] = ()
+    ) -> discord.Webhook | None:
         """The persona's own webhook in the channel, its picture the webhook's avatar; None
         when there is no picture file to show or Discord refused (tried again in 10 minutes,
         or when the file changes)."""
@@ -153,12 +160,12 @@ class Webhooks:
             seen, kept, when = self._faces.get(key, (None, None, 0.0))
             if seen == version and (kept is not None or time.monotonic() - when < _RETRY_AFTER):
                 return kept
-            found = await self._set_face(parent, persona, path)
+            found = await self._set_face(parent, persona, path, cast)
             self._faces[key] = (version, found, time.monotonic())
             return found
 
     async def _set_face(
-        self, parent: Channel, persona: Persona, path: Path
+        self, parent: Channel, persona: Persona, path: Path, cast: Sequence[Persona] = ()
     ) -> discord.Webhook | None:
         name = face_name(persona)
         reason = f"personabot: {persona.name} speaks with its own picture"
@@ -166,9 +173,14 @@ class Webhooks:
             picture = await asyncio.to_thread(path.read_bytes)
             hooks = await parent.webhooks()
             mine = next((h for h in hooks if h.name == name and h.token), None)
-            if mine is None:
+            if mine is not None:
+                return await mine.edit(avatar=picture, reason=reason)
+            try:
                 return await parent.create_webhook(name=name, avatar=picture, reason=reason)
-            return await mine.edit(avatar=picture, reason=reason)
+            except discord.HTTPException as exc:
+                if exc.code != _TOO_MANY_WEBHOOKS or not await self._make_room(parent, hooks, cast):
+                    raise
+                return await parent.create_webhook(name=name, avatar=picture, reason=reason)
         except OSError:
             log.warning("the avatar %s of %s cannot be read", path, persona.name)
         except ValueError:  # discord.py reads the type from the bytes: PNG, JPEG, GIF, WebP
@@ -182,6 +194,23 @@ class Webhooks:
                 exc.code,
             )
         return None
+
+    async def _make_room(
+        self, parent: Channel, hooks: list[discord.Webhook], cast: Sequence[Persona]
+    ) -> bool:
+        """Delete our own webhooks in the channel of personas no longer in its cast; True when
+        one went. Without the cast nothing is deleted."""
+        if not cast:
+            return False
+        keep = {face_name(p) for p in cast}
+        stale = [h for h in hooks if _is_face(h) and h.token and h.name not in keep]
+        for hook in stale:
+            await hook.delete(reason="personabot: its persona left this channel's cast")
+            log.info("deleted the webhook %r in channel %s to make room", hook.name, parent.id)
+        gone = {hook.id for hook in stale}
+        for key in [k for k, (_, h, _) in self._faces.items() if h is not None and h.id in gone]:
+            del self._faces[key]
+        return bool(stale)
 
     def _refuse(self, channel_id: int) -> None:
         log.warning(

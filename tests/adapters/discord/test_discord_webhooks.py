@@ -286,3 +286,25 @@ async def test_a_picture_file_that_is_no_picture_costs_the_face_not_the_reply(
     await view.finish("Nya.")
     assert [c["name"] for c in fake.seen("POST", f"/channels/{ALLOWED}/webhooks")] == [HOOK_NAME]
     assert fake.messages[view.sent[0].id]["content"] == "Nya."
+
+
+async def test_room_is_made_by_deleting_the_webhooks_of_personas_no_longer_in_the_cast(
+    discord_api: tuple[FakeDiscord, discord.Client], tmp_path: Path
+) -> None:
+    fake, client = discord_api
+    for n in range(WEBHOOKS_PER_CHANNEL - 3):  # other integrations' webhooks
+        fake.add_webhook(ALLOWED, f"another integration {n}")
+    ghost = fake.add_webhook(ALLOWED, "personabot face ghost")  # a persona that left the cast
+    sage_face = fake.add_webhook(ALLOWED, "personabot face sage")  # one still in it
+    (tmp_path / "mimi.png").write_bytes(png((40, 90, 160)))
+    mimi = persona("mimi", "mimi.png")
+    cast = [mimi, persona("sage", "sage.png")]
+    source = await source_in(fake, client, ALLOWED)
+    view = await Faces(0.0, ChannelBudget(), Webhooks(tmp_path)).view(source, mimi, True, cast)
+    await view.finish("Nya.")
+    names = {h["name"] for h in fake.webhooks.values()}
+    assert "personabot face ghost" not in names and "personabot face mimi" in names
+    assert int(sage_face["id"]) in fake.webhooks, "a cast member's webhook is kept"
+    assert [path for m, path, _ in fake.calls if m == "DELETE"] == [f"/webhooks/{ghost['id']}"]
+    assert fake.messages[view.sent[0].id]["author"]["avatar"] == avatar_hash(png((40, 90, 160)))
+    assert len(fake.webhooks) == WEBHOOKS_PER_CHANNEL
