@@ -25,6 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.loopback import serve
+
 BOT_ID = 900
 GUILD_ID = 1
 WEBHOOKS_PER_CHANNEL = 15
@@ -87,11 +89,7 @@ class FakeDiscord:
         app.router.add_post(f"{base}/webhooks/{{wid}}/{{token}}", self._execute)
         app.router.add_patch(f"{base}/webhooks/{{wid}}/{{token}}/messages/{{mid}}", self._edit)
         app.router.add_delete(f"{base}/webhooks/{{wid}}/{{token}}/messages/{{mid}}", self._delete)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
+        self._runner, port = await serve(app)  # with the system's accept queue, as the other fakes
         self.url = f"http://127.0.0.1:{port}"
         return self
 
