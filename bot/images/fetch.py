@@ -28,10 +28,7 @@ PICTURE_TYPES: Mapping[str, str] = {
 class Downloaded:
     data: bytes
     suffix: str
-
-    @property
-    def mime(self) -> str:
-        return next((k for k, v in PICTURE_TYPES.items() if v == self.suffix), "image/png")
+    mime: str  # the answer's Content-Type
 
 
 class FetchFailed(Exception):
@@ -75,4 +72,4 @@ async def fetch_picture(
         raise FetchFailed("the download timed out", timed_out=True) from exc
     except httpx.HTTPError as exc:
         raise FetchFailed(f"the download failed ({type(exc).__name__})") from exc
-    return Downloaded(bytes(data), suffix)
+    return Downloaded(bytes(data), suffix, kind)

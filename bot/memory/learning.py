@@ -78,21 +78,17 @@ class Learning:
     ) -> None:
         """Messages edited on their platform: a pending extraction reads the new text; the
         facts already drawn from the old text are drawn again from the new one (in the
-        background, through the gate, as after a reply; `MemoryStore.message_edited`)."""
+        background, as after a reply, read as they are then; `MemoryStore.message_edited`)."""
         try:
             jobs = await self.store.message_edited(message_rows, text, model_of, _LEASE_SECONDS)
         finally:
             self.known.forget()
         for job in jobs:
-            work = self._extract_held([job])
+            work = self._run([job.id])
             if self.spawn is not None:
                 self.spawn(work)
             else:
                 await work
-
-    async def _extract_held(self, jobs: list[Job]) -> None:
-        async with self._gate:
-            await self._extract(jobs)
 
     async def remember(self, exchange: Exchange) -> None:
         """Queue the exchange in Postgres, taken by this process in the same statement, then

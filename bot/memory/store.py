@@ -519,10 +519,11 @@ class MemoryStore(JobQueries):
             dropped: list[int] = []
             for key, ids in _learned_together(drawn).items():
                 row, user_key, persona, scope, private_to = key
-                model = model_of(persona) if persona is not None else None
-                origin = await conn.fetchrow(_ORIGIN, row, persona) if model else None
-                if persona is None or model is None or origin is None or origin["reply"] is None:
-                    continue  # no longer learns, or the reply is gone: the facts stay
+                if persona is None or (model := model_of(persona)) is None:
+                    continue  # no longer learns: its facts stay
+                origin = await conn.fetchrow(_ORIGIN, row, persona)
+                if origin is None or origin["reply"] is None:
+                    continue  # the reply is gone: nothing to read the message with
                 exchange = Exchange(
                     user_key,
                     origin["author_name"],

@@ -171,6 +171,12 @@ def png(colour: tuple[int, int, int]) -> bytes:
     return picture.getvalue()
 
 
+def mimi_with_picture(directory: Path) -> Persona:
+    """Mimi, whose avatar is a picture file (blue) in `directory`."""
+    (directory / "mimi.png").write_bytes(png((40, 90, 160)))
+    return persona("mimi", "mimi.png")
+
+
 def webhook_edits(fake: FakeDiscord) -> list[dict[str, object]]:
     """Modify Webhook calls (PATCH /webhooks/{id}), not the edits of webhook messages."""
     return [b for m, path, b in fake.calls if m == "PATCH" and re.fullmatch(r"/webhooks/\d+", path)]
@@ -186,8 +192,7 @@ async def test_a_picture_file_is_the_face_of_a_webhook_of_the_personas_own(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake, client = discord_api
-    (tmp_path / "mimi.png").write_bytes(png((40, 90, 160)))
-    mimi = persona("mimi", "mimi.png")
+    mimi = mimi_with_picture(tmp_path)
     source = await source_in(fake, client, ALLOWED)
     hooks = Webhooks(tmp_path)
     with caplog.at_level(logging.WARNING, logger="bot.adapters.discord.webhooks"):
@@ -239,8 +244,7 @@ async def test_when_discord_refuses_a_persona_its_own_webhook_it_speaks_through_
     fake, client = discord_api
     for n in range(WEBHOOKS_PER_CHANNEL - 1):  # other integrations' webhooks fill the channel
         fake.add_webhook(ALLOWED, f"another integration {n}")
-    (tmp_path / "mimi.png").write_bytes(png((40, 90, 160)))
-    mimi = persona("mimi", "mimi.png")
+    mimi = mimi_with_picture(tmp_path)
     source = await source_in(fake, client, ALLOWED)
     hooks = Webhooks(tmp_path)
     with caplog.at_level(logging.WARNING, logger="bot.adapters.discord.webhooks"):
@@ -296,8 +300,7 @@ async def test_room_is_made_by_deleting_the_webhooks_of_personas_no_longer_in_th
         fake.add_webhook(ALLOWED, f"another integration {n}")
     ghost = fake.add_webhook(ALLOWED, "personabot face ghost")  # a persona that left the cast
     sage_face = fake.add_webhook(ALLOWED, "personabot face sage")  # one still in it
-    (tmp_path / "mimi.png").write_bytes(png((40, 90, 160)))
-    mimi = persona("mimi", "mimi.png")
+    mimi = mimi_with_picture(tmp_path)
     cast = [mimi, persona("sage", "sage.png")]
     source = await source_in(fake, client, ALLOWED)
     view = await Faces(0.0, ChannelBudget(), Webhooks(tmp_path)).view(source, mimi, True, cast)
